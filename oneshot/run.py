@@ -1,0 +1,163 @@
+"""The `oneshot prune` job: load, calibrate, evaluate dense, prune, evaluate pruned, save.
+
+Outputs are written to a temporary folder beside ``out`` and renamed at the end, so an interrupted run
+never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oneshot.config import PruneConfig
+from oneshot.data import calibration_windows
+from oneshot.models import load_model, strip_quantization
+from oneshot.pruner import PruneReport, prune, resolve_device
+
+__all__ = ["RunResult", "check_output_dir", "library_versions", "run_prune", "save_pruned"]
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "oneshot.json"
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: PruneReport
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("oneshot", "torch", "transformers", "accelerate", "safetensors", "gguf", "triton", "lm_eval"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty folder unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty: pass --overwrite or choose another folder")
+
+
+def save_pruned(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], *, overwrite: bool) -> None:
+    """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` atomically."""
+    out = out.resolve()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        strip_quantization(model)
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def quick_perplexity(model: Any, tokenizer: Any, config: PruneConfig, windows: int, seqlen: int) -> dict[str, Any] | None:
+    """Perplexity on the first few WikiText-2 test windows (a quick check, not the full protocol)."""
+    from eval.corpora import EvalDataError, ppl_token_ids
+    from eval.perplexity import perplexity
+
+    try:
+        ids = ppl_token_ids("wikitext2", tokenizer, config.data_dir)
+    except EvalDataError as exc:
+        logger.warning("quick evaluation skipped: %s", exc)
+        return None
+    device = resolve_device(config.device)
+    model.to(device)
+    try:
+        res = perplexity(model, ids, seqlen, batch_size=1, limit=windows, device=device)
+    finally:
+        model.to("cpu")
+    out = res.to_dict()
+    out.update(dataset="wikitext2", note=f"quick check: first {res.windows} windows of the test set, not the full protocol")
+    return out
+
+
+def run_prune(
+    config: PruneConfig, out: str | os.PathLike[str], *, overwrite: bool = False, eval_windows: int = 8,
+    eval_seqlen: int | None = None, progress: bool = True, argv: list[str] | None = None,
+) -> RunResult:
+    """Load ``config.model``, calibrate, prune, evaluate a few windows and save everything to ``out``."""
+    out_path = Path(out).expanduser()
+    check_output_dir(out_path, overwrite)  # fail before any work
+    t0 = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    loaded = load_model(config.model, dtype=config.dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    from oneshot.pruner import _max_positions
+
+    max_pos = _max_positions(model)
+    if max_pos is not None and config.seqlen > max_pos:
+        raise ValueError(f"--seqlen {config.seqlen} exceeds the model's context of {max_pos} tokens")
+    calib, calib_info = calibration_windows(
+        config.calib, tok, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
+        data_dir=config.data_dir, model=model,
+    )
+    eval_seq = min(eval_seqlen or config.seqlen, max_pos or config.seqlen)
+    quick: dict[str, Any] = {}
+    if eval_windows > 0:
+        dense = quick_perplexity(model, tok, config, eval_windows, eval_seq)
+        if dense is not None:
+            quick["dense"] = dense
+    report = prune(model, calib, config, progress=progress)
+    if eval_windows > 0 and quick:
+        pruned = quick_perplexity(model, tok, config, eval_windows, eval_seq)
+        if pruned is not None:
+            quick["pruned"] = pruned
+
+    record: dict[str, Any] = {
+        "format": "oneshot-run/1",
+        "config": config.to_dict(),
+        "command": argv if argv is not None else sys.argv,
+        "started": started,
+        "source": loaded.source,
+        "model_type": getattr(model.config, "model_type", None),
+        "calibration": calib_info,
+        "versions": library_versions(),
+        "prune": report.to_dict(),
+        "quick_eval": quick,
+        "total_seconds": None,
+    }
+    record["total_seconds"] = time.perf_counter() - t0
+    save_pruned(model, tok, out_path, record, overwrite=overwrite)
+    return RunResult(out_path.resolve(), report, record)
