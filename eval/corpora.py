@@ -32,8 +32,10 @@ def _find(rel: str, data_dir: str | os.PathLike[str] | None) -> Path:
         looked.append(str(path))
         if path.is_file():
             return path
-    raise EvalDataError(f"missing evaluation data: expected {rel} in the data directory (looked at "
-                        f"{', '.join(looked)}); set --data-dir or $ONESHOT_DATA_DIR")
+    raise EvalDataError(
+        f"missing evaluation data: expected {rel} in the data directory (looked at "
+        f"{', '.join(looked)}); set --data-dir or $ONESHOT_DATA_DIR"
+    )
 
 
 def ppl_text(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
@@ -42,7 +44,9 @@ def ppl_text(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
         path = Path(name).expanduser()
         if path.is_file():
             return path.read_text(encoding="utf-8")
-        raise ValueError(f"unknown perplexity dataset {name!r}: choose one of {', '.join(PPL_DATASETS)} or a text file")
+        raise ValueError(
+            f"unknown perplexity dataset {name!r}: choose one of {', '.join(PPL_DATASETS)} or a text file"
+        )
     path = _find(PPL_DATASETS[name], data_dir)
     if name == "wikitext2":
         lines = path.read_text(encoding="utf-8").split("\n")[:-1]

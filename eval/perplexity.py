@@ -44,8 +44,14 @@ def windows(input_ids: torch.Tensor, seqlen: int, limit: int | None = None) -> t
 
 @torch.no_grad()
 def perplexity(
-    model: Any, input_ids: torch.Tensor, seqlen: int, batch_size: int = 1, *, limit: int | None = None,
-    device: torch.device | str | None = None, progress: bool = False,
+    model: Any,
+    input_ids: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    *,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a token stream, in non-overlapping windows of ``seqlen``."""
     from tqdm.auto import tqdm
@@ -54,8 +60,13 @@ def perplexity(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     total = 0.0
     count = 0
-    for start in tqdm(range(0, chunks.shape[0], batch_size), desc="perplexity", unit="batch",
-                      disable=not progress, leave=False):
+    for start in tqdm(
+        range(0, chunks.shape[0], batch_size),
+        desc="perplexity",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    ):
         batch = chunks[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         nll = F.cross_entropy(

@@ -41,33 +41,66 @@ def _setup_logging(quiet: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneshot", description="One-shot pruning of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="prune a model with magnitude, Wanda or SparseGPT",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="local folder, Hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    p = sub.add_parser(
+        "prune",
+        help="prune a model with magnitude, Wanda or SparseGPT",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local folder, Hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct",
+    )
     p.add_argument("--method", default="sparsegpt", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--sparsity", default=None,
-                   help="fraction of weights to prune in [0, 1); default 0.5 (N/M for an N:M pattern)")
-    p.add_argument("--pattern", default="unstructured",
-                   help="'unstructured' or N:M (N zeros in every M consecutive input weights, e.g. 2:4, 4:8)")
-    p.add_argument("--calib", default="c4", help="c4, wikitext2, self, a .txt/.jsonl/.jsonl.gz/.parquet file, or hf:DATASET_ID")
+    p.add_argument(
+        "--sparsity",
+        default=None,
+        help="fraction of weights to prune in [0, 1); default 0.5 (N/M for an N:M pattern)",
+    )
+    p.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="'unstructured' or N:M (N zeros in every M consecutive input weights, e.g. 2:4, 4:8)",
+    )
+    p.add_argument(
+        "--calib",
+        default="c4",
+        help="c4, wikitext2, self, a .txt/.jsonl/.jsonl.gz/.parquet file, or hf:DATASET_ID",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)",
+    )
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping, relative to mean(diag(H))")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (columns)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
-    p.add_argument("--ignore", action="append", default=[],
-                   help="keep Linear layers whose name matches this pattern dense (fnmatch, repeatable)")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        help="keep Linear layers whose name matches this pattern dense (fnmatch, repeatable)",
+    )
     p.add_argument("--propagate", default="pruned", help=f"one of {', '.join(PROPAGATE)}")
-    p.add_argument("--no-layer-loss", action="store_true",
-                   help="magnitude/Wanda: skip the Hessians that give the exact per-layer reconstruction loss")
-    p.add_argument("--eval-windows", type=int, default=8,
-                   help="quick WikiText-2 perplexity windows before/after pruning (0 = skip)")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="quick evaluation window length (default: --seqlen)")
+    p.add_argument(
+        "--no-layer-loss",
+        action="store_true",
+        help="magnitude/Wanda: skip the Hessians that give the exact per-layer reconstruction loss",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=8,
+        help="quick WikiText-2 perplexity windows before/after pruning (0 = skip)",
+    )
+    p.add_argument(
+        "--eval-seqlen", type=int, default=None, help="quick evaluation window length (default: --seqlen)"
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>-<pattern>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
@@ -76,16 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
-        method=args.method, sparsity=args.sparsity, pattern=args.pattern, calib=args.calib,
-        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, damp=args.damp, block_size=args.blocksize,
-        ignore=tuple(args.ignore), propagate=args.propagate, dtype=args.dtype, device=args.device,
-        batch_size=args.batch_size, layer_loss=not args.no_layer_loss, model=args.model,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        damp=args.damp,
+        block_size=args.blocksize,
+        ignore=tuple(args.ignore),
+        propagate=args.propagate,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        layer_loss=not args.no_layer_loss,
+        model=args.model,
         data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
     )
 
 
 def _default_out(config: PruneConfig) -> str:
-    name = "smollm2-135m" if config.model is None else os.path.basename(str(config.model).rstrip("/")).removesuffix(".gguf")
+    name = (
+        "smollm2-135m"
+        if config.model is None
+        else os.path.basename(str(config.model).rstrip("/")).removesuffix(".gguf")
+    )
     pattern = config.pattern.replace(":", "of")
     suffix = f"-{config.sparsity:g}" if config.pattern == "unstructured" else ""
     return os.path.join("runs", f"{name}-{config.method}-{pattern}{suffix}")
@@ -102,7 +151,10 @@ def _summary(result: Any) -> str:
         ("method", cfg["method"]),
         ("pattern", cfg["pattern"]),
         ("target sparsity", f"{cfg['sparsity']:.4f}"),
-        ("achieved sparsity", f"{rep.sparsity:.4f} ({rep.zero_params:,} / {rep.pruned_params:,} weights in {len(rep.layers)} layers)"),
+        (
+            "achieved sparsity",
+            f"{rep.sparsity:.4f} ({rep.zero_params:,} / {rep.pruned_params:,} weights in {len(rep.layers)} layers)",
+        ),
         ("calibration", f"{cfg['calib']}: {cfg['nsamples']} x {cfg['seqlen']} tokens, seed {cfg['seed']}"),
         ("prune time", f"{rep.total_seconds:.1f} s on {rep.device}"),
         ("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_kind})"),
@@ -110,8 +162,12 @@ def _summary(result: Any) -> str:
     quick = result.record.get("quick_eval") or {}
     if "dense" in quick and "pruned" in quick:
         d, p = quick["dense"], quick["pruned"]
-        rows.append(("wikitext2 ppl (quick)",
-                     f"dense {d['value']:.3f} -> pruned {p['value']:.3f} ({d['windows']} windows x {d['seqlen']} tokens, not the full protocol)"))
+        rows.append(
+            (
+                "wikitext2 ppl (quick)",
+                f"dense {d['value']:.3f} -> pruned {p['value']:.3f} ({d['windows']} windows x {d['seqlen']} tokens, not the full protocol)",
+            )
+        )
     rows.append(("output", str(result.out)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -140,9 +196,23 @@ def _prune(args: argparse.Namespace, argv: list[str]) -> int:
             raise ValueError("--eval-windows must be >= 0")
         out = args.out or _default_out(config)
         check_output_dir(Path(out).expanduser(), args.overwrite)
-        result = run_prune(config, out, overwrite=args.overwrite, eval_windows=args.eval_windows,
-                           eval_seqlen=args.eval_seqlen, progress=not args.quiet, argv=["oneshot", *argv])
-    except (ValueError, FileExistsError, ModelLoadError, CalibrationError, SolverError, FileNotFoundError) as exc:
+        result = run_prune(
+            config,
+            out,
+            overwrite=args.overwrite,
+            eval_windows=args.eval_windows,
+            eval_seqlen=args.eval_seqlen,
+            progress=not args.quiet,
+            argv=["oneshot", *argv],
+        )
+    except (
+        ValueError,
+        FileExistsError,
+        ModelLoadError,
+        CalibrationError,
+        SolverError,
+        FileNotFoundError,
+    ) as exc:
         print(f"oneshot: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

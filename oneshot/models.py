@@ -82,8 +82,8 @@ def _looks_like_path(spec: str) -> bool:
         spec.startswith(("/", "./", "../", "~"))
         or spec.endswith(".gguf")
         or spec.count("/") > 1
-        or os.sep != "/"
-        and os.sep in spec
+        or (os.sep != "/"
+        and os.sep in spec)
     )
 
 
@@ -127,7 +127,9 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tok = _load_tokenizer(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         strip_quantization(model)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -155,7 +157,9 @@ def _hub_error(spec: str, exc: BaseException) -> ModelLoadError:
         if offline or os.environ.get("HF_HUB_OFFLINE") == "1"
         else "check the repo id, that you have access (HF_TOKEN), or pass a local folder / .gguf file"
     )
-    return ModelLoadError(f"could not load model {spec!r} from the Hugging Face Hub: {hint} ({text.splitlines()[0] if text else type(exc).__name__})")
+    return ModelLoadError(
+        f"could not load model {spec!r} from the Hugging Face Hub: {hint} ({text.splitlines()[0] if text else type(exc).__name__})"
+    )
 
 
 def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
@@ -170,16 +174,28 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
     if spec is None:
         gguf = default_model_path()
         folder, fingerprint = _convert_gguf(gguf)
-        source = {"kind": "default", "path": str(gguf), "fingerprint": fingerprint, "base_model": DEFAULT_MODEL_ID}
+        source = {
+            "kind": "default",
+            "path": str(gguf),
+            "fingerprint": fingerprint,
+            "base_model": DEFAULT_MODEL_ID,
+        }
     else:
         spec = str(spec)
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             folder, fingerprint = _convert_gguf(path)
-            source = {"kind": "gguf", "path": str(path.resolve()), "fingerprint": fingerprint, "base_model": None}
+            source = {
+                "kind": "gguf",
+                "path": str(path.resolve()),
+                "fingerprint": fingerprint,
+                "base_model": None,
+            }
         elif path.is_dir():
             if not (path / "config.json").is_file():
-                raise ModelLoadError(f"model folder {spec!r} has no config.json (not a transformers checkpoint)")
+                raise ModelLoadError(
+                    f"model folder {spec!r} has no config.json (not a transformers checkpoint)"
+                )
             folder = path
             source = {"kind": "local", "path": str(path.resolve()), "base_model": _base_model_of(path)}
         elif path.exists():

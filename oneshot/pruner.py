@@ -95,8 +95,10 @@ def _store_device(device: torch.device, nbytes: int) -> torch.device:
 
 def _check_finite(name: str, weight: torch.Tensor) -> None:
     if not torch.isfinite(weight).all():
-        raise ValueError(f"layer {name} has NaN/Inf weights before pruning: the model is corrupt or overflowed "
-                         "in this dtype (try --dtype float32)")
+        raise ValueError(
+            f"layer {name} has NaN/Inf weights before pruning: the model is corrupt or overflowed "
+            "in this dtype (try --dtype float32)"
+        )
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -107,7 +109,9 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 @torch.no_grad()
-def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, progress: bool = True) -> PruneReport:
+def prune(
+    model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, progress: bool = True
+) -> PruneReport:
     """Prune every Linear inside the decoder blocks of ``model`` in place.
 
     ``calibration``: (nsamples, seqlen) int64 token ids. Embeddings and the LM head stay dense.
@@ -116,7 +120,9 @@ def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, p
     from tqdm.auto import tqdm
 
     if calibration.ndim != 2 or calibration.shape[0] < 1:
-        raise ValueError(f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}")
+        raise ValueError(
+            f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}"
+        )
     max_pos = _max_positions(model)
     if max_pos is not None and calibration.shape[1] > max_pos:
         raise ValueError(f"seqlen {calibration.shape[1]} exceeds the model's context of {max_pos} tokens")
@@ -136,23 +142,29 @@ def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, p
 
     blocks_name, blocks = find_blocks(model)
     report = PruneReport(config=config.to_dict(), device=str(device))
-    hidden_size = int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
+    model_config: Any = model.config
+    hidden_size = int(getattr(model_config.get_text_config(), "hidden_size", 0) or 0)
     act_bytes = calibration.numel() * hidden_size * torch.finfo(next(model.parameters()).dtype).bits // 8
     store = _store_device(device, act_bytes)
 
-    prev_cache = getattr(model.config, "use_cache", None)
+    prev_cache = getattr(model_config, "use_cache", None)
     was_training = model.training
     model.eval()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
+    if hasattr(model_config, "use_cache"):
+        model_config.use_cache = False
     try:
         move_non_block_modules(model, blocks, device)
         batches = list(calibration.split(config.batch_size))
         hidden, calls = capture_block_calls(model, blocks, batches, device, store)
         move_non_block_modules(model, blocks, torch.device("cpu"))
 
-        bar = tqdm(range(len(blocks)), desc=f"{config.method} {config.pattern}", unit="block",
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            range(len(blocks)),
+            desc=f"{config.method} {config.pattern}",
+            unit="block",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         for i in bar:
             t_block = time.perf_counter()
             block = blocks[i]
@@ -186,8 +198,15 @@ def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, p
                 report.zero_params += zeros
                 loss = None if result.loss is None else float(result.loss)
                 block_loss += loss or 0.0
-                report.layers.append(LayerReport(name, (weight.shape[0], weight.shape[1]), zeros / weight.numel(),
-                                                 loss, time.perf_counter() - t_layer))
+                report.layers.append(
+                    LayerReport(
+                        name,
+                        (weight.shape[0], weight.shape[1]),
+                        zeros / weight.numel(),
+                        loss,
+                        time.perf_counter() - t_layer,
+                    )
+                )
             del collector
 
             output_error: float | None = None
@@ -211,12 +230,17 @@ def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, p
                 block.to("cpu")
             seconds = time.perf_counter() - t_block
             report.blocks.append(BlockReport(i, seconds, output_error))
-            logger.info("block %d/%d: %d layers, sparsity %.4f, loss %s, output error %s, %.1fs",
-                        i + 1, len(blocks), len(layers),
-                        sum(r.sparsity * r.shape[0] * r.shape[1] for r in report.layers[-len(layers):])
-                        / max(1, sum(r.shape[0] * r.shape[1] for r in report.layers[-len(layers):])),
-                        f"{block_loss:.4g}" if keep_hessian else "n/a",
-                        "n/a" if output_error is None else f"{output_error:.3g}", seconds)
+            logger.info(
+                "block %d/%d: %d layers, sparsity %.4f, loss %s, output error %s, %.1fs",
+                i + 1,
+                len(blocks),
+                len(layers),
+                sum(r.sparsity * r.shape[0] * r.shape[1] for r in report.layers[-len(layers) :])
+                / max(1, sum(r.shape[0] * r.shape[1] for r in report.layers[-len(layers) :])),
+                f"{block_loss:.4g}" if keep_hessian else "n/a",
+                "n/a" if output_error is None else f"{output_error:.3g}",
+                seconds,
+            )
         bar.close()
     except torch.OutOfMemoryError as exc:
         raise RuntimeError(
@@ -226,7 +250,7 @@ def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, p
     finally:
         move_non_block_modules(model, blocks, torch.device("cpu"))
         if prev_cache is not None:
-            model.config.use_cache = prev_cache
+            model_config.use_cache = prev_cache
         model.train(was_training)
 
     report.total_seconds = time.perf_counter() - start
@@ -236,8 +260,10 @@ def prune(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, p
 
 def _finite(out: torch.Tensor, block: int) -> torch.Tensor:
     if not torch.isfinite(out).all():
-        raise ValueError(f"block {block} produced NaN/Inf activations: the model overflows in this dtype "
-                         "(try --dtype float32) or its weights are corrupt")
+        raise ValueError(
+            f"block {block} produced NaN/Inf activations: the model overflows in this dtype "
+            "(try --dtype float32) or its weights are corrupt"
+        )
     return out
 
 

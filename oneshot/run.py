@@ -57,7 +57,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty: pass --overwrite or choose another folder")
+        raise FileExistsError(
+            f"--out {out} exists and is not empty: pass --overwrite or choose another folder"
+        )
 
 
 def save_pruned(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], *, overwrite: bool) -> None:
@@ -91,7 +93,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def quick_perplexity(model: Any, tokenizer: Any, config: PruneConfig, windows: int, seqlen: int) -> dict[str, Any] | None:
+def quick_perplexity(
+    model: Any, tokenizer: Any, config: PruneConfig, windows: int, seqlen: int
+) -> dict[str, Any] | None:
     """Perplexity on the first few WikiText-2 test windows (a quick check, not the full protocol)."""
     from eval.corpora import EvalDataError, ppl_token_ids
     from eval.perplexity import perplexity
@@ -108,13 +112,22 @@ def quick_perplexity(model: Any, tokenizer: Any, config: PruneConfig, windows: i
     finally:
         model.to("cpu")
     out = res.to_dict()
-    out.update(dataset="wikitext2", note=f"quick check: first {res.windows} windows of the test set, not the full protocol")
+    out.update(
+        dataset="wikitext2",
+        note=f"quick check: first {res.windows} windows of the test set, not the full protocol",
+    )
     return out
 
 
 def run_prune(
-    config: PruneConfig, out: str | os.PathLike[str], *, overwrite: bool = False, eval_windows: int = 8,
-    eval_seqlen: int | None = None, progress: bool = True, argv: list[str] | None = None,
+    config: PruneConfig,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    eval_windows: int = 8,
+    eval_seqlen: int | None = None,
+    progress: bool = True,
+    argv: list[str] | None = None,
 ) -> RunResult:
     """Load ``config.model``, calibrate, prune, evaluate a few windows and save everything to ``out``."""
     out_path = Path(out).expanduser()
@@ -130,8 +143,13 @@ def run_prune(
     if max_pos is not None and config.seqlen > max_pos:
         raise ValueError(f"--seqlen {config.seqlen} exceeds the model's context of {max_pos} tokens")
     calib, calib_info = calibration_windows(
-        config.calib, tok, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
-        data_dir=config.data_dir, model=model,
+        config.calib,
+        tok,
+        nsamples=config.nsamples,
+        seqlen=config.seqlen,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        model=model,
     )
     eval_seq = min(eval_seqlen or config.seqlen, max_pos or config.seqlen)
     quick: dict[str, Any] = {}

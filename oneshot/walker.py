@@ -16,7 +16,7 @@ import fnmatch
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,13 +53,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     class of the model (its decoder layer) and the shallowest such list.
     """
     config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    text_config = (
+        config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    )
     n_layers = getattr(text_config, "num_hidden_layers", None)
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     candidates = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0
+        (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) > 0
     ]
 
     def rank(item: tuple[str, nn.ModuleList]) -> tuple[bool, bool, int]:
@@ -89,14 +89,14 @@ def find_linears(block: nn.Module, prefix: str, ignore: Sequence[str] = ()) -> d
         if isinstance(mod, kinds) and rel:
             full = f"{prefix}.{rel}"
             if not _matches(full, ignore):
-                out[full] = mod
+                out[full] = cast(nn.Module, mod)
     return out
 
 
 def get_weight(layer: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features) — GPT-2's Conv1D stores it transposed."""
     conv1d = _conv1d_type()
-    w = layer.weight.data
+    w = cast(torch.Tensor, layer.weight).data
     return w.t() if conv1d is not None and isinstance(layer, conv1d) else w
 
 
@@ -112,7 +112,7 @@ def move_non_block_modules(model: nn.Module, blocks: nn.ModuleList, device: torc
     for mod in model.modules():
         if id(mod) in inside:
             continue
-        for name, param in mod.named_parameters(recurse=False):
+        for param in mod.parameters(recurse=False):
             if param.device != device:
                 param.data = param.data.to(device)
         for name, buf in mod.named_buffers(recurse=False):
@@ -140,8 +140,15 @@ class _TupleOutputs(Exception):
 class _Recorder(nn.Module):
     """Stands in for a block during capture: records its call and passes the hidden states through."""
 
-    def __init__(self, index: int, block: nn.Module, sink: list[list[BlockCall]], hidden_in: list[torch.Tensor],
-                 last: bool, as_tuple: bool) -> None:
+    def __init__(
+        self,
+        index: int,
+        block: nn.Module,
+        sink: list[list[BlockCall]],
+        hidden_in: list[torch.Tensor],
+        last: bool,
+        as_tuple: bool,
+    ) -> None:
         super().__init__()
         object.__setattr__(self, "_wrapped", block)
         self.index, self.last, self.as_tuple = index, last, as_tuple
@@ -171,7 +178,10 @@ class _Recorder(nn.Module):
 
 @torch.no_grad()
 def capture_block_calls(
-    model: nn.Module, blocks: nn.ModuleList, batches: Sequence[torch.Tensor], device: torch.device,
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    batches: Sequence[torch.Tensor],
+    device: torch.device,
     store_device: torch.device,
 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """Inputs of block 0 per batch (on ``store_device``) and each block's call per batch.

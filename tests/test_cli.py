@@ -30,15 +30,42 @@ def _zero_fraction(folder: Path, suffixes: tuple[str, ...]) -> tuple[float, dict
     return zeros / sum(v.numel() for v in picked), tensors
 
 
-def test_cli_end_to_end_tiny(tmp_path: Path, tiny_llama_dir: Path, calib_txt: Path, data_dir: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_end_to_end_tiny(
+    tmp_path: Path, tiny_llama_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "pruned"
-    code, stdout, err = _run(["prune", "--model", str(tiny_llama_dir), "--method", "sparsegpt", "--pattern", "2:4",
-                              "--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "32", "--seed", "0",
-                              "--eval-windows", "2", "--data-dir", str(data_dir), "--out", str(out), "-q"], capsys)
+    code, stdout, err = _run(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama_dir),
+            "--method",
+            "sparsegpt",
+            "--pattern",
+            "2:4",
+            "--calib",
+            str(calib_txt),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "32",
+            "--seed",
+            "0",
+            "--eval-windows",
+            "2",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert str(out.resolve()) in stdout and "achieved sparsity" in stdout and "dense" in stdout
-    assert {"config.json", "model.safetensors", "oneshot.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "oneshot.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
     record = json.loads((out / "oneshot.json").read_text())
     assert record["config"]["method"] == "sparsegpt" and record["config"]["pattern"] == "2:4"
@@ -50,7 +77,7 @@ def test_cli_end_to_end_tiny(tmp_path: Path, tiny_llama_dir: Path, calib_txt: Pa
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and "sparsity_config" not in cfg
 
-    frac, tensors = _zero_fraction(out, ("proj.weight",))
+    frac, _ = _zero_fraction(out, ("proj.weight",))
     assert abs(frac - 0.5) < 1e-3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,12 +88,48 @@ def test_cli_end_to_end_tiny(tmp_path: Path, tiny_llama_dir: Path, calib_txt: Pa
     assert torch.isfinite(model(**tok("the quick fox", return_tensors="pt")).logits).all()
 
     # an existing non-empty --out is refused without --overwrite, and replaced with it
-    code, _, err = _run(["prune", "--model", str(tiny_llama_dir), "--calib", str(calib_txt), "--nsamples", "2",
-                         "--seqlen", "16", "--eval-windows", "0", "--out", str(out), "-q"], capsys)
+    code, _, err = _run(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama_dir),
+            "--calib",
+            str(calib_txt),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--eval-windows",
+            "0",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 2 and "--overwrite" in err
-    code, _, err = _run(["prune", "--model", str(tiny_llama_dir), "--method", "magnitude", "--calib", str(calib_txt),
-                         "--nsamples", "2", "--seqlen", "16", "--eval-windows", "0", "--out", str(out), "--overwrite",
-                         "-q"], capsys)
+    code, _, err = _run(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama_dir),
+            "--method",
+            "magnitude",
+            "--calib",
+            str(calib_txt),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--eval-windows",
+            "0",
+            "--out",
+            str(out),
+            "--overwrite",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((out / "oneshot.json").read_text())["config"]["method"] == "magnitude"
 
@@ -88,23 +151,55 @@ BAD = [
 
 
 @pytest.mark.parametrize("extra,match", BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_bad_input_is_one_clear_line_and_writes_nothing(extra: list[str], match: str, tmp_path: Path,
-                                                        tiny_llama_dir: Path, calib_txt: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["prune", "--model", str(tiny_llama_dir), "--calib", str(calib_txt), "--nsamples", "2", "--seqlen", "16",
-            "--eval-windows", "0", "--out", str(tmp_path / "out"), "-q"]
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    extra: list[str],
+    match: str,
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+    calib_txt: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [
+        "prune",
+        "--model",
+        str(tiny_llama_dir),
+        "--calib",
+        str(calib_txt),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+        "--eval-windows",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+    ]
     args = args + extra  # later options win in argparse
-    code, stdout, err = _run(args, capsys)
+    code, _, err = _run(args, capsys)
     assert code == 2
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("oneshot: error")]
     assert len(lines) == 1 and match in lines[0], err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_short_corpus_and_nan_weights(tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_short_corpus_and_nan_weights(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
-    base = ["prune", "--model", str(tiny_llama_dir), "--nsamples", "2", "--seqlen", "64", "--eval-windows", "0", "-q"]
+    base = [
+        "prune",
+        "--model",
+        str(tiny_llama_dir),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "0",
+        "-q",
+    ]
     code, _, err = _run([*base, "--calib", str(short), "--out", str(tmp_path / "a")], capsys)
     assert code == 2 and "shorter than one window" in err
     assert not (tmp_path / "a").exists()
@@ -119,8 +214,25 @@ def test_short_corpus_and_nan_weights(tmp_path: Path, tiny_llama_dir: Path, caps
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(broken)
     calib = tmp_path / "calib.txt"
     calib.write_text("words and more words " * 200)
-    code, _, err = _run(["prune", "--model", str(broken), "--calib", str(calib), "--nsamples", "2", "--seqlen", "16",
-                         "--eval-windows", "0", "--out", str(tmp_path / "b"), "-q"], capsys)
+    code, _, err = _run(
+        [
+            "prune",
+            "--model",
+            str(broken),
+            "--calib",
+            str(calib),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--eval-windows",
+            "0",
+            "--out",
+            str(tmp_path / "b"),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 2 and "NaN/Inf" in err and "layers.1.mlp.down_proj" in err
     assert not (tmp_path / "b").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "calib.txt", "short.txt"]
@@ -130,9 +242,29 @@ def test_short_corpus_and_nan_weights(tmp_path: Path, tiny_llama_dir: Path, caps
 def test_cli_on_smollm2(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], smollm2) -> None:
     """The real embedded default: a few short windows, Wanda 2:4 on C4 from the data directory."""
     out = tmp_path / "smol"
-    code, stdout, err = _run(["prune", "--method", "wanda", "--pattern", "2:4", "--calib", "c4", "--nsamples", "4",
-                              "--seqlen", "128", "--eval-windows", "2", "--data-dir", str(data_dir), "--out", str(out),
-                              "-q"], capsys)
+    code, _, err = _run(
+        [
+            "prune",
+            "--method",
+            "wanda",
+            "--pattern",
+            "2:4",
+            "--calib",
+            "c4",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "128",
+            "--eval-windows",
+            "2",
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     record = json.loads((out / "oneshot.json").read_text())
     assert record["source"]["kind"] == "default" and record["model_type"] == "llama"

@@ -7,7 +7,9 @@ import pytest
 from oneshot.config import PruneConfig, parse_pattern
 
 
-@pytest.mark.parametrize("text,expected", [("unstructured", None), ("2:4", (2, 4)), ("4:8", (4, 8)), (" 1 : 3 ", (1, 3))])
+@pytest.mark.parametrize(
+    "text,expected", [("unstructured", None), ("2:4", (2, 4)), ("4:8", (4, 8)), (" 1 : 3 ", (1, 3))]
+)
 def test_parse_pattern(text: str, expected: tuple[int, int] | None) -> None:
     assert parse_pattern(text) == expected
 

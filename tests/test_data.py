@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from oneshot.data import CalibrationError, calibration_windows, load_text_source, read_text_file, sample_windows
+from oneshot.data import (
+    CalibrationError,
+    calibration_windows,
+    load_text_source,
+    read_text_file,
+    sample_windows,
+)
 
 
 def test_sample_windows_seeded_and_in_range() -> None:

@@ -26,8 +26,15 @@ COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 def _arch(name: str, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
     types = (["sliding_attention", "full_attention"] * layers)[:layers]
-    att = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, **COMMON)
+    att = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **COMMON,
+    )
     if name == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(**att))
     if name == "mistral":
@@ -38,18 +45,29 @@ def _arch(name: str, layers: int = 2) -> nn.Module:
         return tf.GemmaForCausalLM(tf.GemmaConfig(**att, head_dim=16))
     if name == "gemma2":
         # sliding window shorter than the sequence: the two blocks get different masks
-        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**att, head_dim=16, sliding_window=8,
-                                                    layer_types=types))
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**att, head_dim=16, sliding_window=8, layer_types=types))
     if name == "gemma3":
-        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**att, head_dim=16, sliding_window=8,
-                                                        layer_types=types))
+        return tf.Gemma3ForCausalLM(
+            tf.Gemma3TextConfig(**att, head_dim=16, sliding_window=8, layer_types=types)
+        )
     if name == "phi3":
         return tf.Phi3ForCausalLM(tf.Phi3Config(**att))
     if name == "opt":
-        return tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
-                                              word_embed_proj_dim=64, max_position_embeddings=128, **COMMON))
+        return tf.OPTForCausalLM(
+            tf.OPTConfig(
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                max_position_embeddings=128,
+                **COMMON,
+            )
+        )
     if name == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **COMMON))
+        return tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **COMMON)
+        )
     raise KeyError(name)
 
 
@@ -90,8 +108,12 @@ def test_prune_every_architecture_2of4(arch: str, method: str) -> None:
     emb_before = model.get_input_embeddings().weight.clone()
     head_before = model.get_output_embeddings().weight.clone()
     ids = _ids()
-    report = prune(model, ids, PruneConfig(method=method, pattern="2:4", nsamples=5, seqlen=24, batch_size=2),
-                   progress=False)
+    report = prune(
+        model,
+        ids,
+        PruneConfig(method=method, pattern="2:4", nsamples=5, seqlen=24, batch_size=2),
+        progress=False,
+    )
     name, blocks = find_blocks(model)
     linears = {n: m for i, b in enumerate(blocks) for n, m in find_linears(b, f"{name}.{i}").items()}
     assert {r.name for r in report.layers} == set(linears)
@@ -105,16 +127,21 @@ def test_prune_every_architecture_2of4(arch: str, method: str) -> None:
     torch.testing.assert_close(model.get_output_embeddings().weight, head_before, rtol=0, atol=0)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
-    assert len(report.blocks) == 2 and all(b.output_error is not None and b.output_error > 0 for b in report.blocks)
+    assert len(report.blocks) == 2 and all(
+        b.output_error is not None and b.output_error > 0 for b in report.blocks
+    )
 
 
-def _reference_block(model: nn.Module, block_index: int, ids: torch.Tensor, batch_size: int,
-                     config: PruneConfig) -> dict[str, torch.Tensor]:
+def _reference_block(
+    model: nn.Module, block_index: int, ids: torch.Tensor, batch_size: int, config: PruneConfig
+) -> dict[str, torch.Tensor]:
     """Run the solver directly on the inputs that each Linear of one block sees in ``model``."""
     name, blocks = find_blocks(model)
     layers = find_linears(blocks[block_index], f"{name}.{block_index}")
     stats = {n: InputStats(get_weight(m).shape[1], hessian=True) for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in layers.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in layers.items()
+    ]
     try:
         with torch.no_grad():
             for batch in ids.split(batch_size):
@@ -124,11 +151,17 @@ def _reference_block(model: nn.Module, block_index: int, ids: torch.Tensor, batc
             h.remove()
     solver = get_solver(config.method)
     extra = {"block_size": config.block_size, "damp": config.damp} if config.method == "sparsegpt" else {}
-    return {n: solver(get_weight(m).clone(), stats[n], sparsity=config.sparsity, pattern=config.nm, **extra).weight
-            for n, m in layers.items()}
+    return {
+        n: solver(
+            get_weight(m).clone(), stats[n], sparsity=config.sparsity, pattern=config.nm, **extra
+        ).weight
+        for n, m in layers.items()
+    }
 
 
-@pytest.mark.parametrize("method,pattern", [("sparsegpt", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "4:8")])
+@pytest.mark.parametrize(
+    "method,pattern", [("sparsegpt", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "4:8")]
+)
 def test_walker_equals_solver_on_captured_inputs(method: str, pattern: str) -> None:
     """Block 0 is pruned from the dense inputs; block 1 from the outputs of the pruned block 0."""
     torch.manual_seed(0)
@@ -158,15 +191,18 @@ def test_walker_equals_solver_on_captured_inputs(method: str, pattern: str) -> N
 def test_propagate_dense_uses_dense_inputs_for_every_block() -> None:
     dense = _arch("llama").eval()
     ids = _ids(4, 32)
-    config = PruneConfig(method="wanda", pattern="unstructured", nsamples=4, seqlen=32, batch_size=2,
-                         propagate="dense")
+    config = PruneConfig(
+        method="wanda", pattern="unstructured", nsamples=4, seqlen=32, batch_size=2, propagate="dense"
+    )
     pruned = _arch("llama").eval()
     pruned.load_state_dict(dense.state_dict())
     report = prune(pruned, ids, config, progress=False)
     name, pblocks = find_blocks(pruned)
     ref1 = _reference_block(dense, 1, ids, 2, config)
     for n, w in ref1.items():
-        torch.testing.assert_close(get_weight(find_linears(pblocks[1], f"{name}.1")[n]), w, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            get_weight(find_linears(pblocks[1], f"{name}.1")[n]), w, rtol=1e-6, atol=1e-6
+        )
     assert all(b.output_error is None for b in report.blocks)
 
 
@@ -191,8 +227,12 @@ def test_collector_shares_stats_of_layers_reading_the_same_tensor() -> None:
 def test_ignore_keeps_layers_dense() -> None:
     model = _arch("llama").eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = prune(model, _ids(4, 16), PruneConfig(method="magnitude", nsamples=4, seqlen=16, ignore=("down_proj", "*.1.self_attn.*")),
-                   progress=False)
+    report = prune(
+        model,
+        _ids(4, 16),
+        PruneConfig(method="magnitude", nsamples=4, seqlen=16, ignore=("down_proj", "*.1.self_attn.*")),
+        progress=False,
+    )
     names = {r.name for r in report.layers}
     assert not any(n.endswith("down_proj") for n in names)
     assert not any(".1.self_attn." in n for n in names)
@@ -205,7 +245,9 @@ def test_ignore_keeps_layers_dense() -> None:
 def test_seqlen_beyond_context_and_nonfinite_inputs() -> None:
     model = _arch("llama").eval()
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        prune(model, torch.zeros(1, 256, dtype=torch.long), PruneConfig(nsamples=1, seqlen=256), progress=False)
+        prune(
+            model, torch.zeros(1, 256, dtype=torch.long), PruneConfig(nsamples=1, seqlen=256), progress=False
+        )
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="up_proj"):
@@ -213,5 +255,5 @@ def test_seqlen_beyond_context_and_nonfinite_inputs() -> None:
     model = _arch("llama").eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("inf"))
-    with pytest.raises(ValueError, match="non-finite|NaN/Inf"):
+    with pytest.raises(ValueError, match=r"non-finite|NaN/Inf"):
         prune(model, _ids(2, 16), PruneConfig(nsamples=2, seqlen=16), progress=False)

@@ -1,0 +1,232 @@
+"""SparseGPT: prune with optimal-brain-surgeon updates of the remaining weights.
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (2023).
+
+With ``H = X^T X / n`` and ``U`` the upper Cholesky factor of ``H^{-1}`` (``H^{-1} = U^T U``), columns are
+processed left to right. Removing column ``i`` of a row to value ``q`` (0 if pruned, unchanged otherwise)
+costs ``(w - q)^2 / U_ii^2`` and is compensated exactly by ``W[:, i:] -= ((w - q) / U_ii) * U[i, i:]``.
+Updates are applied eagerly inside a block of ``block_size`` columns and lazily (one matmul) to the columns
+after it. The per-column costs add up to ``trace(dW H dW^T) = ||(W - W') X^T||_F^2 / n`` for the Hessian
+that was factorised; with damping ``H + lam I`` the reported loss subtracts ``lam ||dW||_F^2`` again, so it is
+always the exact loss for the undamped H.
+
+Masks: unstructured sparsity selects, per block of columns, exactly ``round(rows * block * sparsity)``
+weights with the lowest ``w^2 / U_ii^2`` in the (rows, block) tile, using the weights as updated by all
+previous blocks. An (n, m) pattern selects, when reaching column ``i`` with ``i % m == 0``, the n lowest
+``w^2 / U_ii^2`` of columns ``i .. i+m-1`` in each row, using the current (updated) weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from oneshot.solvers import Pattern, PruneResult, SolverError
+from oneshot.solvers.masks import check_pattern, check_sparsity, check_weight, nm_mask, topk_mask
+from oneshot.stats import InputStats
+
+__all__ = ["inverse_cholesky", "prune_sparsegpt"]
+
+logger = logging.getLogger(__name__)
+
+_RETRY_FACTOR = 10.0  # damping multiplier per Cholesky retry
+_MAX_RETRIES = 3
+_MIN_RETRY_DAMP = 1e-4  # first retry damping when damp == 0
+_MAX_RETRY_DAMP = 1.0  # retries never add more than mean(diag(H)) to the diagonal
+_INNER = 16  # columns per eagerly-updated panel inside a lazy-update block
+
+
+def _damping_schedule(damp: float) -> Iterator[float]:
+    """``damp``, then up to ``_MAX_RETRIES`` values growing by ``_RETRY_FACTOR``, capped at 1.0."""
+    yield damp
+    current = damp
+    for _ in range(_MAX_RETRIES):
+        nxt = min(max(current * _RETRY_FACTOR, _MIN_RETRY_DAMP), max(_MAX_RETRY_DAMP, damp))
+        if nxt <= current:
+            return
+        current = nxt
+        yield current
+
+
+def inverse_cholesky(hessian: Tensor, damp: float, scale: float | None = None) -> tuple[Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp * scale * I)^{-1}``, i.e. ``(H + ...)^{-1} = U^T U``.
+
+    Args:
+        hessian: symmetric positive (semi-)definite (cols, cols) matrix; not modified.
+        damp: damping relative to ``scale``.
+        scale: damping unit; ``mean(diag(hessian))`` when None.
+
+    If a factorisation fails (not positive definite, or non-finite output), the damping is multiplied by
+    10 up to 3 times (at most ``1.0 * scale``) with a logged warning; then SolverError is raised. There is
+    no identity fallback (that would silently turn SparseGPT into magnitude pruning).
+
+    Returns:
+        ``(U, damp_used)``: the (cols, cols) upper factor and the relative damping that succeeded.
+    """
+    if scale is None:
+        scale = float(hessian.diagonal().mean().item())
+    tried: list[float] = []
+    for d in _damping_schedule(damp):
+        damped = hessian.clone()
+        damped.diagonal().add_(d * scale)
+        if tried:
+            logger.warning(
+                "Cholesky factorisation failed with damp=%g; retrying with damp=%g (results are less "
+                "accurate; more calibration samples or a higher --damp avoid this)",
+                tried[-1],
+                d,
+            )
+        tried.append(d)
+        try:
+            lower, info = torch.linalg.cholesky_ex(damped)
+            if int(info.item()) != 0:
+                continue
+            inverse = torch.cholesky_inverse(lower)  # (cols, cols)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+        if int(info.item()) == 0 and bool(torch.isfinite(upper).all()):
+            return upper, d
+    raise SolverError(
+        f"Cholesky factorisation of the {hessian.shape[0]}x{hessian.shape[1]} Hessian failed with "
+        f"damp={', '.join(f'{d:g}' for d in tried)} (relative to mean(diag(H)) = {scale:g}); the Hessian "
+        "is not positive definite. Raise --damp or use more calibration samples (or float32 statistics)."
+    )
+
+
+def _hessian_of(stats: InputStats | Tensor) -> Tensor:
+    if isinstance(stats, Tensor):
+        hessian = stats
+    else:
+        hessian_or_none = stats.hessian
+        if hessian_or_none is None:
+            raise ValueError("sparsegpt needs the input Hessian: build InputStats(..., hessian=True)")
+        hessian = hessian_or_none
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"Hessian must be a square (cols, cols) matrix, got {tuple(hessian.shape)}")
+    return hessian
+
+
+def prune_sparsegpt(
+    weight: Tensor,
+    stats: InputStats | Tensor,
+    *,
+    sparsity: float,
+    pattern: Pattern = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> PruneResult:
+    """Prune ``weight`` with SparseGPT's blocked OBS updates.
+
+    Args:
+        weight: (rows, cols) Linear weight (not modified).
+        stats: input statistics with a Hessian (``hessian=True``), or the (cols, cols) Hessian itself.
+        sparsity: fraction pruned in every (rows, block) tile (unstructured); ignored for an N:M pattern.
+        pattern: (n, m) = n zeros per m consecutive input weights of a row, or None for unstructured.
+        block_size: columns per lazy-update block (and per unstructured mask tile). For an N:M pattern it
+            is rounded down to a multiple of m (at least m), which does not change the result.
+        damp: added to diag(H) as ``damp * mean(diag(H))`` over the live columns; 0 is allowed.
+
+    Returns:
+        PruneResult with the (rows, cols) updated weight in the input dtype/device, the bool mask
+        (True = pruned; also True on dead input columns, whose weights are zeroed) and the exact loss
+        ``||(W - W') X^T||_F^2 / n = trace(dW H dW^T)`` for the undamped H. It is computed without a
+        matmul: the OBS costs ``sum (w - q)^2 / U_ii^2`` add up to ``trace(dW (H + lam I) dW^T)`` for the
+        damped Hessian, so ``lam * ||dW||_F^2`` is subtracted (nothing at ``damp=0``).
+
+    Raises:
+        ValueError: bad arguments (shapes, sparsity, pattern, cols % m != 0).
+        SolverError: the Hessian is non-finite or cannot be factorised even after damping retries.
+    """
+    hessian = _hessian_of(stats)
+    check_weight(weight, hessian.shape[0])
+    check_sparsity(sparsity)
+    cols = weight.shape[1]
+    check_pattern(pattern, cols)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if pattern is not None:
+        block_size = max(pattern[1], block_size - block_size % pattern[1])
+
+    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    h = hessian.detach().to(device=weight.device, dtype=dtype, copy=True)  # (cols, cols)
+    if not bool(torch.isfinite(h).all()):
+        raise SolverError("the Hessian contains NaN or Inf; check the calibration activations")
+    diag = h.diagonal()  # view (cols,)
+    if bool((diag < 0).any()):
+        raise SolverError("the Hessian has negative diagonal entries; it is not X^T X / n of real inputs")
+    dead = diag == 0  # (cols,) inputs that were always zero: no calibration signal
+    live_diag = diag[~dead]
+    scale = float(live_diag.mean().item()) if live_diag.numel() else 1.0
+    diag[dead] = 1.0
+    upper, damp_used = inverse_cholesky(h, damp, scale)  # (cols, cols)
+
+    w_t = weight.detach().to(dtype).t().contiguous()  # (cols, rows): column i of W is row i here
+    w_t[dead] = 0.0  # no loss either way: X has zeros there
+    start = w_t.clone() if damp_used > 0 else None
+    mask_t, damped_loss = _sparsegpt_columns(w_t, upper, sparsity, pattern, block_size)
+    mask_t[dead] = True
+    loss = damped_loss
+    if start is not None:  # remove the damping term lam * ||dW||^2 (dead columns: dW == 0 here)
+        loss -= damp_used * scale * float((start - w_t).square().sum().item())
+    return PruneResult(
+        weight=w_t.t().to(weight.dtype).contiguous(),
+        mask=mask_t.t().contiguous(),
+        loss=loss,
+    )
+
+
+def _sparsegpt_columns(
+    w_t: Tensor, upper: Tensor, sparsity: float, pattern: Pattern, block_size: int
+) -> tuple[Tensor, float]:
+    """Prune and update the transposed weight ``w_t`` (cols, rows) in place.
+
+    Returns the (cols, rows) mask and the summed OBS costs ``sum ((w - q) / U_ii)^2``.
+
+    Working on W^T keeps every column of W contiguous and makes the in-block updates row slices.
+    """
+    cols, rows = w_t.shape
+    diag = upper.diagonal()  # (cols,)
+    mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=w_t.device)  # (cols, rows)
+    loss = torch.zeros((), dtype=w_t.dtype, device=w_t.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w_b = w_t[i1:i2]  # (count, rows) view
+        u_b = upper[i1:i2, i1:i2]  # (count, count)
+        d_b = diag[i1:i2, None]  # (count, 1)
+        m_b = mask_t[i1:i2]  # (count, rows) view
+        err_b = torch.empty_like(w_b)  # (count, rows): (w - q) / d per processed column
+        if pattern is None:
+            m_b.copy_(topk_mask(w_b.square() / d_b.square(), sparsity, "layer"))
+            err_scale = m_b / d_b  # (count, rows): 1/d where pruned, else 0
+        else:
+            n, m = pattern
+            err_scale = torch.empty_like(w_b)
+        count = i2 - i1
+        # Two-level lazy updates: rank-1 updates touch only a narrow panel of ``inner`` columns; the rest
+        # of the block gets one matmul per panel. Same arithmetic as eager in-block updates, far less
+        # memory traffic (the per-column update of the whole block is memory-bound on a CPU).
+        inner = _INNER if pattern is None else max(pattern[1], _INNER - _INNER % pattern[1])
+        for j1 in range(0, count, inner):
+            j2 = min(j1 + inner, count)
+            for i in range(j1, j2):
+                if pattern is not None and i % m == 0:
+                    score = (w_b[i : i + m].square() / d_b[i : i + m].square()).t()  # (rows, m)
+                    m_b[i : i + m] = nm_mask(score, n, m).t()
+                    torch.div(m_b[i : i + m], d_b[i : i + m], out=err_scale[i : i + m])
+                torch.mul(w_b[i], err_scale[i], out=err_b[i])
+                # W[:, j] -= err * U[i, j] for i <= j < j2; for j == i this takes a pruned weight to ~0.
+                w_b[i:j2].addr_(u_b[i, i:j2], err_b[i], alpha=-1)
+            if j2 < count:
+                w_b[j2:].addmm_(u_b[j1:j2, j2:].t(), err_b[j1:j2], alpha=-1)  # (count - j2, rows)
+        w_b.masked_fill_(m_b, 0.0)  # exact zeros where pruned (the update leaves rounding residue)
+        loss += err_b.square().sum()
+        if i2 < cols:
+            w_t[i2:].addmm_(upper[i1:i2, i2:].t(), err_b, alpha=-1)  # lazy update of later columns
+    return mask_t, float(loss.item())

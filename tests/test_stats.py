@@ -1,0 +1,110 @@
+"""InputStats: X^T X / n and squared input norms over several add() calls, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oneshot.stats import InputStats, reconstruction_loss
+
+COLS = 12
+
+
+def _batches(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5, COLS), (7, COLS), (2, 1, 4, COLS), (0, COLS), (1, COLS)]
+    return [torch.randn(*s, generator=g, dtype=torch.float64) * 3 + 1 for s in shapes]
+
+
+def _stacked(batches: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([b.reshape(-1, COLS) for b in batches])  # (tokens, cols)
+
+
+def test_hessian_and_sq_norms_equal_direct_computation() -> None:
+    batches = _batches()
+    stats = InputStats(COLS, hessian=True, dtype=torch.float64)
+    for b in batches:
+        stats.add(b)
+    x = _stacked(batches)
+    assert stats.n == x.shape[0] == 15 + 7 + 8 + 0 + 1
+    hessian = stats.hessian
+    assert hessian is not None
+    assert hessian.shape == (COLS, COLS) and hessian.dtype == torch.float64
+    torch.testing.assert_close(hessian, x.T @ x / x.shape[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.sq_norms, torch.diagonal(hessian), rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.sq_norms, x.square().mean(dim=0), rtol=1e-12, atol=0)
+
+
+def test_sq_norms_without_hessian() -> None:
+    batches = _batches(seed=1)
+    stats = InputStats(COLS, hessian=False, dtype=torch.float64)
+    for b in batches:
+        stats.add(b)
+    x = _stacked(batches)
+    assert stats.hessian is None
+    assert not stats.has_hessian
+    assert stats.sq_norms.shape == (COLS,)
+    torch.testing.assert_close(stats.sq_norms, x.square().sum(dim=0) / x.shape[0], rtol=1e-12, atol=0)
+
+
+def test_batching_does_not_change_the_statistics() -> None:
+    x = _stacked(_batches(seed=2))
+    one = InputStats(COLS, hessian=True, dtype=torch.float64)
+    one.add(x)
+    many = InputStats(COLS, hessian=True, dtype=torch.float64)
+    for chunk in x.split(4):
+        many.add(chunk.unsqueeze(0))
+    assert one.n == many.n
+    torch.testing.assert_close(one.hessian, many.hessian, rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_inputs_are_cast_to_the_accumulation_dtype() -> None:
+    x = torch.randn(9, COLS, dtype=torch.float64).to(torch.bfloat16)
+    stats = InputStats(COLS, hessian=True, dtype=torch.float64)
+    stats.add(x)
+    exact = x.double()
+    torch.testing.assert_close(stats.hessian, exact.T @ exact / 9, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_raise_and_leave_state_untouched(hessian: bool, bad: float) -> None:
+    stats = InputStats(COLS, hessian=hessian, dtype=torch.float64)
+    good = torch.randn(4, COLS, dtype=torch.float64)
+    stats.add(good)
+    before = stats.sq_norms.clone()
+    x = torch.randn(2, 3, COLS, dtype=torch.float64)
+    x[1, 2, 5] = bad
+    with pytest.raises(ValueError, match="non-finite activations"):
+        stats.add(x)
+    assert stats.n == 4
+    torch.testing.assert_close(stats.sq_norms, before, rtol=0, atol=0)
+
+
+def test_fp32_overflow_is_reported_as_non_finite() -> None:
+    stats = InputStats(COLS, hessian=True)
+    with pytest.raises(ValueError, match="non-finite activations"):
+        stats.add(torch.full((2, COLS), 1e30))
+
+
+def test_wrong_width_and_empty_stats_raise() -> None:
+    stats = InputStats(COLS, hessian=True)
+    with pytest.raises(ValueError, match="no tokens"):
+        _ = stats.hessian
+    with pytest.raises(ValueError, match="no tokens"):
+        _ = stats.sq_norms
+    with pytest.raises(ValueError, match=r"\(\.\.\., 12\)"):
+        stats.add(torch.randn(3, COLS + 1))
+    with pytest.raises(ValueError, match="positive integer"):
+        InputStats(0, hessian=True)
+
+
+def test_reconstruction_loss_equals_direct_norm() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, COLS, generator=g, dtype=torch.float64)
+    delta = torch.randn(5, COLS, generator=g, dtype=torch.float64)
+    stats = InputStats(COLS, hessian=True, dtype=torch.float64)
+    stats.add(x)
+    assert stats.hessian is not None
+    direct = (delta @ x.T).square().sum().item() / 50
+    assert reconstruction_loss(delta, stats.hessian) == pytest.approx(direct, rel=1e-12)
