@@ -101,9 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-seqlen", type=int, default=None, help="quick evaluation window length (default: --seqlen)"
     )
+    p.add_argument(
+        "--export",
+        default=None,
+        choices=["2:4", "bitmask"],
+        help="also write the compressed form for the sparse kernels into <out>/compressed-<format>/",
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>-<pattern>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
+    from eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -180,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet)
     if args.command == "prune":
         return _prune(args, argv)
+    if args.command == "eval":
+        from eval.cli import run_eval
+
+        return run_eval(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
 
@@ -204,6 +217,7 @@ def _prune(args: argparse.Namespace, argv: list[str]) -> int:
             eval_seqlen=args.eval_seqlen,
             progress=not args.quiet,
             argv=["oneshot", *argv],
+            export=args.export,
         )
     except (
         ValueError,

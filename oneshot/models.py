@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -82,8 +84,7 @@ def _looks_like_path(spec: str) -> bool:
         spec.startswith(("/", "./", "../", "~"))
         or spec.endswith(".gguf")
         or spec.count("/") > 1
-        or (os.sep != "/"
-        and os.sep in spec)
+        or (os.sep != "/" and os.sep in spec)
     )
 
 
@@ -162,6 +163,17 @@ def _hub_error(spec: str, exc: BaseException) -> ModelLoadError:
     )
 
 
+def _check_hub_reachable(spec: str) -> None:
+    """Fail in seconds, not after minutes of retries, when the Hub's host cannot even be resolved."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise OSError("HF_HUB_OFFLINE=1 and the model is not in the local cache")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        raise OSError(f"cannot resolve {host} ({exc}); could not connect to download {spec}") from exc
+
+
 def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
     """Load a causal LM and its tokenizer on the CPU.
 
@@ -204,8 +216,15 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
             raise ModelLoadError(f"model path {spec!r} does not exist")
         else:
             try:
-                tok = _load_tokenizer(spec)
-                model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+                try:  # already in the local Hugging Face cache: no network needed
+                    tok = _load_tokenizer(spec, local_files_only=True)
+                    model = AutoModelForCausalLM.from_pretrained(
+                        spec, dtype=torch_dtype, local_files_only=True
+                    )
+                except OSError:
+                    _check_hub_reachable(spec)
+                    tok = _load_tokenizer(spec)
+                    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
             except (OSError, ValueError) as exc:
                 raise _hub_error(spec, exc) from exc
             model.eval()

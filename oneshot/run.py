@@ -26,7 +26,15 @@ from oneshot.data import calibration_windows
 from oneshot.models import load_model, strip_quantization
 from oneshot.pruner import PruneReport, prune, resolve_device
 
-__all__ = ["RunResult", "check_output_dir", "library_versions", "run_prune", "save_pruned"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "RunResult",
+    "check_output_dir",
+    "export_folder",
+    "library_versions",
+    "run_prune",
+    "save_pruned",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +70,50 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def save_pruned(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], *, overwrite: bool) -> None:
-    """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` atomically."""
+EXPORT_FORMATS = ("2:4", "bitmask")
+
+
+def export_folder(fmt: str) -> str:
+    """Sub-folder of a run that holds the compressed form for the sparse kernels."""
+    return f"compressed-{fmt.replace(':', 'of')}"
+
+
+def save_pruned(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    record: dict[str, Any],
+    *,
+    overwrite: bool,
+    export: str | None = None,
+) -> None:
+    """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` atomically.
+
+    ``export`` ("2:4" or "bitmask") also writes the compressed form for ``kernels`` into
+    ``compressed-<format>/``; the model's pruned Linear layers are converted in place for that.
+    """
     out = out.resolve()
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         strip_quantization(model)
         model.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
+        if export is not None:
+            import kernels
+
+            summary = kernels.convert(model, export)
+            kernels.save_compressed(model, tmp / export_folder(export), tokenizer=tokenizer)
+            record["export"] = {
+                "format": export,
+                "folder": export_folder(export),
+                "layers": summary.counts(),
+                # bytes of the converted layers' weights: dense vs compressed
+                "dense_bytes": sum(r.dense_bytes for r in summary.converted),
+                "stored_bytes": sum(r.stored_bytes for r in summary.converted),
+            }
         (tmp / RUN_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -83,6 +125,12 @@ def save_pruned(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], *
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(obj: Any) -> Any:
@@ -128,10 +176,16 @@ def run_prune(
     eval_seqlen: int | None = None,
     progress: bool = True,
     argv: list[str] | None = None,
+    export: str | None = None,
 ) -> RunResult:
     """Load ``config.model``, calibrate, prune, evaluate a few windows and save everything to ``out``."""
     out_path = Path(out).expanduser()
     check_output_dir(out_path, overwrite)  # fail before any work
+    if export is not None:
+        if export not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {export!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+        if export == "2:4" and config.pattern != "2:4":
+            raise ValueError(f"--export 2:4 needs --pattern 2:4 (got {config.pattern}); use --export bitmask")
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -177,5 +231,5 @@ def run_prune(
         "total_seconds": None,
     }
     record["total_seconds"] = time.perf_counter() - t0
-    save_pruned(model, tok, out_path, record, overwrite=overwrite)
+    save_pruned(model, tok, out_path, record, overwrite=overwrite, export=export)
     return RunResult(out_path.resolve(), report, record)

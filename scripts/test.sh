@@ -6,4 +6,5 @@ bash scripts/setup.sh
 export ONESHOT_DATA_DIR="${ONESHOT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
+.venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -276,3 +276,74 @@ def test_cli_on_smollm2(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFi
     frac, _ = _zero_fraction(out, ("proj.weight",))
     assert abs(frac - 0.5) < 1e-4
     assert os.path.getsize(out / "model.safetensors") > 100e6
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmask"])
+def test_export_compressed_form(
+    fmt: str, tmp_path: Path, tiny_llama_dir: Path, calib_txt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kernels
+
+    out = tmp_path / "run"
+    code, _, err = _run(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama_dir),
+            "--method",
+            "wanda",
+            "--pattern",
+            "2:4",
+            "--calib",
+            str(calib_txt),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "32",
+            "--eval-windows",
+            "0",
+            "--export",
+            fmt,
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    record = json.loads((out / "oneshot.json").read_text())
+    folder = out / record["export"]["folder"]
+    assert record["export"]["layers"].get(fmt) == 14
+    assert record["export"]["stored_bytes"] <= 0.6 * record["export"]["dense_bytes"]
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(out).eval()
+    sparse = kernels.load_compressed(folder).eval()
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_export_24_needs_a_24_pattern(
+    tmp_path: Path, tiny_llama_dir: Path, calib_txt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama_dir),
+            "--calib",
+            str(calib_txt),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "16",
+            "--export",
+            "2:4",
+            "--out",
+            str(tmp_path / "x"),
+            "-q",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--pattern 2:4" in err and not (tmp_path / "x").exists()

@@ -1,0 +1,88 @@
+"""Sparse inference for pruned models: compressed formats, Triton kernels, ``SparseLinear`` and ``convert``.
+
+* ``formats``: 2:4 (``Sparse24Weight``) and bitmask (``BitmaskWeight``) compression with exact round trips,
+  and a safetensors layout (``save_sparse``/``load_sparse``).
+* ``sparse24_gemv``/``bitmask_gemv``: decode kernels (few input rows) that read the compressed weight once
+  and never build the dense tile; ``sparse24_matmul``/``bitmask_matmul``: tile kernels that expand weight
+  tiles on chip into ``tl.dot``. Each has a pure-torch ``*_reference`` next to it.
+* ``Dispatcher``: picks, per (format, shape, M bucket, dtype, device), the fastest of our kernels, dense
+  ``F.linear`` and cuSPARSELt by timing once, and caches it. Without CUDA the dense path is used.
+* ``SparseLinear``/``convert``/``densify``: swap pruned ``nn.Linear`` layers in a model; ``generate()`` is
+  unchanged. ``keep_dense=True`` also keeps the dense weight so large-M calls cost exactly dense.
+* ``load_sparse_model``/``save_compressed``/``load_compressed``: pruned checkpoint -> sparse model, and the
+  compressed form on disk.
+
+Importing this package does not import Triton (kernels are built on first use) and touches no GPU. To run the
+Triton kernels on the CPU interpreter, set ``TRITON_INTERPRET=1`` before ``triton`` is first imported and
+force ``backend="triton"``.
+
+Typical use::
+
+    import kernels
+
+    summary = kernels.convert(model, "2:4")  # swap pruned nn.Linear layers in place
+    print(summary)
+    kernels.save_compressed(model, "out/", tokenizer=tok)
+    model = kernels.load_compressed("out/", device="cuda")
+"""
+
+from ._common import KernelConfig, candidate_configs, default_config, interpreting, triton_available
+from .bitmask_gemv import bitmask_gemv, bitmask_gemv_reference
+from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
+from .checkpoint import COMPRESSED_WEIGHTS, load_compressed, load_sparse_model, save_compressed
+from .dispatch import BACKENDS, Dispatcher, Plan, default_dispatcher, m_bucket
+from .formats import (
+    BitmaskWeight,
+    Sparse24Weight,
+    SparseWeight,
+    compress,
+    compress_24,
+    compress_bitmask,
+    is_24_sparse,
+    load_sparse,
+    save_sparse,
+)
+from .linear import FORMATS, ConvertSummary, LayerReport, SparseLinear, convert, densify, summarize
+from .sparse24_gemv import sparse24_gemv, sparse24_gemv_reference
+from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
+
+__all__ = [
+    "BACKENDS",
+    "COMPRESSED_WEIGHTS",
+    "FORMATS",
+    "BitmaskWeight",
+    "ConvertSummary",
+    "Dispatcher",
+    "KernelConfig",
+    "LayerReport",
+    "Plan",
+    "Sparse24Weight",
+    "SparseLinear",
+    "SparseWeight",
+    "bitmask_gemv",
+    "bitmask_gemv_reference",
+    "bitmask_matmul",
+    "bitmask_matmul_reference",
+    "candidate_configs",
+    "compress",
+    "compress_24",
+    "compress_bitmask",
+    "convert",
+    "default_config",
+    "default_dispatcher",
+    "densify",
+    "interpreting",
+    "is_24_sparse",
+    "load_compressed",
+    "load_sparse",
+    "load_sparse_model",
+    "m_bucket",
+    "save_compressed",
+    "save_sparse",
+    "sparse24_gemv",
+    "sparse24_gemv_reference",
+    "sparse24_matmul",
+    "sparse24_matmul_reference",
+    "summarize",
+    "triton_available",
+]

@@ -1,0 +1,194 @@
+"""Decode GEMV / skinny GEMM ``y = x @ W^T + b`` (M <= 16) with a bitmask ``W``: Triton kernel and reference.
+
+Built for the weight-bandwidth-bound decode regime: each program reads its ``(BN, BK)`` weight tile once in
+compressed form (``(BN, BK/8)`` mask bytes + the tile's nonzeros) and never builds the dense tile. Per mask
+byte ``j`` (8 columns) it counts the set bits (popcount), takes the exclusive prefix sum of the counts along
+the row tile (``tl.cumsum``) to find where the byte's nonzeros start in ``values``, then walks the byte's 8
+bits, loading the value of each set bit and multiplying it with input column ``8j + c``. Products accumulate
+element-wise in fp32 ``(BN, BK/8)`` registers, reduced once at the end; one program per input row. A program starts from the stored
+offset of its first tile, so K can be split across programs at multiples of the format's offset tile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    KernelConfig,
+    accumulate_dtype,
+    check_launchable,
+    default_config,
+    finish_split,
+    flatten_input,
+    k_per_split,
+    k_tail,
+    prepare_output,
+)
+from .formats import BitmaskWeight
+
+__all__ = ["bitmask_gemv", "bitmask_gemv_reference"]
+
+
+def bitmask_gemv_reference(x: Tensor, weight: BitmaskWeight, bias: Tensor | None = None) -> Tensor:
+    """Pure-torch ``x @ W^T + bias`` over the stored nonzeros only (a segment sum per row).
+
+    Args:
+        x: ``(..., K)`` input.
+        weight: bitmask compressed ``(N, K)`` weight.
+        bias: optional ``(N,)``.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``, accumulated in fp32 (fp64 for fp64 inputs).
+    """
+    n, k = weight.shape
+    acc = accumulate_dtype(x.dtype)
+    rows, cols = weight.mask().nonzero(as_tuple=True)  # row-major, the order of ``values``
+    x2 = x.reshape(-1, k).to(acc)  # (M, K)
+    products = x2[:, cols] * weight.values.to(acc)  # (M, nnz)
+    y = torch.zeros(x2.shape[0], n, dtype=acc, device=x.device).index_add_(1, rows, products)  # (M, N)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@functools.cache
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bitmask_gemv_kernel(
+        x_ptr,  # (M, K)
+        values_ptr,  # (nnz,)
+        bitmask_ptr,  # (N, ceil(K/8)) uint8
+        offsets_ptr,  # (N, ceil(K/tile)) int32
+        bias_ptr,  # (N,)
+        out_ptr,  # (M, N), or (splits, M, N) fp32 for split-K
+        N,
+        K,
+        stride_xm,
+        stride_bn,
+        stride_on,
+        stride_om,
+        stride_os,
+        k_split,  # columns per split, a multiple of BLOCK_K and of tile
+        tile,
+        HAS_BIAS: tl.constexpr,
+        K_TAIL: tl.constexpr,  # 0: K % BLOCK_K == 0, else masked
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        BLOCK_J: tl.constexpr = BLOCK_K // 8  # mask bytes per row tile
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)  # one input row per program
+        pid_s = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        x_row = x_ptr + row.to(tl.int64) * stride_xm
+
+        acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+        k_lo = pid_s * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        # Index in values of each row's first entry at or after column k_lo.
+        base = tl.load(offsets_ptr + offs_n * stride_on + k_lo // tile, mask=n_ok, other=0)  # (BN,)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_j = k0 // 8 + tl.arange(0, BLOCK_J)
+            mask_ptrs = bitmask_ptr + offs_n[:, None] * stride_bn + offs_j[None, :]
+            if K_TAIL == 0:
+                packed = tl.load(mask_ptrs, mask=n_ok[:, None], other=0)
+            else:
+                packed = tl.load(mask_ptrs, mask=n_ok[:, None] & (offs_j * 8 < K)[None, :], other=0)
+            packed = packed.to(tl.int32)  # (BN, BJ); bits past K are zero
+            count = packed - ((packed >> 1) & 0x55)  # popcount of each byte
+            count = (count & 0x33) + ((count >> 2) & 0x33)
+            count = (count + (count >> 4)) & 0x0F
+            index = base[:, None] + tl.cumsum(count, axis=1) - count  # (BN, BJ): first value of each byte
+            base += tl.sum(count, axis=1)
+            for c in tl.static_range(8):
+                bit = (packed >> c) & 1
+                w = tl.load(
+                    values_ptr + index, mask=bit != 0, other=0.0
+                )  # (BN, BJ), 0 where the bit is clear
+                index += bit
+                col = offs_j * 8 + c
+                if K_TAIL == 0:  # noqa: SIM108 (constexpr branch: no mask when K is whole tiles)
+                    xc = tl.load(x_row + col)  # (BJ,)
+                else:
+                    xc = tl.load(x_row + col, mask=col < K, other=0.0)
+                acc += w.to(tl.float32) * xc.to(tl.float32)[None, :]
+
+        y = tl.sum(acc, axis=1)  # (BN,)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        out = out_ptr + pid_s * stride_os + row * stride_om + offs_n
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    return bitmask_gemv_kernel
+
+
+def bitmask_gemv(
+    x: Tensor,
+    weight: BitmaskWeight,
+    bias: Tensor | None = None,
+    *,
+    config: KernelConfig | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``x @ W^T + bias`` for few input rows (decode), reading the bitmask weight once (Triton).
+
+    Args:
+        x: ``(..., K)`` input, same dtype and device as the weight values; meant for ``M <= 16`` rows.
+        weight: bitmask compressed ``(N, K)`` weight.
+        bias: optional ``(N,)``.
+        config: tile sizes with ``block_m`` in (1, 2, 4); ``default_config`` for ``min(M, 4)`` rows if None.
+        out: optional contiguous ``(..., N)`` output buffer of ``x.dtype``.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+    """
+    n, k = weight.shape
+    x2 = flatten_input(x, k, weight.dtype, weight.device)  # (M, K)
+    check_launchable(x2)
+    m = x2.shape[0]
+    cfg = config or default_config(min(m, 4), n, k, x2.device)
+    if cfg.use_dot:
+        raise ValueError(f"bitmask_gemv takes block_m 1, 2 or 4, got {cfg.block_m}; use bitmask_matmul")
+    k_split, splits = k_per_split(k, cfg, align=weight.tile)
+    result, target = prepare_output(x, n, out, splits)
+    if m == 0:
+        return result
+    values = weight.values.contiguous() if weight.nnz else weight.values.new_zeros(1)  # unread if nnz == 0
+    bitmask = weight.bitmask if weight.bitmask.stride(-1) == 1 else weight.bitmask.contiguous()
+    offsets = weight.offsets if weight.offsets.stride(-1) == 1 else weight.offsets.contiguous()
+    fused_bias = bias is not None and splits == 1
+    grid = (-(-n // cfg.block_n), m, splits)
+    _kernel()[grid](
+        x2,
+        values,
+        bitmask,
+        offsets,
+        bias if fused_bias else values,
+        target,
+        n,
+        k,
+        x2.stride(0),
+        bitmask.stride(0),
+        offsets.stride(0),
+        target.stride(-2),
+        target.stride(0) if splits > 1 else 0,
+        k_split,
+        weight.tile,
+        HAS_BIAS=fused_bias,
+        K_TAIL=k_tail(k, cfg.block_k),
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        finish_split(result, target, bias)
+    return result

@@ -1,0 +1,421 @@
+"""``SparseLinear`` and ``convert``: swap pruned ``nn.Linear`` layers for compressed ones.
+
+``convert(model, "2:4" | "bitmask" | "auto")`` replaces, in place, every ``nn.Linear`` whose weight is pruned
+(2:4: every group of 4 input columns has at least 2 zeros; bitmask: any zeros) by a ``SparseLinear`` that
+stores the compressed weight and multiplies with the fastest backend for each input size (see
+``kernels.dispatch``). Output embeddings (``lm_head``) and weights shared with another module are left
+alone. The model's ``forward``/``generate`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
+from .dispatch import BACKENDS, Dispatcher, Plan, default_dispatcher, m_bucket
+from .formats import (
+    DEFAULT_TILE,
+    BitmaskWeight,
+    Sparse24Weight,
+    SparseWeight,
+    compress_24,
+    compress_bitmask,
+    is_24_sparse,
+)
+from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
+
+__all__ = [
+    "FORMATS",
+    "ConvertSummary",
+    "LayerReport",
+    "SparseLinear",
+    "convert",
+    "densify",
+    "summarize",
+]
+
+FORMATS = ("2:4", "bitmask", "auto")
+DEFAULT_IGNORE = ("lm_head",)
+_PARTS = {"2:4": ("values", "meta"), "bitmask": ("values", "bitmask", "offsets")}
+
+
+class SparseLinear(nn.Module):
+    """A linear layer ``y = x @ W^T + b`` whose ``(N, K)`` weight is stored compressed.
+
+    Buffers: ``weight_values`` and ``weight_meta`` (2:4) or ``weight_values``, ``weight_bitmask`` and
+    ``weight_offsets`` (bitmask); see ``kernels.formats``. ``.to(dtype)``/``.to(device)`` convert them like
+    any buffer.
+
+    Args:
+        weight: the compressed weight.
+        bias: optional ``(N,)``.
+        backend: ``"auto"`` (time and cache per input size), or force ``"triton"``, ``"dense"`` (decompress
+            + ``F.linear``), ``"cusparselt"`` (2:4 on CUDA) or ``"reference"`` (the pure-torch ``*_reference``
+            ops, fp32 accumulation).
+        keep_dense: also keep the decompressed weight (not saved), so the dense fallback for large M costs
+            no decompression; uses the dense weight's memory on top of the compressed one.
+        dispatcher: plan cache; the process-wide ``default_dispatcher()`` if None.
+    """
+
+    weight_values: Tensor
+    dense_weight: Tensor | None
+
+    def __init__(
+        self,
+        weight: SparseWeight,
+        bias: Tensor | None = None,
+        *,
+        backend: str = "auto",
+        keep_dense: bool = False,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "cusparselt" and not isinstance(weight, Sparse24Weight):
+            raise ValueError("the 'cusparselt' backend needs a 2:4 weight")
+        self.sparse_format: str = weight.format
+        self.out_features, self.in_features = weight.shape
+        self.tile = weight.tile if isinstance(weight, BitmaskWeight) else 0
+        for part, tensor in weight.tensors().items():
+            self.register_buffer(f"weight_{part}", tensor)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != ({self.out_features},)")
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.backend = backend
+        self.dispatcher = dispatcher
+        self.register_buffer("dense_weight", weight.decompress() if keep_dense else None, persistent=False)
+        self._semi_structured: Tensor | None = None
+        self._weight_view: SparseWeight | None = None
+        self.last_plan: Plan | None = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        format: str,
+        *,
+        tile: int = DEFAULT_TILE,
+        backend: str = "auto",
+        keep_dense: bool = False,
+        dispatcher: Dispatcher | None = None,
+    ) -> SparseLinear:
+        """Compress ``linear.weight`` (``"2:4"`` or ``"bitmask"``); raises ValueError if it is not 2:4."""
+        w = linear.weight.detach()
+        weight: SparseWeight
+        if format == "2:4":
+            weight = compress_24(w)
+        elif format == "bitmask":
+            weight = compress_bitmask(w, tile)
+        else:
+            raise ValueError(f"unknown sparse format {format!r}; choose one of '2:4', 'bitmask'")
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight, bias, backend=backend, keep_dense=keep_dense, dispatcher=dispatcher)
+
+    @property
+    def _key_prefix(self) -> tuple[str, int, int, bool, bool]:
+        return (
+            self.sparse_format,
+            self.out_features,
+            self.in_features,
+            self.bias is not None,
+            self.keeps_dense,
+        )
+
+    @property
+    def keeps_dense(self) -> bool:
+        return self.dense_weight is not None
+
+    @property
+    def weight_compressed(self) -> SparseWeight:
+        """The compressed weight as a ``Sparse24Weight``/``BitmaskWeight`` view of the buffers."""
+        parts = [self.get_buffer(f"weight_{p}") for p in _PARTS[self.sparse_format]]
+        view = self._weight_view
+        if view is None or any(a is not b for a, b in zip(view.tensors().values(), parts, strict=True)):
+            shape = (self.out_features, self.in_features)
+            if self.sparse_format == "2:4":
+                view = Sparse24Weight(parts[0], parts[1], shape)
+            else:
+                view = BitmaskWeight(parts[0], parts[1], parts[2], shape, self.tile)
+            self._weight_view = view  # rebuilt when .to() replaces the buffers
+        return view
+
+    def dense(self) -> Tensor:
+        """The dense ``(N, K)`` weight (the kept copy, or decompressed now)."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        return self.weight_compressed.decompress()
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the decompressed weight."""
+        w = self.dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={self.sparse_format}, backend={self.backend}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` (..., K) -> (..., N) in the weight dtype."""
+        if x.dtype != self.weight_values.dtype:
+            x = x.to(self.weight_values.dtype)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        plan = self._plan(x2)
+        self.last_plan = plan
+        return self.run(plan, x2).view(*x.shape[:-1], self.out_features)
+
+    def run(self, plan: Plan, x2: Tensor) -> Tensor:
+        """Execute ``plan`` on ``x2`` (M, K); returns (M, N)."""
+        weight = self.weight_compressed
+        if plan.backend == "triton":
+            if isinstance(weight, Sparse24Weight):
+                return sparse24_matmul(x2, weight, self.bias, config=plan.config)
+            return bitmask_matmul(x2, weight, self.bias, config=plan.config)
+        if plan.backend == "dense":
+            return F.linear(x2, self.dense(), self.bias)
+        if plan.backend == "reference":
+            if isinstance(weight, Sparse24Weight):
+                return sparse24_matmul_reference(x2, weight, self.bias)
+            return bitmask_matmul_reference(x2, weight, self.bias)
+        if plan.backend == "cusparselt":
+            return F.linear(x2, self._semi_structured_weight(), self.bias)
+        raise ValueError(f"unknown plan backend {plan.backend!r}")
+
+    def _plan(self, x2: Tensor) -> Plan:
+        if self.backend != "auto":
+            return Plan(self.backend)
+        if x2.device.type != "cuda":
+            return Plan("dense")
+        m = x2.shape[0]
+        key = (*self._key_prefix, m_bucket(m), x2.dtype, x2.device)
+        dispatcher = self.dispatcher or default_dispatcher()
+        cached = dispatcher.cached(key)
+        if cached is not None:
+            return cached
+        plan = dispatcher.plan(
+            key,
+            m,
+            self.out_features,
+            self.in_features,
+            x2.device,
+            lambda p: self.run(p, x2),
+            # fp16/bf16 only: cuSPARSELt/CUTLASS would run fp32 as TF32, silently losing precision.
+            allow_cusparselt=self.sparse_format == "2:4" and x2.dtype in (torch.float16, torch.bfloat16),
+        )
+        if plan.backend != "cusparselt":
+            self._semi_structured = None  # built only for timing: free it
+        return plan
+
+    def _semi_structured_weight(self) -> Tensor:
+        w = self._semi_structured
+        if w is None or w.device != self.weight_values.device or w.dtype != self.weight_values.dtype:
+            from torch.sparse import to_sparse_semi_structured
+
+            w = to_sparse_semi_structured(self.dense())
+            self._semi_structured = w
+        return w
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What ``convert`` did with one ``nn.Linear``."""
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    format: str | None  # None: left dense
+    dense_bytes: int
+    stored_bytes: int  # bytes after conversion (== dense_bytes if left dense)
+    reason: str = ""
+
+
+@dataclass
+class ConvertSummary:
+    """Per-layer results of ``convert``; ``str()`` gives a table."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.format is not None]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.format is None]
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self.layers)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r.stored_bytes for r in self.layers)
+
+    def counts(self) -> dict[str, int]:
+        """Number of layers per outcome: ``"2:4"``, ``"bitmask"``, ``"dense"``."""
+        out: dict[str, int] = {}
+        for r in self.layers:
+            key = r.format or "dense"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<48} {'shape':>13} {'sparsity':>8} {'format':>8}  note"]
+        for r in self.layers:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            lines.append(f"{r.name:<48} {shape:>13} {r.sparsity:>8.3f} {r.format or 'dense':>8}  {r.reason}")
+        ratio = self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts().items()))
+        lines.append(
+            f"{counts}; linear weights {self.dense_bytes / 2**20:.1f} MiB -> "
+            f"{self.stored_bytes / 2**20:.1f} MiB ({ratio:.3f} of dense)"
+        )
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """Glob ``patterns`` against the full module name or any trailing part of it (``"lm_head"``)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def convert(
+    model: nn.Module,
+    format: str = "auto",
+    *,
+    ignore: Sequence[str] = (),
+    include_lm_head: bool = False,
+    min_sparsity: float = 0.3,
+    tile: int = DEFAULT_TILE,
+    backend: str = "auto",
+    keep_dense: bool = False,
+    dispatcher: Dispatcher | None = None,
+) -> ConvertSummary:
+    """Replace pruned ``nn.Linear`` layers of ``model`` by ``SparseLinear`` in place.
+
+    Args:
+        model: any module; its dense weights should already hold the pruned zeros.
+        format: ``"2:4"`` (layers whose every group of 4 input columns has >= 2 zeros), ``"bitmask"`` (layers
+            with any zero) or ``"auto"`` (2:4 where valid, else bitmask when the sparsity is at least
+            ``min_sparsity``, else left dense).
+        ignore: glob patterns of module names to leave dense, matched against the full name or its trailing
+            dotted parts (``"mlp.down_proj"``, ``"model.layers.0.*"``).
+        include_lm_head: also convert the output embedding (``lm_head``); skipped by default, as are
+            weights shared with another module (tied embeddings).
+        min_sparsity: lowest sparsity converted to bitmask by ``"auto"`` (below it the bitmask is not
+            smaller or faster than dense).
+        tile: bitmask offset tile (columns).
+        backend, keep_dense, dispatcher: passed to every ``SparseLinear``.
+
+    Returns:
+        A ``ConvertSummary`` with one entry per ``nn.Linear`` considered.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    patterns = tuple(ignore) + (() if include_lm_head else DEFAULT_IGNORE)
+    output_embeddings: Any = None
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output) and not include_lm_head:
+        output_embeddings = get_output()
+    shared = _shared_parameters(model)
+    summary = ConvertSummary()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        w = module.weight
+        shape = (module.out_features, module.in_features)
+        dense_bytes = w.numel() * w.element_size()
+        sparsity = float("nan")
+        chosen: str | None = None
+        if _matches(name, tuple(ignore)):
+            reason = "ignored"
+        elif _matches(name, patterns) or module is output_embeddings:
+            reason = "output embedding"
+        elif id(w) in shared:
+            reason = "weight shared with another module"
+        elif w.device.type == "meta" or not w.is_floating_point():
+            reason = f"weight is {w.dtype} on {w.device}"
+        else:
+            sparsity = float((w == 0).sum()) / w.numel()
+            chosen, reason = _choose_format(w, format, sparsity, min_sparsity)
+        if chosen is None:
+            summary.layers.append(LayerReport(name, shape, sparsity, None, dense_bytes, dense_bytes, reason))
+            continue
+        new = SparseLinear.from_linear(
+            module, chosen, tile=tile, backend=backend, keep_dense=keep_dense, dispatcher=dispatcher
+        )
+        _replace(model, name, new)
+        stored = new.weight_compressed.nbytes
+        summary.layers.append(LayerReport(name, shape, sparsity, chosen, dense_bytes, stored, reason))
+    return summary
+
+
+def _choose_format(w: Tensor, format: str, sparsity: float, min_sparsity: float) -> tuple[str | None, str]:
+    """``(format or None, reason if None)`` for one weight."""
+    if format == "2:4":
+        return ("2:4", "") if is_24_sparse(w) else (None, "not 2:4 sparse")
+    if format == "bitmask":
+        return ("bitmask", "") if sparsity > 0 else (None, "no zeros")
+    if is_24_sparse(w):
+        return "2:4", ""
+    if sparsity >= min_sparsity and sparsity > 0:
+        return "bitmask", ""
+    return None, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def densify(model: nn.Module) -> int:
+    """Replace every ``SparseLinear`` of ``model`` by an equivalent ``nn.Linear``; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            _replace(model, name, module.to_linear())
+            count += 1
+    return count
+
+
+def summarize(model: nn.Module) -> ConvertSummary:
+    """A ``ConvertSummary`` of the ``SparseLinear`` layers already in ``model``."""
+    summary = ConvertSummary()
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            weight = module.weight_compressed
+            n, k = weight.shape
+            dense_bytes = n * k * weight.values.element_size()
+            nonzero = weight.nnz if isinstance(weight, BitmaskWeight) else int((weight.values != 0).sum())
+            summary.layers.append(
+                LayerReport(
+                    name, (n, k), 1 - nonzero / (n * k), module.sparse_format, dense_bytes, weight.nbytes
+                )
+            )
+    return summary
