@@ -1,8 +1,12 @@
 """Perplexity under the standard protocol (GPTQ / SparseGPT / Wanda).
 
 The test text is tokenized once and cut into non-overlapping windows of ``seqlen`` tokens (the tail
-shorter than a window is dropped); perplexity = exp(mean next-token NLL over every predicted token).
-Data loading is kept apart (`eval.corpora`).
+shorter than a window is dropped); perplexity = exp(mean next-token NLL over every predicted token,
+``seqlen - 1`` per window). Data loading is kept apart (`eval.corpora`).
+
+The loop adds little to the model's own forward passes: windows are batched, the NLL is taken from the
+logits in place (labels shifted with an ignored last position instead of slicing and copying the
+``(batch, seqlen, vocab)`` logits) and summed in float64.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PerplexityResult", "perplexity", "windows"]
+__all__ = ["PerplexityResult", "perplexity", "window_nll", "windows"]
+
+_IGNORE = -100
 
 
 @dataclass
@@ -30,7 +36,12 @@ class PerplexityResult:
 
 
 def windows(input_ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of a (1, N) or (N,) token stream -> (windows, seqlen)."""
+    """Non-overlapping windows of a (1, N) or (N,) token stream -> (windows, seqlen).
+
+    The tail shorter than ``seqlen`` is dropped; ``limit`` keeps the first ``limit`` windows.
+    """
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2, got {seqlen}")
     flat = input_ids.reshape(-1)
     count = flat.numel() // seqlen
     if limit is not None:
@@ -40,6 +51,26 @@ def windows(input_ids: torch.Tensor, seqlen: int, limit: int | None = None) -> t
     if count < 1:
         raise ValueError(f"text has {flat.numel()} tokens, shorter than one window of {seqlen}")
     return flat[: count * seqlen].reshape(count, seqlen)
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of a batch, in float64.
+
+    ``logits``: (batch, seqlen, vocab); ``input_ids``: (batch, seqlen). Position t predicts token t+1;
+    the last position has no target.
+    """
+    labels = torch.full_like(input_ids, _IGNORE)  # (batch, seqlen)
+    labels[:, :-1] = input_ids[:, 1:]
+    vocab = logits.shape[-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # log-softmax in fp32; fp32/fp64 logits are used as they are
+    nll = F.cross_entropy(
+        logits.reshape(-1, vocab),  # (batch * seqlen, vocab), a view
+        labels.reshape(-1),
+        ignore_index=_IGNORE,
+        reduction="sum",
+    )
+    return nll.double()
 
 
 @torch.no_grad()
@@ -53,13 +84,17 @@ def perplexity(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a token stream, in non-overlapping windows of ``seqlen``."""
+    """Perplexity of ``model`` on a (1, N) token stream, in non-overlapping windows of ``seqlen``.
+
+    ``batch_size`` windows go through the model together; ``limit`` scores only the first windows.
+    """
     from tqdm.auto import tqdm
 
-    chunks = windows(input_ids, seqlen, limit)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = windows(input_ids, seqlen, limit)  # (windows, seqlen)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    total = 0.0
-    count = 0
+    total = torch.zeros((), dtype=torch.float64)
     for start in tqdm(
         range(0, chunks.shape[0], batch_size),
         desc="perplexity",
@@ -67,13 +102,10 @@ def perplexity(
         disable=not progress,
         leave=False,
     ):
-        batch = chunks[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += batch[:, 1:].numel()
+        batch = chunks[start : start + batch_size].to(device)  # (b, seqlen)
+        logits = model(input_ids=batch, use_cache=False).logits  # (b, seqlen, vocab)
+        total += window_nll(logits, batch).cpu()
         del logits
-    mean = total / count
+    count = chunks.shape[0] * (seqlen - 1)
+    mean = float(total) / count
     return PerplexityResult(math.exp(mean), mean, chunks.shape[0], seqlen, count)

@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
     from eval.cli import add_eval_parser
+    from eval.report_cli import add_report_parser
 
     add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -193,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from eval.cli import run_eval
 
         return run_eval(args)
+    if args.command == "report":
+        from eval.report_cli import run_report
+
+        return run_report(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
 

@@ -232,4 +232,16 @@ def run_prune(
     }
     record["total_seconds"] = time.perf_counter() - t0
     save_pruned(model, tok, out_path, record, overwrite=overwrite, export=export)
+    _write_run_report(out_path.resolve())
     return RunResult(out_path.resolve(), report, record)
+
+
+def _write_run_report(run_dir: Path) -> None:
+    """The run's own report (report.md/json/html in ``<run>/report``); the checkpoint is complete without it,
+    so a failure here is a warning, not an error."""
+    try:
+        from eval.report import write_report
+
+        write_report([run_dir], out=run_dir / "report")
+    except Exception as exc:  # the report is an extra: never lose a finished checkpoint over it
+        logger.warning("could not write the report into %s: %s", run_dir / "report", exc)

@@ -1,0 +1,187 @@
+"""`oneshot eval`: arguments -> `EvalConfig` -> `evaluate` -> a summary table (and ``--json``).
+
+Registered by `oneshot.cli` through `add_eval_parser` / `run_eval`. Bad input is one line
+``oneshot: error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_eval_parser", "format_summary", "run_eval"]
+
+DEFAULT_TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,openbookqa,rte,lambada_openai"
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to an argparse ``add_subparsers()`` object."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "eval",
+        help="perplexity and zero-shot tasks of a model or a pruned run folder",
+        description=(
+            "Evaluate a model or run folder: perplexity under the standard protocol and lm-eval zero-shot "
+            f"tasks (offline from the data directory: {DEFAULT_TASKS})."
+        ),
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="run folder (oneshot.json + checkpoint), model folder, .gguf file or Hub id; "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--ppl",
+        default="wikitext2",
+        help="comma-separated perplexity datasets: wikitext2, c4, or text files; 'none' skips (wikitext2)",
+    )
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens (2048)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="quick check: first N perplexity windows and N documents per task",
+    )
+    p.add_argument(
+        "--tasks",
+        default="",
+        help=f"comma-separated lm-eval tasks ('paper' = {DEFAULT_TASKS}); any lm-eval name online",
+    )
+    p.add_argument("--longtail", action="store_true", help="long-tail slices against the dense model")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="dense model or run folder evaluated alongside (results cached by fingerprint)",
+    )
+    p.add_argument("--json", default=None, help="write the results (oneshot-eval/1) to this file")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)",
+    )
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (auto)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows / requests per forward (default: 1 and 8 on the CPU, 8 and 32 on CUDA)",
+    )
+    p.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=100_000,
+        help="lm-eval bootstrap iterations for the stderr of non-mean metrics; 0 = no stderr (100000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the long-tail sampling (0)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the baseline even when cached")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    if not text or text.strip().lower() == "none":
+        return ()
+    items: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "paper":
+            items.extend(DEFAULT_TASKS.split(","))
+        elif part:
+            items.append(part)
+    return tuple(dict.fromkeys(items))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A plain-text table of perplexities and task metrics, with the baseline beside when present."""
+    base = result.get("baseline") or {}
+    lines = [f"model        {result['model']}  ({result['dtype']} on {result['device']})"]
+    if base:
+        lines.append(f"baseline     {base['model']}{'  (cached)' if base.get('cached') else ''}")
+    for name, ppl in result.get("ppl", {}).items():
+        row = f"ppl {name:<9} {_fmt(ppl['value'])}"
+        bppl = base.get("ppl", {}).get(name) if base else None
+        if bppl:
+            row += f"   baseline {_fmt(bppl['value'])}"
+        row += f"   ({ppl['windows']} windows x {ppl['seqlen']} tokens)"
+        lines.append(row)
+    for name, task in result.get("tasks", {}).items():
+        metrics = [f"acc {_fmt(task.get('acc'))}"]
+        if task.get("acc_norm") is not None:
+            metrics.append(f"acc_norm {_fmt(task['acc_norm'])}")
+        if task.get("perplexity") is not None:
+            metrics.append(f"ppl {_fmt(task['perplexity'], 3)}")
+        row = f"{name:<13} " + "  ".join(metrics)
+        btask = base.get("tasks", {}).get(name) if base else None
+        if btask:
+            row += f"   baseline acc {_fmt(btask.get('acc'))}"
+        row += f"   (n={task['n']}, {task['source'].split(':', 1)[0]})"
+        lines.append(row)
+    if result.get("longtail") is not None:
+        lines.append("longtail     included in the JSON")
+    lines.append(f"time         {result['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``oneshot eval``; 0 on success, 2 on bad input (one line on stderr), 130 when interrupted."""
+    import logging
+
+    from eval.corpora import EvalDataError
+    from eval.evaluate import EvalConfig, evaluate
+    from oneshot.models import ModelLoadError
+
+    if args.quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        config = EvalConfig(
+            ppl=_split(args.ppl),
+            seqlen=args.seqlen,
+            limit=args.limit,
+            tasks=_split(args.tasks),
+            baseline=args.baseline,
+            longtail=args.longtail,
+            seed=args.seed,
+            data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
+            dtype=args.dtype,
+            device=args.device,
+            batch_size=args.batch_size,
+            bootstrap_iters=args.bootstrap_iters,
+            cache=not args.no_cache,
+        )
+        if args.json:
+            out = Path(args.json).expanduser()
+            if out.is_dir():
+                raise ValueError(f"--json {args.json} is a folder; give a file name")
+            if not out.parent.exists():
+                raise ValueError(f"--json {args.json}: folder {out.parent} does not exist")
+        result = evaluate(args.model, config, progress=not args.quiet)
+    except (ValueError, ModelLoadError, EvalDataError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"oneshot: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oneshot: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        Path(args.json).expanduser().write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(format_summary(result))
+    if args.json:
+        print(f"results      {args.json}")
+    return 0
