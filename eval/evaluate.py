@@ -11,7 +11,8 @@ The result is one JSON-ready dict (format ``oneshot-eval/1``)::
      "baseline": None | {same sections, "model", "fingerprint", "cached"},
      "longtail": None | {...}, "config", "versions", "seconds"}
 
-and is also written to ``RUN_DIR/eval.json`` when the evaluated model is a run folder.
+and is also written to ``RUN_DIR/eval.json`` when the evaluated model is a run folder (whose model card,
+``README.md``, is then rewritten with the results: `oneshot.card`).
 
 The dense baseline's results are cached per item (one perplexity dataset, one task) under
 ``$ONESHOT_CACHE/eval`` (default ``~/.cache/oneshot/eval``), keyed by the model's fingerprint and every
@@ -570,4 +571,16 @@ def evaluate(
             _atomic_write(target.run_dir / EVAL_FILE, result)
         except OSError as exc:
             logger.warning("could not write %s: %s", target.run_dir / EVAL_FILE, exc)
+        else:
+            _refresh_card(target.run_dir)
     return result
+
+
+def _refresh_card(run_dir: Path) -> None:
+    """Rewrite the run's model card (README.md) so it carries the new eval.json results."""
+    try:
+        from oneshot.card import write_card
+
+        write_card(run_dir)
+    except Exception as exc:  # eval.json is written; the card is derived from it and can be rewritten
+        logger.warning("could not refresh the model card in %s: %s", run_dir, exc)

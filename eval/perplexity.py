@@ -53,24 +53,34 @@ def windows(input_ids: torch.Tensor, seqlen: int, limit: int | None = None) -> t
     return flat[: count * seqlen].reshape(count, seqlen)
 
 
+# fp32 logits per cross-entropy call: on the CPU small enough to stay in cache; on a GPU large (few launches)
+_CHUNK_BYTES = {"cpu": 6 << 20}
+_CHUNK_BYTES_OTHER = 1 << 28
+
+
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of a batch, in float64.
 
     ``logits``: (batch, seqlen, vocab); ``input_ids``: (batch, seqlen). Position t predicts token t+1;
-    the last position has no target.
+    the last position has no target. The rows go through ``cross_entropy`` a few at a time, so the
+    log-softmax temporaries stay in cache (on the CPU about 3x faster than one call over a 400 MB logits
+    tensor) and half-precision logits are upcast one chunk at a time.
     """
     labels = torch.full_like(input_ids, _IGNORE)  # (batch, seqlen)
     labels[:, :-1] = input_ids[:, 1:]
     vocab = logits.shape[-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # log-softmax in fp32; fp32/fp64 logits are used as they are
-    nll = F.cross_entropy(
-        logits.reshape(-1, vocab),  # (batch * seqlen, vocab), a view
-        labels.reshape(-1),
-        ignore_index=_IGNORE,
-        reduction="sum",
-    )
-    return nll.double()
+    flat = logits.reshape(-1, vocab)  # (batch * seqlen, vocab), a view
+    targets = labels.reshape(-1)  # (batch * seqlen,)
+    rows = max(1, _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_OTHER) // (vocab * 4))
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, flat.shape[0], rows):
+        part = flat[start : start + rows]  # (rows, vocab)
+        if part.dtype in (torch.float16, torch.bfloat16):
+            part = part.float()  # log-softmax in fp32; fp32/fp64 logits are used as they are
+        total += F.cross_entropy(
+            part, targets[start : start + rows], ignore_index=_IGNORE, reduction="sum"
+        ).double()
+    return total
 
 
 @torch.no_grad()

@@ -112,9 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
     from eval.cli import add_eval_parser
     from eval.report_cli import add_report_parser
+    from oneshot.push import add_push_parser
 
     add_eval_parser(sub)
     add_report_parser(sub)
+    add_push_parser(sub)
+    c = sub.add_parser(
+        "card",
+        help="(re)write the model card README.md of a run folder from its oneshot.json and eval.json",
+    )
+    c.add_argument("run_dir", help="folder written by `oneshot prune`")
+    c.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
 
 
@@ -199,8 +207,26 @@ def main(argv: list[str] | None = None) -> int:
         from eval.report_cli import run_report
 
         return run_report(args)
+    if args.command == "push":
+        from oneshot.push import run_push
+
+        return run_push(args)
+    if args.command == "card":
+        return _card(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
+
+
+def _card(args: argparse.Namespace) -> int:
+    from oneshot.card import write_card
+
+    try:
+        path = write_card(Path(args.run_dir).expanduser())
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"oneshot: error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 def _prune(args: argparse.Namespace, argv: list[str]) -> int:

@@ -87,7 +87,8 @@ def save_pruned(
     overwrite: bool,
     export: str | None = None,
 ) -> None:
-    """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` atomically.
+    """Write checkpoint (safetensors, sharded when large), tokenizer, ``oneshot.json`` and the model card
+    (``README.md``, `oneshot.card`) atomically. config.json never carries a quantization or sparsity config.
 
     ``export`` ("2:4" or "bitmask") also writes the compressed form for ``kernels`` into
     ``compressed-<format>/``; the model's pruned Linear layers are converted in place for that.
@@ -114,7 +115,9 @@ def save_pruned(
                 "dense_bytes": sum(r.dense_bytes for r in summary.converted),
                 "stored_bytes": sum(r.stored_bytes for r in summary.converted),
             }
+        _drop_config_keys(tmp / "config.json")
         (tmp / RUN_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+        _write_card(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -125,6 +128,33 @@ def save_pruned(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
+_FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
+
+
+def _drop_config_keys(config_json: Path) -> None:
+    """Remove ``quantization_config`` / ``sparsity_config`` from a written config.json, should any remain."""
+    if not config_json.is_file():
+        return
+    data = json.loads(config_json.read_text())
+    found = [k for k in _FORBIDDEN_CONFIG_KEYS if k in data]
+    if found:
+        logger.warning("removed %s from config.json: the checkpoint is plain dense float", ", ".join(found))
+        for key in found:
+            del data[key]
+        config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_card(folder: Path) -> None:
+    """The model card (README.md) from the folder's oneshot.json; a failure is a warning, like the report."""
+    try:
+        from oneshot.card import write_card
+
+        write_card(folder)
+    except Exception as exc:  # the card is derived from oneshot.json: never lose a checkpoint over it
+        logger.warning("could not write the model card into %s: %s", folder, exc)
 
 
 def _umask() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import itertools
 import json
 import math
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from eval.corpora import C4_WINDOWS, PPL_DATASETS, EvalDataError, ppl_data, ppl_text, ppl_token_ids
-from eval.perplexity import perplexity, windows
+from eval.perplexity import perplexity, window_nll, windows
 
 
 class Bigram(torch.nn.Module):
@@ -57,6 +58,22 @@ def test_perplexity_matches_hand_computed_nll() -> None:
     assert res.nll == pytest.approx(total / count, rel=1e-12)
     assert res.value == pytest.approx(math.exp(total / count), rel=1e-12)
     assert model.calls == 2  # batches of 3 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_window_nll_in_chunks_equals_one_log_softmax(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    vocab = 13
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 10, vocab, generator=gen) * 3).to(dtype)  # 30 rows
+    ids = torch.randint(0, vocab, (3, 10), generator=gen)
+    logp = torch.log_softmax(logits.double(), dim=-1)[:, :-1]  # (3, 9, vocab)
+    expected = -logp.gather(-1, ids[:, 1:, None]).sum()
+    # 7 rows per chunk: chunks straddle windows and the last one is short
+    monkeypatch.setattr(importlib.import_module("eval.perplexity"), "_CHUNK_BYTES", {"cpu": 7 * vocab * 4})
+    got = window_nll(logits, ids)
+    assert got.dtype == torch.float64
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # bf16 logits are upcast exactly; fp32 log-softmax
+    assert float(got) == pytest.approx(float(expected), rel=tol)
 
 
 def test_perplexity_real_model_against_log_softmax_loop(tiny_llama_dir: Path) -> None:
