@@ -52,7 +52,7 @@ def _single(args: argparse.Namespace) -> dict:
             calib="c4",
             nsamples=args.nsamples,
             seqlen=args.seqlen,
-            seed=0,
+            seed=args.seed,
             batch_size=args.batch_size,
             data_dir=args.data_dir,
             device=args.device,
@@ -94,6 +94,7 @@ def main() -> int:
     )
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed (the protocol's is 0)")
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -142,6 +143,8 @@ def main() -> int:
                 str(args.eval_seqlen),
                 "--batch-size",
                 str(args.batch_size),
+                "--seed",
+                str(args.seed),
                 "--device",
                 args.device,
             ]
@@ -160,7 +163,7 @@ def main() -> int:
 
     dense = results[0]
     print(
-        f"\nSmolLM2-135M-Instruct (embedded GGUF, float32), calibration c4 {args.nsamples} x {args.seqlen} seed 0, "
+        f"\nSmolLM2-135M-Instruct (embedded GGUF, float32), calibration c4 {args.nsamples} x {args.seqlen} seed {args.seed}, "
         f"WikiText-2 test first {dense['eval_windows']} windows x {dense['eval_seqlen']}\n"
     )
     print(
