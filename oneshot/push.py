@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from oneshot.card import CARD_FILE, CARD_KEY
+from oneshot.run import FORBIDDEN_CONFIG_KEYS, RUN_FILE
 
 __all__ = [
     "SPARSITY_TOLERANCE",
@@ -53,10 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "oneshot.json"
 INDEX_FILE = "model.safetensors.index.json"
 SPARSITY_TOLERANCE = 1e-4
-FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 COMPRESSED_PREFIX = "compressed-"
 

@@ -28,6 +28,8 @@ from oneshot.pruner import PruneReport, prune, resolve_device
 
 __all__ = [
     "EXPORT_FORMATS",
+    "FORBIDDEN_CONFIG_KEYS",
+    "RUN_FILE",
     "RunResult",
     "check_output_dir",
     "export_folder",
@@ -131,7 +133,7 @@ def save_pruned(
 
 
 # keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
-_FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
+FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
 
 
 def _drop_config_keys(config_json: Path) -> None:
@@ -139,7 +141,7 @@ def _drop_config_keys(config_json: Path) -> None:
     if not config_json.is_file():
         return
     data = json.loads(config_json.read_text())
-    found = [k for k in _FORBIDDEN_CONFIG_KEYS if k in data]
+    found = [k for k in FORBIDDEN_CONFIG_KEYS if k in data]
     if found:
         logger.warning("removed %s from config.json: the checkpoint is plain dense float", ", ".join(found))
         for key in found:
