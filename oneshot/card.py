@@ -39,12 +39,13 @@ __all__ = [
     "write_card",
 ]
 
+from oneshot.run import RUN_FILE
+
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 CARD_KEY = "oneshot"  # front-matter section with the machine-readable facts of the run
 CARD_FORMAT = "oneshot-card/1"
-RUN_FILE = "oneshot.json"
 EVAL_FILE = "eval.json"
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LICENSE = "apache-2.0"  # SmolLM2-135M-Instruct's license
@@ -112,26 +113,15 @@ def _layer_kind(name: str) -> str:
     return m.group(1) if m else name
 
 
-def _front_matter(text: str) -> dict[str, Any]:
-    """The YAML front matter of a README, {} when there is none or it does not parse."""
-    import yaml
-
-    m = re.match(r"^\s*---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
-    if not m:
-        return {}
-    try:
-        data = yaml.safe_load(m.group(1))
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _license_of_readme(path: Path) -> str | None:
+    import yaml
+    from huggingface_hub import metadata_load
+
     try:
-        meta = _front_matter(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
+        meta = metadata_load(path) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # an unreadable card carries no license
         return None
-    value = meta.get("license")
+    value = meta.get("license") if isinstance(meta, dict) else None
     return value if isinstance(value, str) and value else None
 
 
