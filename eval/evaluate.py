@@ -161,7 +161,7 @@ def resolve_target(spec: str | os.PathLike[str] | None) -> Target:
             try:
                 record = json.loads((path / RUN_FILE).read_text())
             except (OSError, ValueError) as exc:
-                raise EvalInputError(f"run folder {text}: {RUN_FILE} is unreadable ({exc})") from exc
+                raise EvalInputError(f"{path / RUN_FILE} is unreadable ({exc})") from exc
             return Target(str(path.resolve()), str(path), path.resolve(), record)
         if not has_config:
             raise EvalInputError(
@@ -533,6 +533,7 @@ def evaluate(
             raise EvalInputError("--longtail compares with the dense model: pass --baseline DENSE_MODEL")
         dense_target = resolve_target(base if isinstance(base, str) else None)
     check_inputs(config)
+    _check_loadable([target, base_target, dense_target])  # a bad --baseline fails before any evaluation
     keys = _item_keys(config, _data_sources(config))
 
     loaded = _load(target, config)
@@ -574,6 +575,19 @@ def evaluate(
         else:
             _refresh_card(target.run_dir)
     return result
+
+
+def _check_loadable(targets: list[Target | None]) -> None:
+    """Each model's config and weight files, without loading weights (ModelLoadError naming the file)."""
+    from oneshot.models import default_model_path, load_model_config
+
+    for target in targets:
+        if target is None:
+            continue
+        if target.spec is None:
+            default_model_path()
+        elif not str(target.spec).endswith(".gguf"):  # a GGUF file is read (converted) only when needed
+            load_model_config(target.spec)
 
 
 def _refresh_card(run_dir: Path) -> None:

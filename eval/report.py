@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -236,7 +237,7 @@ def _png(fig: Any) -> bytes:
 
 
 def _layer_kind(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+    return re.sub(r"\[\d+\]$", "", name).rsplit(".", 1)[-1]
 
 
 def _plot_layers(run: dict[str, Any]) -> bytes | None:

@@ -1,9 +1,32 @@
-"""oneshot: one-shot pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT)."""
+"""oneshot: one-shot pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT).
 
-from oneshot.config import PruneConfig, parse_pattern
-from oneshot.data import calibration_windows
-from oneshot.models import load_model
-from oneshot.pruner import PruneReport, prune
+The public names are imported on first use, so ``import oneshot`` (and the CLI's start) stays light: torch
+and transformers load only when something needs them, inside the CLI's error handling.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["PruneConfig", "PruneReport", "calibration_windows", "load_model", "parse_pattern", "prune"]
 __version__ = "0.1.0"
+
+_HOME = {
+    "PruneConfig": "oneshot.config",
+    "parse_pattern": "oneshot.config",
+    "calibration_windows": "oneshot.data",
+    "load_model": "oneshot.models",
+    "PruneReport": "oneshot.pruner",
+    "prune": "oneshot.pruner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'oneshot' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -39,6 +39,7 @@ __all__ = [
     "write_card",
 ]
 
+from oneshot.pruner import dense_summary
 from oneshot.run import RUN_FILE
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,14 @@ def _pattern_slug(pattern: str) -> str:
 
 
 def _layer_kind(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj`` (the part after the block index)."""
+    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj`` (the part after the block index);
+    ``model.layers.3.mlp.experts.down_proj[7]`` -> ``mlp.experts.down_proj`` (all experts together)."""
+    name = re.sub(r"\[\d+\]$", "", name)
     m = re.match(r"^(?:.*?\.)?\d+\.(.+)$", name)
     return m.group(1) if m else name
+
+
+
 
 
 def _license_of_readme(path: Path) -> str | None:
@@ -270,6 +276,9 @@ def card_metadata(
         "zero_weights": pr.get("zero_params"),
         "pruned_weights": pr.get("pruned_params"),
         "pruned_layers": len(pr.get("layers") or []),
+        # zeros / weights over EVERY weight matrix of the decoder blocks (routers and skipped ones included)
+        "block_sparsity": _num(pr.get("block_sparsity")),
+        "dense_matrices": len(pr["dense_matrices"]) if isinstance(pr.get("dense_matrices"), list) else None,
     }
     extra: dict[str, Any] = {CARD_KEY: {k: v for k, v in facts.items() if v is not None}}
     return ModelCardData(
@@ -330,8 +339,8 @@ def _pruning_section(record: dict[str, Any]) -> list[str]:
         ["target sparsity", _f(cfg.get("sparsity"), 4)],
         [
             "achieved sparsity",
-            f"{_f(pr.get('sparsity'), 6)} ({zeros:,} zeros / {total:,} weights in {len(layers)} Linear layers "
-            "of the decoder blocks; embeddings, norms and the LM head are dense)",
+            f"{_f(pr.get('sparsity'), 6)} ({zeros:,} zeros / {total:,} weights in the {len(layers)} pruned "
+            "weight matrices of the decoder blocks; embeddings, norms and the LM head are dense)",
         ],
         [
             "calibration",
@@ -348,6 +357,26 @@ def _pruning_section(record: dict[str, Any]) -> list[str]:
     if cfg.get("method") == "sparsegpt":
         rows.append(
             ["SparseGPT", f"damping {cfg.get('damp')} x mean(diag H), block size {cfg.get('block_size')}"]
+        )
+    if _num(pr.get("block_sparsity")) is not None:
+        rows.append(
+            [
+                "all block weight matrices",
+                f"{_f(pr.get('block_sparsity'), 6)} ({pr.get('matrix_zero_params', 0):,} zeros / "
+                f"{pr.get('matrix_params', 0):,} weights, pruned or not)",
+            ]
+        )
+    if pr.get("dense_matrices"):
+        rows.append(["left dense", dense_summary(pr["dense_matrices"])])
+    if pr.get("uncalibrated"):
+        names = [str(n) for n in pr["uncalibrated"]]
+        rows.append(
+            [
+                "no calibration tokens",
+                f"{len(names)} weight matrices pruned by magnitude instead: "
+                + ", ".join(f"`{n}`" for n in names[:8])
+                + (" ..." if len(names) > 8 else ""),
+            ]
         )
     if cfg.get("ignore"):
         rows.append(["kept dense", ", ".join(f"`{p}`" for p in cfg["ignore"])])
@@ -597,8 +626,13 @@ def build_card(
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
 
 
 def write_card(run_dir: str | os.PathLike[str]) -> Path:

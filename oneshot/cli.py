@@ -9,11 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from oneshot.config import DTYPES, METHODS, PROPAGATE, PruneConfig
+from oneshot.config import DTYPES, METHODS, PROPAGATE, UNCALIBRATED, PruneConfig
+from oneshot.errors import Interrupted
 
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("oneshot")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, examples kept as written."""
 
 
 class _TqdmHandler(logging.Handler):
@@ -36,15 +41,51 @@ def _setup_logging(quiet: bool) -> None:
         log.handlers[:] = [handler]
         log.setLevel(logging.WARNING if quiet else logging.INFO)
         log.propagate = False
+    if quiet:  # transformers' own bars (loading / writing weights) too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+
+EXAMPLES = """examples:
+  # the embedded SmolLM2-135M, SparseGPT 2:4, standard C4 calibration; checkpoint + record + card + report
+  oneshot prune --method sparsegpt --pattern 2:4 --calib c4 --out runs/smollm2-2of4
+  # a local model, Wanda 50 %, keep the down projections dense
+  oneshot prune --model ./my-llama --method wanda --sparsity 0.5 --ignore '*.mlp.down_proj' --out runs/w50
+  # perplexity and the nine zero-shot tasks against the dense model; a report; a Hub upload check
+  oneshot eval runs/smollm2-2of4 --tasks paper --baseline default
+  oneshot report runs/smollm2-2of4 --out report
+  oneshot push runs/smollm2-2of4 --repo-id you/smollm2-2of4 --dry-run
+"""
+
+PRUNE_EXAMPLES = """examples:
+  oneshot prune --method sparsegpt --pattern 2:4 --out runs/smollm2-2of4
+  oneshot prune --model ./my-llama --method wanda --sparsity 0.5 --nsamples 64 --seqlen 1024 --out runs/w50
+  oneshot prune --model org/model --calib my_corpus.jsonl --ignore '*.mlp.down_proj' --out runs/m
+  oneshot prune ... --out runs/w50 --overwrite   # replaces an earlier oneshot output, nothing else
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oneshot", description="One-shot pruning of causal LMs.")
+    from oneshot import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="oneshot",
+        description="One-shot pruning of causal LMs (magnitude, Wanda, SparseGPT), with honest evaluation.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"oneshot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "prune",
         help="prune a model with magnitude, Wanda or SparseGPT",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Prune every Linear layer of the decoder blocks in one calibration pass and write a "
+        "run folder: checkpoint (loads with plain transformers), oneshot.json record, model card, report.",
+        epilog=PRUNE_EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -69,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (and of 'self' text)")
     p.add_argument(
         "--data-dir",
         default=None,
         help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)",
     )
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping, relative to mean(diag(H))")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (columns)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
@@ -87,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep Linear layers whose name matches this pattern dense (fnmatch, repeatable)",
     )
     p.add_argument("--propagate", default="pruned", help=f"one of {', '.join(PROPAGATE)}")
+    p.add_argument(
+        "--uncalibrated",
+        default="magnitude",
+        choices=UNCALIBRATED,
+        help="weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear "
+        "that never runs): prune them by magnitude with a warning, or keep them dense (reported either way)",
+    )
     p.add_argument(
         "--no-layer-loss",
         action="store_true",
@@ -108,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the compressed form for the sparse kernels into <out>/compressed-<format>/",
     )
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>-<pattern>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it is an earlier oneshot output (never any other folder)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
     from eval.cli import add_eval_parser
     from eval.report_cli import add_report_parser
@@ -143,6 +195,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         device=args.device,
         batch_size=args.batch_size,
         layer_loss=not args.no_layer_loss,
+        uncalibrated=args.uncalibrated,
         model=args.model,
         data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
     )
@@ -152,7 +205,9 @@ def _default_out(config: PruneConfig) -> str:
     name = (
         "smollm2-135m"
         if config.model is None
-        else os.path.basename(str(config.model).rstrip("/")).removesuffix(".gguf")
+        else Path(str(config.model)).expanduser().resolve().name.removesuffix(".gguf")
+        if Path(str(config.model)).expanduser().exists()
+        else str(config.model).rstrip("/").split("/")[-1]
     )
     pattern = config.pattern.replace(":", "of")
     suffix = f"-{config.sparsity:g}" if config.pattern == "unstructured" else ""
@@ -172,8 +227,24 @@ def _summary(result: Any) -> str:
         ("target sparsity", f"{cfg['sparsity']:.4f}"),
         (
             "achieved sparsity",
-            f"{rep.sparsity:.4f} ({rep.zero_params:,} / {rep.pruned_params:,} weights in {len(rep.layers)} layers)",
+            f"{rep.sparsity:.4f} ({rep.zero_params:,} / {rep.pruned_params:,} weights in {len(rep.layers)} "
+            "pruned matrices)",
         ),
+    ]
+    if rep.dense_matrices or rep.matrix_params != rep.pruned_params:
+        from oneshot.pruner import dense_summary
+
+        rows.append(
+            (
+                "all block matrices",
+                f"{rep.block_sparsity:.4f} ({rep.matrix_zero_params:,} / {rep.matrix_params:,} weights, "
+                "pruned or not)",
+            )
+        )
+        rows.append(("left dense", dense_summary(rep.dense_matrices)))
+    if rep.uncalibrated:
+        rows.append(("no calibration tokens", f"{len(rep.uncalibrated)} matrices pruned by magnitude"))
+    rows += [
         ("calibration", f"{cfg['calib']}: {cfg['nsamples']} x {cfg['seqlen']} tokens, seed {cfg['seed']}"),
         ("prune time", f"{rep.total_seconds:.1f} s on {rep.device}"),
         ("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_kind})"),
@@ -193,6 +264,27 @@ def _summary(result: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `oneshot` command. Exit codes: 0 done, 2 bad input or a fixable problem (one line on stderr),
+    130 interrupted (with what is on disk); anything else is a bug and keeps its traceback."""
+    try:
+        return _main(argv)
+    except Interrupted as exc:
+        print(f"oneshot: {exc.message}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("oneshot: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from oneshot.errors import describe
+
+        message = describe(exc)
+        if message is None:
+            raise
+        print(f"oneshot: error: {message}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -230,20 +322,13 @@ def _card(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace, argv: list[str]) -> int:
-    from oneshot.data import CalibrationError
-    from oneshot.models import ModelLoadError
-    from oneshot.run import check_output_dir, run_prune
-    from oneshot.solvers import SolverError
+    from oneshot.run import run_prune
 
     try:
         config = _config_from_args(args)
-        if args.eval_windows < 0:
-            raise ValueError("--eval-windows must be >= 0")
-        out = args.out or _default_out(config)
-        check_output_dir(Path(out).expanduser(), args.overwrite)
         result = run_prune(
             config,
-            out,
+            args.out or _default_out(config),
             overwrite=args.overwrite,
             eval_windows=args.eval_windows,
             eval_seqlen=args.eval_seqlen,
@@ -251,19 +336,9 @@ def _prune(args: argparse.Namespace, argv: list[str]) -> int:
             argv=["oneshot", *argv],
             export=args.export,
         )
-    except (
-        ValueError,
-        FileExistsError,
-        ModelLoadError,
-        CalibrationError,
-        SolverError,
-        FileNotFoundError,
-    ) as exc:
-        print(f"oneshot: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # user-facing checks deep in the core still raise plain ValueError
+        print(f"oneshot: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("oneshot: interrupted; nothing was written", file=sys.stderr)
-        return 130
     print(_summary(result))
     return 0
 

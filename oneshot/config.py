@@ -12,10 +12,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from oneshot.errors import OneshotError
+
 __all__ = [
     "DTYPES",
     "METHODS",
     "PROPAGATE",
+    "UNCALIBRATED",
+    "ConfigError",
     "PruneConfig",
     "parse_pattern",
 ]
@@ -23,9 +27,15 @@ __all__ = [
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DTYPES = ("float32", "bfloat16", "float16")
 PROPAGATE = ("pruned", "dense")
+UNCALIBRATED = ("magnitude", "dense")
 DEVICES = ("auto", "cpu", "cuda")
 
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class ConfigError(OneshotError, ValueError):
+    """An invalid setting; the message lists the valid choices."""
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -38,13 +48,13 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     match = _NM_RE.match(text)
     if not match:
-        raise ValueError(
+        raise ConfigError(
             f"invalid pattern {pattern!r}: expected 'unstructured' or 'N:M' with integers 0 < N < M "
             "(e.g. 2:4, 4:8)"
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise ValueError(
+        raise ConfigError(
             f"invalid pattern {pattern!r}: N:M needs 0 < N < M (N zeros in every M weights), e.g. 2:4 or 4:8"
         )
     return n, m
@@ -73,6 +83,9 @@ class PruneConfig:
     device: str = "auto"
     batch_size: int = 8  # calibration windows per block forward
     layer_loss: bool = True  # also collect Hessians for magnitude/Wanda to report exact per-layer loss
+    # weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear that never
+    # runs): "magnitude" prunes them by magnitude with a warning, "dense" keeps them dense (reported)
+    uncalibrated: str = "magnitude"
     model: str | None = None  # path, Hub id or .gguf file; None -> embedded SmolLM2-135M-Instruct
     data_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, not used by the algorithm
@@ -81,7 +94,7 @@ class PruneConfig:
         set_ = object.__setattr__
         method = str(self.method).strip().lower()
         if method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         set_(self, "method", method)
 
         nm = parse_pattern(self.pattern)
@@ -91,13 +104,13 @@ class PruneConfig:
             try:
                 sparsity = float(sparsity)
             except (TypeError, ValueError):
-                raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}") from None
+                raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}") from None
             if not math.isfinite(sparsity) or not 0.0 <= sparsity < 1.0:
-                raise ValueError(f"sparsity must be a fraction in [0, 1), got {self.sparsity!r}")
+                raise ConfigError(f"sparsity must be a fraction in [0, 1), got {self.sparsity!r}")
         if nm is not None:
             implied = nm[0] / nm[1]
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
-                raise ValueError(
+                raise ConfigError(
                     f"sparsity {sparsity} contradicts pattern {self.pattern} (which prunes {implied:g}); "
                     f"pass --sparsity {implied:g} or leave it out"
                 )
@@ -107,21 +120,27 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "batch_size", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not math.isfinite(float(self.damp)) or float(self.damp) < 0:
-            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+            raise ConfigError(f"damp must be a finite number >= 0, got {self.damp!r}")
         set_(self, "damp", float(self.damp))
         if self.propagate not in PROPAGATE:
-            raise ValueError(f"unknown propagate {self.propagate!r}: choose one of {', '.join(PROPAGATE)}")
+            raise ConfigError(f"unknown propagate {self.propagate!r}: choose one of {', '.join(PROPAGATE)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)}")
+            raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if not _DEVICE_RE.match(str(self.device)):
+            raise ConfigError(
+                f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N (e.g. cuda:0)"
+            )
+        if self.uncalibrated not in UNCALIBRATED:
+            raise ConfigError(
+                f"unknown uncalibrated {self.uncalibrated!r}: choose one of {', '.join(UNCALIBRATED)}"
+            )
         set_(self, "ignore", tuple(str(p) for p in self.ignore))
         if not str(self.calib).strip():
-            raise ValueError("calib must name a source: c4, wikitext2, self, a file path or hf:DATASET_ID")
+            raise ConfigError("calib must name a source: c4, wikitext2, self, a file path or hf:DATASET_ID")
 
     @property
     def nm(self) -> tuple[int, int] | None:

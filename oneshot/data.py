@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from oneshot.errors import OneshotError
+from oneshot.models import kv_cache_arg
+
 __all__ = [
     "NAMED_SOURCES",
     "CalibrationError",
@@ -48,7 +51,7 @@ NAMED_SOURCES: dict[str, dict[str, Any]] = {
 }
 
 
-class CalibrationError(ValueError):
+class CalibrationError(OneshotError, ValueError):
     """Calibration data could not be found or is unusable; the message says where it looked."""
 
 
@@ -75,7 +78,27 @@ def resolve_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path | N
 
 
 def read_text_file(path: Path) -> list[str]:
-    """Documents of a local file: .txt/.raw (whole file), .jsonl[.gz] / .json (a ``text`` field), .parquet."""
+    """Documents of a local file: .txt/.raw (whole file), .jsonl[.gz] / .json (a ``text`` field), .parquet.
+
+    Every problem is a `CalibrationError` naming the file (and the line of a JSONL record).
+    """
+    try:
+        return _read_text_file(path)
+    except CalibrationError:
+        raise
+    except PermissionError as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: permission denied") from exc
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"calibration file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
+        ) from exc
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
+    except ValueError as exc:  # json.JSONDecodeError and pyarrow's errors
+        raise CalibrationError(f"calibration file {path} is malformed: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_text_file(path: Path) -> list[str]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")):
         opener: Callable[..., Any] = gzip.open if name.endswith(".gz") else open
@@ -83,12 +106,16 @@ def read_text_file(path: Path) -> list[str]:
         with opener(path, "rt", encoding="utf-8") as fh:
             if name.endswith(".json"):
                 data = json.load(fh)
-                rows: Iterable[Any] = data if isinstance(data, list) else data.get("data", [])
+                rows: Iterable[tuple[int, Any]] = enumerate(
+                    data if isinstance(data, list) else data.get("data", []), start=1
+                )
+                where = "record"
             else:
-                rows = (json.loads(line) for line in fh if line.strip())
-            for i, row in enumerate(rows):
+                rows = _jsonl_rows(path, fh)
+                where = "line"
+            for i, row in rows:
                 if not isinstance(row, dict) or "text" not in row:
-                    raise CalibrationError(f"{path}: record {i} has no 'text' field")
+                    raise CalibrationError(f"{path}: {where} {i} has no 'text' field")
                 docs.append(str(row["text"]))
         return docs
     if name.endswith(".parquet"):
@@ -105,6 +132,16 @@ def read_text_file(path: Path) -> list[str]:
     raise CalibrationError(
         f"unsupported calibration file {path}: use .txt, .jsonl, .jsonl.gz, .json or .parquet"
     )
+
+
+def _jsonl_rows(path: Path, fh: Iterable[str]) -> Iterable[tuple[int, Any]]:
+    for number, line in enumerate(fh, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
 
 
 def _wikitext_rows(text: str) -> list[str]:
@@ -200,6 +237,16 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
             f"calibration corpus has {total} tokens, shorter than one window of {seqlen}: "
             "lower --seqlen or use a larger source"
         )
+    distinct = total // seqlen
+    if nsamples > distinct:
+        logger.warning(
+            "calibration corpus has %d tokens, only %d non-overlapping windows of %d tokens, but %d windows "
+            "were requested: the windows overlap and repeat text (use a larger source or fewer --nsamples)",
+            total,
+            distinct,
+            seqlen,
+            nsamples,
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=gen)
     flat = ids.reshape(-1)
@@ -229,6 +276,7 @@ def self_generated_windows(
         raise ValueError("temperature must be > 0")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     vocab = int(model.get_output_embeddings().weight.shape[0])
+    cache_arg = kv_cache_arg(model)
     bos = tokenizer.bos_token_id
     out = []
     for start in tqdm(range(0, nsamples, batch_size), desc="self-calibration", unit="batch", leave=False):
@@ -240,8 +288,8 @@ def self_generated_windows(
         past = None
         step_input = seq
         for _ in range(seqlen - 1):
-            res = model(input_ids=step_input.to(device), past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=step_input.to(device), **{cache_arg: past}, use_cache=True)
+            past = getattr(res, cache_arg)
             logits = res.logits[:, -1, :].float().cpu() / temperature
             probs = torch.softmax(logits, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=gen)
@@ -260,8 +308,12 @@ def calibration_windows(
     seed: int,
     data_dir: str | os.PathLike[str] | None = None,
     model: Any = None,
+    documents: tuple[list[str], str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Calibration input ids (nsamples, seqlen) and a provenance dict for the run record."""
+    """Calibration input ids (nsamples, seqlen) and a provenance dict for the run record.
+
+    ``documents``: the ``load_text_source`` result when it was read earlier (to fail before loading a model).
+    """
     if str(source).strip().lower() == "self":
         if model is None:
             raise CalibrationError("calib 'self' needs the model to generate text")
@@ -271,7 +323,9 @@ def calibration_windows(
             "origin": "generated by the model (temperature 1.0)",
             "tokens": ids.numel(),
         }
-    docs, origin = load_text_source(source, data_dir)
+    docs, origin = documents if documents is not None else load_text_source(source, data_dir)
+    chars = sum(len(d) for d in docs)
+    logger.info("tokenizing the calibration corpus: %d documents, %s characters", len(docs), f"{chars:,}")
     stream = tokenize_corpus(docs, tokenizer)
     ids = sample_windows(stream, nsamples, seqlen, seed)
     return ids, {

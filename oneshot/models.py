@@ -7,6 +7,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,22 @@ from urllib.parse import urlparse
 
 import torch
 
+from oneshot.errors import OneshotError
+
 __all__ = [
     "DEFAULT_GGUF_NAME",
     "LoadedModel",
     "ModelLoadError",
     "cache_root",
+    "check_causal",
+    "check_finite",
+    "check_model_folder",
     "default_model_path",
+    "kv_cache_arg",
     "load_model",
+    "load_model_config",
+    "max_positions",
+    "model_location",
     "resolve_dtype",
     "strip_quantization",
 ]
@@ -41,7 +52,7 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(OneshotError, RuntimeError):
     """A model could not be found or loaded; the message says what to do."""
 
 
@@ -174,14 +185,183 @@ def _check_hub_reachable(spec: str) -> None:
         raise OSError(f"cannot resolve {host} ({exc}); could not connect to download {spec}") from exc
 
 
-def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a causal LM and its tokenizer on the CPU.
+def model_location(spec: str | None) -> Path | None:
+    """The local file or folder a model spec reads (resolved), or None for a Hub id; no loading."""
+    if spec is None:
+        try:
+            return default_model_path().resolve()
+        except ModelLoadError:
+            return None
+    path = Path(str(spec)).expanduser()
+    return path.resolve() if path.exists() else None
 
-    ``spec``: None (embedded default), a local folder, a ``.gguf`` file, or a Hub id.
+
+# Architectures (config.json "architectures") that are not causal language models.
+_NOT_CAUSAL = (
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForNextSentencePrediction",
+    "ForPreTraining",
+    "ForImageClassification",
+    "ForAudioClassification",
+    "ForCTC",
+)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _read_json_file(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as exc:
+        raise ModelLoadError(f"cannot read {path}: permission denied") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{what} {path} is not valid JSON ({str(exc).splitlines()[0]})") from exc
+
+
+def check_model_folder(folder: Path) -> None:
+    """What can be checked before loading a local checkpoint folder, each failure naming the file.
+
+    config.json parses and names a causal LM; weights exist and are readable; every safetensors header
+    (and the index's shard list) is intact.
     """
-    from transformers import AutoModelForCausalLM
+    config = _read_json_file(folder / "config.json", "config")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"config {folder / 'config.json'} is not a JSON object")
+    archs = config.get("architectures") or []
+    if archs and all(str(a).endswith(_NOT_CAUSAL) for a in archs):
+        raise ModelLoadError(
+            f"{folder} holds {', '.join(archs)}, not a causal language model: oneshot prunes decoder-only "
+            "LMs (…ForCausalLM)"
+        )
+    present = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+    if not present:
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not others:
+            raise ModelLoadError(
+                f"model folder {folder} has a config.json but no weights (model.safetensors, "
+                "model.safetensors.index.json or pytorch_model.bin)"
+            )
+        present = [folder / others[0]]
+    shards: list[Path] = []
+    for path in present:
+        if path.name.endswith(".index.json"):
+            index = _read_json_file(path, "weight index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelLoadError(f"weight index {path} has no weight_map")
+            shards.extend(folder / str(f) for f in dict.fromkeys(weight_map.values()))
+        else:
+            shards.append(path)
+        break  # transformers reads the first kind found, in this order
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelLoadError(f"weight file {shard} is missing (named by the index)")
+        if not os.access(shard, os.R_OK):
+            raise ModelLoadError(f"cannot read weight file {shard}: permission denied")
+        if shard.suffix == ".safetensors":
+            from safetensors import safe_open
 
-    torch_dtype = resolve_dtype(dtype)
+            try:
+                with safe_open(str(shard), "pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # SafetensorError (not an OSError) on a bad or truncated file
+                raise ModelLoadError(
+                    f"weight file {shard} is corrupt or truncated ({str(exc).splitlines()[0]})"
+                ) from exc
+
+
+def _check_loading_info(info: dict[str, Any], where: str) -> None:
+    """Weights transformers reports as missing or re-initialised are an error, never a random init."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{len(names)} weight(s) {what} ({shown})")
+    if info.get("error_msgs"):
+        problems.append("; ".join(str(m) for m in info["error_msgs"])[:300])
+    if problems:
+        raise ModelLoadError(
+            f"{where}: {'; '.join(problems)}; transformers would initialise them randomly, so the model is "
+            "not the checkpoint (a headless model or the wrong architecture?)"
+        )
+
+
+@torch.no_grad()
+def check_causal(model: Any, where: str) -> None:
+    """Prove the model is causal: changing the last token must not change the earlier positions' logits.
+
+    An encoder (BERT-style bidirectional attention) loaded as a causal LM fails this; costs one forward of
+    2 x 8 tokens on the CPU.
+    """
+    emb = model.get_input_embeddings()
+    vocab = int(getattr(emb, "num_embeddings", 0) or emb.weight.shape[0])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=gen)
+    ids[1, :4] = ids[0, :4]  # same first half, different second half
+    logits = model(input_ids=ids, use_cache=False).logits.float()  # (2, 8, vocab)
+    scale = max(1.0, float(logits.abs().max()))
+    if float((logits[0, :4] - logits[1, :4]).abs().max()) > 1e-5 * scale:
+        raise ModelLoadError(
+            f"{where} is not a causal language model: its outputs at earlier positions depend on later "
+            "tokens (an encoder such as BERT?)"
+        )
+
+
+def check_finite(model: Any, where: str) -> None:
+    """Every floating parameter and buffer is finite; ModelLoadError naming the first bad one otherwise."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in items:
+            if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelLoadError(
+                    f"{where}: {kind} {name} has {bad} NaN/Inf value(s): the checkpoint is corrupt or "
+                    "overflowed in this dtype (try --dtype float32)"
+                )
+
+
+def kv_cache_arg(model: Any) -> str:
+    """The forward keyword of the KV cache: ``cache`` in newer transformers 5 releases, else
+    ``past_key_values`` (deprecated there, removed in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest context a model config allows, or None when it states none."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class _Resolved:
+    """Where a model spec's checkpoint lives: a local folder (GGUF files converted), or a Hub id."""
+
+    folder: Path | None  # local checkpoint folder; None for a Hub id
+    hub_id: str | None
+    source: dict[str, Any]  # kind, path, fingerprint, base_model (for the run record)
+
+
+def _resolve(spec: str | None) -> _Resolved:
+    """Classify ``spec`` and check what can be checked without loading weights (ModelLoadError otherwise).
+
+    A GGUF file is dequantized once into the cache; a local folder gets `check_model_folder`.
+    """
     source: dict[str, Any]
     if spec is None:
         gguf = default_model_path()
@@ -192,51 +372,111 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
             "fingerprint": fingerprint,
             "base_model": DEFAULT_MODEL_ID,
         }
-    else:
-        spec = str(spec)
-        path = Path(spec).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            folder, fingerprint = _convert_gguf(path)
-            source = {
-                "kind": "gguf",
-                "path": str(path.resolve()),
-                "fingerprint": fingerprint,
-                "base_model": None,
-            }
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"model folder {spec!r} has no config.json (not a transformers checkpoint)"
-                )
-            folder = path
-            source = {"kind": "local", "path": str(path.resolve()), "base_model": _base_model_of(path)}
-        elif path.exists():
-            raise ModelLoadError(f"model path {spec!r} is neither a folder nor a .gguf file")
-        elif _looks_like_path(spec):
-            raise ModelLoadError(f"model path {spec!r} does not exist")
-        else:
-            try:
-                try:  # already in the local Hugging Face cache: no network needed
-                    tok = _load_tokenizer(spec, local_files_only=True)
-                    model = AutoModelForCausalLM.from_pretrained(
-                        spec, dtype=torch_dtype, local_files_only=True
-                    )
-                except OSError:
-                    _check_hub_reachable(spec)
-                    tok = _load_tokenizer(spec)
-                    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-            except (OSError, ValueError) as exc:
-                raise _hub_error(spec, exc) from exc
-            model.eval()
-            return LoadedModel(model, tok, {"kind": "hub", "path": spec, "base_model": spec})
+        return _Resolved(folder, None, source)
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        if not os.access(path, os.R_OK):
+            raise ModelLoadError(f"cannot read {path}: permission denied")
+        folder, fingerprint = _convert_gguf(path)
+        source = {"kind": "gguf", "path": str(path.resolve()), "fingerprint": fingerprint, "base_model": None}
+        return _Resolved(folder, None, source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {spec!r} has no config.json (not a transformers checkpoint)")
+        check_model_folder(path)
+        source = {"kind": "local", "path": str(path.resolve()), "base_model": _base_model_of(path)}
+        return _Resolved(path, None, source)
+    if path.exists():
+        raise ModelLoadError(f"model path {spec!r} is neither a folder nor a .gguf file")
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    return _Resolved(None, spec, {"kind": "hub", "path": spec, "base_model": spec})
+
+
+def _from_hub(spec: str, load: Callable[..., Any]) -> Any:
+    """``load(spec, **kwargs)`` from the local Hugging Face cache, else from the Hub (failing in seconds
+    when it cannot be reached); errors become one ModelLoadError."""
     try:
-        tok = _load_tokenizer(folder)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+        try:  # already in the local Hugging Face cache: no network needed
+            return load(spec, local_files_only=True)
+        except OSError:
+            _check_hub_reachable(spec)
+            return load(spec)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the model from {folder}: {exc}") from exc
+        raise _hub_error(spec, exc) from exc
+
+
+def load_model_config(spec: str | None) -> Any:
+    """The transformers config of a model spec, without loading weights (a GGUF file is converted once and
+    cached, as `load_model` does). Local folders get every `check_model_folder` check."""
+    from transformers import AutoConfig
+
+    where = _resolve(spec)
+    if where.hub_id is not None:
+        return _from_hub(where.hub_id, AutoConfig.from_pretrained)
+    assert where.folder is not None
+    try:
+        return AutoConfig.from_pretrained(str(where.folder))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"config {where.folder / 'config.json'} cannot be used: {_first_line(exc)}"
+        ) from exc
+
+
+def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer on the CPU.
+
+    ``spec``: None (embedded default), a local folder, a ``.gguf`` file, or a Hub id. Every weight must come
+    from the checkpoint (none missing or re-initialised), every parameter and buffer must be finite, and
+    the model must be causal.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    where = _resolve(spec)
+    if where.hub_id is not None:
+        tok = _from_hub(where.hub_id, _load_tokenizer)
+        model, info = _from_hub(where.hub_id, functools.partial(_from_pretrained, dtype=torch_dtype))
+        label = where.hub_id
+    else:
+        folder = where.folder
+        assert folder is not None
+        try:
+            tok = _load_tokenizer(folder)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load the tokenizer from {folder}: {_first_line(exc)}") from exc
+        try:
+            model, info = _from_pretrained(str(folder), dtype=torch_dtype)
+        except PermissionError as exc:
+            raise ModelLoadError(f"cannot read {exc.filename or folder}: permission denied") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load the model from {folder}: {_first_line(exc)}") from exc
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise ModelLoadError(
+                f"a weight file in {folder} is corrupt or truncated ({_first_line(exc)})"
+            ) from exc
+        label = str(where.source.get("path") or folder)
+    _check_loading_info(info, label)
     strip_quantization(model)
     model.eval()
-    return LoadedModel(model, tok, source)
+    check_finite(model, label)
+    check_causal(model, label)
+    return LoadedModel(model, tok, where.source)
+
+
+def _from_pretrained(where: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``AutoModelForCausalLM.from_pretrained`` with its loading info (missing / mismatched weights)."""
+    from transformers import AutoModelForCausalLM
+
+    loaded: Any = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
+    model, info = loaded
+    return model, dict(info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _base_model_of(folder: Path) -> str | None:

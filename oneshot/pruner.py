@@ -1,18 +1,25 @@
 """`prune(model, calibration, config) -> PruneReport`: one-shot pruning of an in-memory causal LM.
 
 One calibration pass per block: the block runs on the calibration activations with input hooks, every
-Linear in it is pruned by the chosen solver, and (``propagate="pruned"``) the block runs again so the
-next block calibrates on what the pruned model really produces. Only the current block sits on the
-compute device; calibration activations stay there when they fit and on the CPU otherwise.
+Linear in it and every expert matrix of its fused MoE experts modules (`oneshot.moe`, statistics from the
+tokens routed to each expert) is pruned by the chosen solver, and (``propagate="pruned"``) the block runs
+again so the next block calibrates on what the pruned model really produces. Only the current block sits
+on the compute device; calibration activations stay there when they fit and on the CPU otherwise.
+
+Weights that receive no calibration tokens (an expert no token was routed to, a Linear that never runs)
+follow ``config.uncalibrated``. Routers stay dense. The report measures the achieved sparsity over every
+weight matrix of the blocks and names each matrix left dense with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,21 +27,64 @@ import torch
 from torch import nn
 
 from oneshot.config import PruneConfig
-from oneshot.solvers import SolverError, get_solver
+from oneshot.errors import OneshotError
+from oneshot.models import max_positions
+from oneshot.moe import (
+    ExpertCollector,
+    expert_matrix,
+    expert_matrix_name,
+    expert_param_names,
+    find_experts,
+    find_routers,
+    is_supported_experts,
+    num_experts,
+    set_expert_matrix,
+)
+from oneshot.solvers import SolverError, get_solver, prune_magnitude
+from oneshot.stats import InputStats
 from oneshot.walker import (
     InputCollector,
     capture_block_calls,
     find_blocks,
     find_linears,
     get_weight,
+    matches_ignore,
     move_non_block_modules,
     run_block,
     set_weight,
 )
 
-__all__ = ["BlockReport", "LayerReport", "PruneReport", "prune", "resolve_device"]
+__all__ = [
+    "DENSE_IGNORED",
+    "DENSE_OTHER",
+    "DENSE_ROUTER",
+    "DENSE_UNCALIBRATED",
+    "DENSE_UNSUPPORTED_EXPERTS",
+    "BlockPlan",
+    "BlockReport",
+    "LayerReport",
+    "PruneError",
+    "PruneReport",
+    "Target",
+    "dense_summary",
+    "plan_block",
+    "prune",
+    "resolve_device",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class PruneError(OneshotError, ValueError):
+    """The model cannot be pruned as asked (NaN activations, too long windows, out of memory)."""
+
+
+# Reasons recorded in PruneReport.dense_matrices for weight matrices of the blocks left dense.
+DENSE_ROUTER = "router (kept dense)"
+DENSE_IGNORED = "--ignore"
+DENSE_UNCALIBRATED = "no calibration tokens (--uncalibrated dense)"
+DENSE_UNSUPPORTED_EXPERTS = "experts module without use_experts_implementation layout flags (not supported)"
+DENSE_OTHER = "not a Linear or fused experts weight (not supported)"
 
 
 @dataclass
@@ -56,24 +106,123 @@ class BlockReport:
 @dataclass
 class PruneReport:
     config: dict[str, Any]
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)  # one per pruned matrix (Linear or expert slice)
     blocks: list[BlockReport] = field(default_factory=list)
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     device: str = "cpu"
-    pruned_params: int = 0
-    zero_params: int = 0
+    pruned_params: int = 0  # parameters of the pruned matrices
+    zero_params: int = 0  # zeros among them after pruning
+    # Every weight matrix of the decoder blocks (every >= 2-D parameter except stacked per-expert biases; a
+    # 3-D experts tensor holds E matrices), pruned or not, measured after pruning.
+    matrix_params: int = 0
+    matrix_zero_params: int = 0
+    # {"name", "params", "reason"} for every weight matrix of the blocks left dense (a whole experts tensor
+    # is one entry when all its experts stay dense for the same reason; reasons: the DENSE_* constants).
+    dense_matrices: list[dict[str, Any]] = field(default_factory=list)
+    # weights that received no calibration tokens and were pruned by magnitude (--uncalibrated magnitude)
+    uncalibrated: list[str] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
         """Achieved sparsity over all pruned layers (zeros / parameters)."""
         return self.zero_params / self.pruned_params if self.pruned_params else 0.0
 
+    @property
+    def block_sparsity(self) -> float:
+        """Achieved sparsity over every weight matrix of the decoder blocks, dense ones included."""
+        return self.matrix_zero_params / self.matrix_params if self.matrix_params else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["sparsity"] = self.sparsity
+        out["block_sparsity"] = self.block_sparsity
         return out
+
+
+@dataclass
+class Target:
+    """One weight matrix to prune: a Linear's weight or one expert's slice of a fused experts tensor."""
+
+    name: str
+    weight: torch.Tensor  # (out_features, in_features) view of the parameter
+    write: Callable[[torch.Tensor], None]  # writes an (out_features, in_features) weight back in place
+
+
+@dataclass
+class BlockPlan:
+    """What to do with every weight matrix of one block."""
+
+    targets: list[Target] = field(default_factory=list)
+    linears: dict[str, nn.Module] = field(default_factory=dict)  # Linears to prune (statistics hooks)
+    experts: dict[str, nn.Module] = field(default_factory=dict)  # experts modules with matrices to prune
+    dense: list[dict[str, Any]] = field(default_factory=list)  # matrices kept dense before calibration
+    accounted: set[int] = field(default_factory=set)  # ids of the parameters covered by the two above
+
+
+def _dense(name: str, params: int, reason: str) -> dict[str, Any]:
+    return {"name": name, "params": int(params), "reason": reason}
+
+
+def plan_block(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> BlockPlan:
+    """Targets to prune and matrices to keep dense: routers, ``--ignore`` matches, unsupported experts.
+
+    ``--ignore`` patterns match Linear names, experts tensor names (``...mlp.experts.down_proj``) and
+    single expert matrices (``...mlp.experts.down_proj[3]``; in fnmatch, ``[[]`` stands for ``[``).
+    """
+    plan = BlockPlan()
+    for name, w in find_routers(block, prefix).items():
+        plan.dense.append(_dense(name, w.numel(), DENSE_ROUTER))
+        plan.accounted.add(id(w))
+    for name, layer in find_linears(block, prefix).items():
+        w = get_weight(layer)  # (out_features, in_features)
+        weight_id = id(layer.weight)
+        if weight_id in plan.accounted:  # a router that is an nn.Linear
+            continue
+        plan.accounted.add(weight_id)
+        if matches_ignore(name, ignore):
+            plan.dense.append(_dense(name, w.numel(), DENSE_IGNORED))
+            continue
+        plan.linears[name] = layer
+        plan.targets.append(Target(name, w, functools.partial(set_weight, layer)))
+    for mod_name, experts in find_experts(block, prefix).items():
+        supported = is_supported_experts(experts)
+        names = expert_param_names(experts) if supported else ("gate_up_proj", "up_proj", "down_proj")
+        for param in names:
+            tensor = experts._parameters.get(param)
+            if tensor is None:
+                continue
+            plan.accounted.add(id(tensor))
+            full = f"{mod_name}.{param}"
+            if not supported or matches_ignore(full, ignore):
+                reason = DENSE_IGNORED if supported else DENSE_UNSUPPORTED_EXPERTS
+                plan.dense.append(_dense(full, tensor.numel(), reason))
+                continue
+            for e in range(num_experts(experts)):
+                name = expert_matrix_name(mod_name, param, e)
+                if matches_ignore(name, ignore):
+                    plan.dense.append(_dense(name, tensor[e].numel(), DENSE_IGNORED))
+                    continue
+                write = functools.partial(set_expert_matrix, experts, param, e)
+                plan.targets.append(Target(name, expert_matrix(experts, param, e), write))
+                plan.experts[mod_name] = experts
+    return plan
+
+
+def _census(block: nn.Module, prefix: str, accounted: set[int]) -> tuple[int, int, list[dict[str, Any]]]:
+    """(parameters, zeros) over every weight matrix of a block, and dense entries for the matrices that no
+    plan covers. Weight matrices: every >= 2-D parameter except stacked per-expert biases (``*_bias``)."""
+    params = zeros = 0
+    others: list[dict[str, Any]] = []
+    for rel, p in block.named_parameters():
+        if p.dim() < 2 or rel.rsplit(".", 1)[-1].endswith("bias"):
+            continue
+        params += p.numel()
+        zeros += int((p == 0).sum())
+        if id(p) not in accounted:
+            others.append(_dense(f"{prefix}.{rel}", p.numel(), DENSE_OTHER))
+    return params, zeros, others
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,7 +244,7 @@ def _store_device(device: torch.device, nbytes: int) -> torch.device:
 
 def _check_finite(name: str, weight: torch.Tensor) -> None:
     if not torch.isfinite(weight).all():
-        raise ValueError(
+        raise PruneError(
             f"layer {name} has NaN/Inf weights before pruning: the model is corrupt or overflowed "
             "in this dtype (try --dtype float32)"
         )
@@ -112,20 +261,21 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 def prune(
     model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, progress: bool = True
 ) -> PruneReport:
-    """Prune every Linear inside the decoder blocks of ``model`` in place.
+    """Prune every Linear and every expert matrix inside the decoder blocks of ``model`` in place.
 
-    ``calibration``: (nsamples, seqlen) int64 token ids. Embeddings and the LM head stay dense.
-    Returns a `PruneReport` with per-layer sparsity, reconstruction loss and time.
+    ``calibration``: (nsamples, seqlen) int64 token ids. Embeddings, the LM head and MoE routers stay dense.
+    Returns a `PruneReport` with per-matrix sparsity, reconstruction loss and time, the sparsity over all
+    weight matrices of the blocks and the list of matrices left dense with the reason.
     """
     from tqdm.auto import tqdm
 
     if calibration.ndim != 2 or calibration.shape[0] < 1:
-        raise ValueError(
+        raise PruneError(
             f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}"
         )
-    max_pos = _max_positions(model)
+    max_pos = max_positions(model.config)
     if max_pos is not None and calibration.shape[1] > max_pos:
-        raise ValueError(f"seqlen {calibration.shape[1]} exceeds the model's context of {max_pos} tokens")
+        raise PruneError(f"seqlen {calibration.shape[1]} exceeds the model's context of {max_pos} tokens")
 
     start = time.perf_counter()
     device = resolve_device(config.device)
@@ -155,7 +305,14 @@ def prune(
     try:
         move_non_block_modules(model, blocks, device)
         batches = list(calibration.split(config.batch_size))
-        hidden, calls = capture_block_calls(model, blocks, batches, device, store)
+        logger.info(
+            "capturing the inputs of the %d blocks: %d calibration batches of %d x %d tokens",
+            len(blocks),
+            len(batches),
+            batches[0].shape[0],
+            calibration.shape[1],
+        )
+        hidden, calls = capture_block_calls(model, blocks, batches, device, store, progress=progress)
         move_non_block_modules(model, blocks, torch.device("cpu"))
 
         bar = tqdm(
@@ -169,45 +326,89 @@ def prune(
             t_block = time.perf_counter()
             block = blocks[i]
             block.to(device)
-            layers = find_linears(block, f"{blocks_name}.{i}", config.ignore)
-            for name, layer in layers.items():
-                _check_finite(name, get_weight(layer))
+            plan = plan_block(block, f"{blocks_name}.{i}", config.ignore)
+            for target in plan.targets:
+                _check_finite(target.name, target.weight)
 
             dense_out: list[torch.Tensor] | None = None
-            collector = InputCollector(layers, keep_hessian, device) if need_stats else None
+            collector = InputCollector(plan.linears, keep_hessian, device) if need_stats else None
+            expert_collector = (
+                ExpertCollector(plan.experts, {t.name for t in plan.targets}, keep_hessian, device)
+                if need_stats and plan.experts
+                else None
+            )
             if collector is not None or config.propagate == "dense":
                 dense_out = []
-                with collector.hooks() if collector is not None else contextlib.nullcontext():
+                with contextlib.ExitStack() as hooks:
+                    if collector is not None:
+                        hooks.enter_context(collector.hooks())
+                    if expert_collector is not None:
+                        hooks.enter_context(expert_collector.hooks())
                     for b, h in enumerate(hidden):
                         if collector is not None:
                             collector.new_batch()
                         dense_out.append(_finite(run_block(block, h, calls[i][b], device), i).to(store))
+            stats_of: dict[str, InputStats] = {
+                **(collector.stats if collector is not None else {}),
+                **(expert_collector.stats if expert_collector is not None else {}),
+            }
 
             block_loss = 0.0
-            for name, layer in layers.items():
+            block_layers: list[LayerReport] = []
+            missing: list[str] = []  # targets without calibration tokens
+            for target in plan.targets:
                 t_layer = time.perf_counter()
-                stats = collector.stats.get(name) if collector is not None else None
-                weight = get_weight(layer)
-                try:
-                    result = solver(weight, stats, **solver_kwargs)
-                except SolverError as exc:
-                    raise SolverError(f"layer {name}: {exc}") from exc
-                set_weight(layer, result.weight)
+                stats = stats_of.get(target.name)
+                weight = target.weight
+                if config.method != "magnitude" and (stats is None or stats.n == 0):
+                    missing.append(target.name)
+                    if config.uncalibrated == "dense":
+                        plan.dense.append(_dense(target.name, weight.numel(), DENSE_UNCALIBRATED))
+                        continue
+                    report.uncalibrated.append(target.name)
+                    result = prune_magnitude(weight, None, sparsity=sparsity, pattern=nm)
+                else:
+                    try:
+                        result = solver(weight, stats, **solver_kwargs)
+                    except SolverError as exc:
+                        raise SolverError(f"layer {target.name}: {exc}") from exc
+                if not bool(torch.isfinite(result.weight).all()):
+                    raise PruneError(
+                        f"pruning {target.name} produced NaN/Inf weights (overflow in {weight.dtype}?): "
+                        "try --dtype float32 or more --damp; nothing was written"
+                    )
+                target.write(result.weight)
                 zeros = int((result.weight == 0).sum())
                 report.pruned_params += weight.numel()
                 report.zero_params += zeros
                 loss = None if result.loss is None else float(result.loss)
                 block_loss += loss or 0.0
-                report.layers.append(
+                block_layers.append(
                     LayerReport(
-                        name,
+                        target.name,
                         (weight.shape[0], weight.shape[1]),
                         zeros / weight.numel(),
                         loss,
                         time.perf_counter() - t_layer,
                     )
                 )
-            del collector
+            del collector, expert_collector, stats_of
+            if missing:
+                logger.warning(
+                    "block %d: %d weight(s) received no calibration tokens (an expert no token was routed to, "
+                    "or a layer that never ran), %s: %s",
+                    i,
+                    len(missing),
+                    "kept dense (--uncalibrated dense)"
+                    if config.uncalibrated == "dense"
+                    else "pruned by magnitude instead (--uncalibrated magnitude)",
+                    ", ".join(missing),
+                )
+            report.layers.extend(block_layers)
+            params, zeros_all, others = _census(block, f"{blocks_name}.{i}", plan.accounted)
+            report.matrix_params += params
+            report.matrix_zero_params += zeros_all
+            report.dense_matrices.extend(plan.dense + others)
 
             output_error: float | None = None
             if config.propagate == "pruned":
@@ -231,19 +432,18 @@ def prune(
             seconds = time.perf_counter() - t_block
             report.blocks.append(BlockReport(i, seconds, output_error))
             logger.info(
-                "block %d/%d: %d layers, sparsity %.4f, loss %s, output error %s, %.1fs",
+                "block %d/%d: %d matrices pruned, block sparsity %.4f, loss %s, output error %s, %.1fs",
                 i + 1,
                 len(blocks),
-                len(layers),
-                sum(r.sparsity * r.shape[0] * r.shape[1] for r in report.layers[-len(layers) :])
-                / max(1, sum(r.shape[0] * r.shape[1] for r in report.layers[-len(layers) :])),
+                len(block_layers),
+                zeros_all / max(1, params),
                 f"{block_loss:.4g}" if keep_hessian else "n/a",
                 "n/a" if output_error is None else f"{output_error:.3g}",
                 seconds,
             )
         bar.close()
     except torch.OutOfMemoryError as exc:
-        raise RuntimeError(
+        raise PruneError(
             f"out of memory while pruning: lower --batch-size (now {config.batch_size}), --nsamples or --seqlen, "
             "or use --device cpu"
         ) from exc
@@ -253,24 +453,36 @@ def prune(
             model_config.use_cache = prev_cache
         model.train(was_training)
 
+    if report.pruned_params == 0:
+        raise PruneError(
+            f"nothing was pruned: every weight matrix of the {len(blocks)} blocks was kept dense "
+            f"({dense_summary(report.dense_matrices)})"
+        )
+    unexpected = [d for d in report.dense_matrices if d["reason"] not in (DENSE_ROUTER, DENSE_IGNORED)]
+    if unexpected:
+        share = sum(d["params"] for d in unexpected) / max(1, report.matrix_params)
+        logger.warning(
+            "%.1f %% of the block weights were left dense, not by request: %s",
+            100 * share,
+            dense_summary(unexpected),
+        )
     report.total_seconds = time.perf_counter() - start
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     return report
 
 
+def dense_summary(dense_matrices: list[dict[str, Any]]) -> str:
+    """``dense_matrices`` of a report grouped by reason: "3 x router (kept dense) (384 weights); ..."."""
+    groups: dict[str, list[int]] = {}
+    for entry in dense_matrices:
+        groups.setdefault(str(entry.get("reason")), []).append(int(entry.get("params") or 0))
+    return "; ".join(f"{len(v)} x {k} ({sum(v):,} weights)" for k, v in groups.items()) or "none"
+
+
 def _finite(out: torch.Tensor, block: int) -> torch.Tensor:
     if not torch.isfinite(out).all():
-        raise ValueError(
+        raise PruneError(
             f"block {block} produced NaN/Inf activations: the model overflows in this dtype "
             "(try --dtype float32) or its weights are corrupt"
         )
     return out
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    cfg = model.config.get_text_config()  # type: ignore[operator,union-attr]
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -8,8 +8,13 @@ Nothing is sent before the folder passes every check (`verify_run_folder`), each
 - the tokenizer loads (``AutoTokenizer``);
 - every uploaded ``*.safetensors`` header is readable; with ``model.safetensors.index.json`` every shard it
   names exists and the tensors it lists are exactly the tensors those shards hold;
+- every file ``oneshot prune`` wrote still has the content hash (sha256) and size recorded in
+  ``oneshot.json`` at save time (``files``; records of older versions have none and say so), and every
+  tensor of every uploaded safetensors file is finite: a changed, zeroed or NaN weight is caught;
 - the sparsity the model card states (front matter ``oneshot.sparsity``, `oneshot.card`) matches the
-  fraction of zeros measured in the ``<layer>.weight`` tensors of the pruned layers within 1e-4.
+  fraction of zeros measured in the ``<layer>.weight`` tensors of the pruned layers (and the slices of
+  fused expert tensors) within 1e-4, and ``oneshot.block_sparsity`` the zeros of every weight matrix of the
+  decoder blocks, whatever the names transformers saved them under.
 
 Then, through `huggingface_hub.HfApi` (endpoint ``$HF_ENDPOINT``, token ``$HF_TOKEN`` or the login cache):
 ``whoami`` (the token, and whether the Hub is reachable at all), ``create_repo(exist_ok=True)``,
@@ -27,6 +32,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from oneshot.card import CARD_FILE, CARD_KEY
+from oneshot.errors import OneshotError
 from oneshot.run import FORBIDDEN_CONFIG_KEYS, RUN_FILE
 
 __all__ = [
@@ -73,7 +80,7 @@ _TRANSPORT = {"TransportError", "TimeoutException", "RequestException", "Protoco
 T = TypeVar("T")
 
 
-class PushError(RuntimeError):
+class PushError(OneshotError, RuntimeError):
     """The folder may not be uploaded, or the upload failed; the message (one line) says why."""
 
 
@@ -89,9 +96,10 @@ class Verified:
     """What `verify_run_folder` checked."""
 
     stated_sparsity: float  # the card's front matter
-    measured_sparsity: float  # zeros / weights of the pruned layers' tensors
+    measured_sparsity: float | None  # zeros / weights of the pruned layers' tensors; None: not by name
     layers: int  # pruned layers measured
     safetensors_files: int  # headers read
+    block_sparsity: float | None = None  # the card's, checked against every weight matrix of the blocks
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,43 @@ def _weight_locations(run_dir: Path, keys: dict[str, set[str]]) -> dict[str, str
     raise PushError(f"no weights: model.safetensors (or {INDEX_FILE} and its shards) is missing")
 
 
-def _stated_sparsity(run_dir: Path) -> float:
+def _check_contents(run_dir: Path, files: list[UploadFile], keys: dict[str, set[str]]) -> int:
+    """Recorded content hashes match, every tensor is finite; returns the number of files hashed."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    record = _read_json(run_dir / RUN_FILE, RUN_FILE)
+    recorded = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict):
+        logger.warning(
+            "%s has no content hashes (written by an older oneshot): file contents are not verified", RUN_FILE
+        )
+        recorded = {}
+    for rel, facts in sorted(recorded.items()):
+        path = run_dir / rel
+        if not path.is_file():
+            raise PushError(f"{rel} is missing: {RUN_FILE} records it as part of the run")
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        if path.stat().st_size != facts.get("bytes") or digest.hexdigest() != facts.get("sha256"):
+            raise PushError(
+                f"{rel} changed after oneshot wrote it (its sha256 differs from the one in {RUN_FILE}): "
+                "the upload would not be the pruned model the record and card describe"
+            )
+    for rel, names in keys.items():
+        with safe_open(str(run_dir / rel), framework="pt") as fh:
+            for name in sorted(names):
+                tensor = fh.get_tensor(name)
+                if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                    raise PushError(f"{rel}: tensor {name} holds NaN/Inf values")
+    return len(recorded)
+
+
+def _stated_sparsity(run_dir: Path, key: str = "sparsity") -> float | None:
+    """The card's ``oneshot.<key>``; ``sparsity`` must be there, ``block_sparsity`` is None on old cards."""
     from huggingface_hub import ModelCard
 
     path = run_dir / CARD_FILE
@@ -261,7 +305,9 @@ def _stated_sparsity(run_dir: Path) -> float:
     except (ValueError, OSError) as exc:
         raise PushError(f"{CARD_FILE}: the card's metadata does not parse ({_first_line(exc)})") from exc
     facts = card.data.to_dict().get(CARD_KEY)
-    value = facts.get("sparsity") if isinstance(facts, dict) else None
+    value = facts.get(key) if isinstance(facts, dict) else None
+    if key != "sparsity" and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PushError(
             f"{CARD_FILE} states no sparsity (front matter {CARD_KEY}.sparsity): rewrite it with "
@@ -270,22 +316,51 @@ def _stated_sparsity(run_dir: Path) -> float:
     return float(value)
 
 
-def _measured_sparsity(run_dir: Path, layers: list[str], where: dict[str, str]) -> float:
+def _measured_block_sparsity(run_dir: Path, layers: list[str], where: dict[str, str]) -> tuple[float, int]:
+    """Zeros / weights over every weight matrix (>= 2-D tensor, biases excluded) of the decoder blocks in
+    the files, whatever their names on disk (transformers may save fused experts in another layout)."""
     from safetensors import safe_open
 
-    by_shard: dict[str, list[str]] = {}
+    prefix = re.match(r"^(.*?\.)\d+\.", layers[0])
+    if prefix is None:
+        raise PushError(f"cannot tell the decoder blocks from the layer name {layers[0]!r} in {RUN_FILE}")
+    in_blocks = re.compile(re.escape(prefix.group(1)) + r"\d+\.")
+    zeros = total = count = 0
+    for name, shard in sorted(where.items()):
+        if not in_blocks.match(name) or name.endswith("bias"):
+            continue
+        with safe_open(str(run_dir / shard), framework="pt") as fh:
+            if len(fh.get_slice(name).get_shape()) < 2:
+                continue
+            weight = fh.get_tensor(name)
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+        count += 1
+    return (zeros / total if total else 0.0), count
+
+
+def _measured_sparsity(run_dir: Path, layers: list[str], where: dict[str, str]) -> float | None:
+    """Zeros / weights of the pruned layers' tensors; None when the files name them differently (fused
+    experts saved by transformers in a per-expert layout): then only the block sparsity is checked."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, list[tuple[str, int | None]]] = {}
     for layer in layers:
-        tensor = f"{layer}.weight"
+        # a Linear's "<name>.weight", or one expert "<experts>.<param>[e]" of a fused 3-D tensor
+        expert = re.fullmatch(r"(.+)\[(\d+)\]", layer)
+        tensor, index = (expert.group(1), int(expert.group(2))) if expert else (f"{layer}.weight", None)
+        if tensor not in where and expert is not None:
+            return None
         if tensor not in where:
             raise PushError(
                 f"the pruned layer {layer} of {RUN_FILE} has no tensor {tensor} in the checkpoint"
             )
-        by_shard.setdefault(where[tensor], []).append(tensor)
+        by_shard.setdefault(where[tensor], []).append((tensor, index))
     zeros = total = 0
     for shard, names in by_shard.items():
         with safe_open(str(run_dir / shard), framework="pt") as fh:
-            for name in names:
-                weight = fh.get_tensor(name)
+            for name, index in names:
+                weight = fh.get_slice(name)[index] if index is not None else fh.get_tensor(name)
                 zeros += int((weight == 0).sum())
                 total += weight.numel()
     return zeros / total if total else 0.0
@@ -298,14 +373,30 @@ def verify_run_folder(run_dir: Path, files: list[UploadFile]) -> Verified:
     _check_tokenizer(run_dir)
     keys = _safetensors_keys(files)
     where = _weight_locations(run_dir, keys)
+    _check_contents(run_dir, files, keys)
     stated = _stated_sparsity(run_dir)
+    assert stated is not None
     measured = _measured_sparsity(run_dir, layers, where)
-    if abs(stated - measured) > SPARSITY_TOLERANCE:
+    if measured is not None and abs(stated - measured) > SPARSITY_TOLERANCE:
         raise PushError(
             f"{CARD_FILE} states sparsity {stated:.6f} but the {len(layers)} pruned layers' weights have "
             f"{measured:.6f} zeros (tolerance {SPARSITY_TOLERANCE:g}): the card does not describe these weights"
         )
-    return Verified(stated, measured, len(layers), len(keys))
+    stated_block = _stated_sparsity(run_dir, "block_sparsity")
+    if stated_block is None and measured is None:
+        raise PushError(
+            f"{CARD_FILE} states no block_sparsity and the pruned layers are stored under other names: "
+            f"rewrite the card with `oneshot card {run_dir}`"
+        )
+    if stated_block is not None:
+        block, matrices = _measured_block_sparsity(run_dir, layers, where)
+        if abs(stated_block - block) > SPARSITY_TOLERANCE:
+            raise PushError(
+                f"{CARD_FILE} states block sparsity {stated_block:.6f} but the {matrices} weight matrices of "
+                f"the decoder blocks have {block:.6f} zeros (tolerance {SPARSITY_TOLERANCE:g}): the card "
+                "does not describe these weights"
+            )
+    return Verified(stated, measured, len(layers), len(keys), stated_block)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -511,10 +602,13 @@ def _human(n: int) -> str:
 def format_result(result: PushResult) -> str:
     """The lines `oneshot push` prints: files (dry run) or where the commit went."""
     v = result.verified
-    lines = [
-        f"verified     config, tokenizer, {v.safetensors_files} safetensors file(s), card sparsity "
-        f"{v.stated_sparsity:.6f} = measured {v.measured_sparsity:.6f} over {v.layers} pruned layers"
-    ]
+    if v.measured_sparsity is not None:
+        check = f"card sparsity {v.stated_sparsity:.6f} = measured {v.measured_sparsity:.6f} over {v.layers} pruned layers"
+    else:  # fused experts saved under per-expert names: only the whole-block figure can be measured
+        check = f"card sparsity {v.stated_sparsity:.6f} (pruned layers not stored under their names: not measured)"
+    if v.block_sparsity is not None:
+        check += f", block sparsity {v.block_sparsity:.6f} = measured"
+    lines = [f"verified     config, tokenizer, {v.safetensors_files} safetensors file(s), {check}"]
     if result.excluded:
         lines.append(
             f"left out     {', '.join(d + '/' for d in result.excluded)} (--include-compressed uploads it)"

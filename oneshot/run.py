@@ -1,19 +1,21 @@
-"""The `oneshot prune` job: load, calibrate, evaluate dense, prune, evaluate pruned, save.
+"""The `oneshot prune` job: check, reserve the output, load, calibrate, evaluate dense, prune, evaluate, save.
 
-Outputs are written to a temporary folder beside ``out`` and renamed at the end, so an interrupted run
-never leaves a folder that looks complete.
+Everything that needs only the arguments and the model's config is checked before the weights are loaded;
+the output folder is taken (locked and test-written, `oneshot.output`) before anything else. Outputs are
+written to a temporary folder beside ``out`` and moved into place at the end, so an interrupted run never
+leaves a folder that looks complete, and an interruption message says exactly what is on disk.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
+import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,25 +24,36 @@ from typing import Any
 import torch
 
 from oneshot.config import PruneConfig
-from oneshot.data import calibration_windows
-from oneshot.models import load_model, strip_quantization
+from oneshot.data import calibration_windows, load_text_source, resolve_data_dir
+from oneshot.errors import Interrupted, OneshotError
+from oneshot.models import check_finite, load_model, model_location, strip_quantization
+from oneshot.output import RUN_FILE, OutputSlot, reserve_output
 from oneshot.pruner import PruneReport, prune, resolve_device
 
 __all__ = [
     "EXPORT_FORMATS",
     "FORBIDDEN_CONFIG_KEYS",
     "RUN_FILE",
+    "RunError",
     "RunResult",
-    "check_output_dir",
     "export_folder",
+    "file_hashes",
     "library_versions",
     "run_prune",
     "save_pruned",
+    "write_run_folder",
 ]
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "oneshot.json"
+FORMAT = "oneshot-run/1"
+# files `oneshot eval` / `oneshot card` rewrite later: not covered by the content hashes
+DERIVED_FILES = ("README.md", "eval.json", RUN_FILE)
+DERIVED_DIRS = ("report",)
+
+
+class RunError(OneshotError):
+    """A run that cannot start or whose result would be wrong (the message says which)."""
 
 
 @dataclass
@@ -62,22 +75,64 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty folder unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"--out {out} exists and is not empty: pass --overwrite or choose another folder"
-        )
-
-
 EXPORT_FORMATS = ("2:4", "bitmask")
 
 
 def export_folder(fmt: str) -> str:
     """Sub-folder of a run that holds the compressed form for the sparse kernels."""
     return f"compressed-{fmt.replace(':', 'of')}"
+
+
+def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file of a run folder except hidden ones and the derived ones (card, eval,
+    record, report).
+
+    Recorded in ``oneshot.json`` at save time; `oneshot push` verifies them, so a changed weight is caught.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        hidden = any(part.startswith(".") for part in rel.split("/"))
+        if hidden or not path.is_file() or rel in DERIVED_FILES or rel.split("/")[0] in DERIVED_DIRS:
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        out[rel] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def write_run_folder(
+    model: Any, tokenizer: Any, folder: Path, record: dict[str, Any], *, export: str | None = None
+) -> None:
+    """Write checkpoint (safetensors, sharded when large), tokenizer, ``oneshot.json`` (with the content
+    hashes of every file) and the model card (``README.md``, `oneshot.card`) into an existing ``folder``.
+    config.json never carries a quantization or sparsity config.
+
+    ``export`` ("2:4" or "bitmask") also writes the compressed form for ``kernels`` into
+    ``compressed-<format>/``; the model's pruned Linear layers are converted in place for that.
+    """
+    strip_quantization(model)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    tokenizer.save_pretrained(folder)
+    if export is not None:
+        import kernels
+
+        summary = kernels.convert(model, export)
+        kernels.save_compressed(model, folder / export_folder(export), tokenizer=tokenizer)
+        record["export"] = {
+            "format": export,
+            "folder": export_folder(export),
+            "layers": summary.counts(),
+            # bytes of the converted layers' weights: dense vs compressed
+            "dense_bytes": sum(r.dense_bytes for r in summary.converted),
+            "stored_bytes": sum(r.stored_bytes for r in summary.converted),
+        }
+    _drop_config_keys(folder / "config.json")
+    record["files"] = file_hashes(folder)
+    (folder / RUN_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    _write_card(folder)
 
 
 def save_pruned(
@@ -88,48 +143,14 @@ def save_pruned(
     *,
     overwrite: bool,
     export: str | None = None,
-) -> None:
-    """Write checkpoint (safetensors, sharded when large), tokenizer, ``oneshot.json`` and the model card
-    (``README.md``, `oneshot.card`) atomically. config.json never carries a quantization or sparsity config.
-
-    ``export`` ("2:4" or "bitmask") also writes the compressed form for ``kernels`` into
-    ``compressed-<format>/``; the model's pruned Linear layers are converted in place for that.
-    """
-    out = out.resolve()
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        strip_quantization(model)
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        if export is not None:
-            import kernels
-
-            summary = kernels.convert(model, export)
-            kernels.save_compressed(model, tmp / export_folder(export), tokenizer=tokenizer)
-            record["export"] = {
-                "format": export,
-                "folder": export_folder(export),
-                "layers": summary.counts(),
-                # bytes of the converted layers' weights: dense vs compressed
-                "dense_bytes": sum(r.dense_bytes for r in summary.converted),
-                "stored_bytes": sum(r.stored_bytes for r in summary.converted),
-            }
-        _drop_config_keys(tmp / "config.json")
-        (tmp / RUN_FILE).write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-        _write_card(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+) -> Path:
+    """`write_run_folder` into ``out`` atomically: reserved first (`oneshot.output.reserve_output`),
+    moved into place at the end. Returns the final folder."""
+    with reserve_output(out, overwrite=overwrite) as slot:
+        assert slot.tmp is not None
+        write_run_folder(model, tokenizer, slot.tmp, record, export=export)
+        slot.commit()
+    return slot.out
 
 
 # keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
@@ -159,12 +180,6 @@ def _write_card(folder: Path) -> None:
         logger.warning("could not write the model card into %s: %s", folder, exc)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
@@ -174,9 +189,19 @@ def _json_default(obj: Any) -> Any:
 
 
 def quick_perplexity(
-    model: Any, tokenizer: Any, config: PruneConfig, windows: int, seqlen: int
+    model: Any,
+    tokenizer: Any,
+    config: PruneConfig,
+    windows: int,
+    seqlen: int,
+    *,
+    label: str,
+    progress: bool = True,
 ) -> dict[str, Any] | None:
-    """Perplexity on the first few WikiText-2 test windows (a quick check, not the full protocol)."""
+    """Perplexity on the first few WikiText-2 test windows (a quick check, not the full protocol).
+
+    A non-finite result is an error: a model that gives NaN is broken, whatever the pruning reports.
+    """
     from eval.corpora import EvalDataError, ppl_token_ids
     from eval.perplexity import perplexity
 
@@ -185,18 +210,89 @@ def quick_perplexity(
     except EvalDataError as exc:
         logger.warning("quick evaluation skipped: %s", exc)
         return None
+    available = ids.shape[-1] // seqlen
+    if available == 0:
+        raise RunError(
+            f"the WikiText-2 test set ({ids.shape[-1]} tokens) is shorter than one quick-check window of {seqlen} "
+            "tokens: lower --eval-seqlen or pass --eval-windows 0"
+        )
+    if available < windows:
+        logger.warning(
+            "--eval-windows %d: the WikiText-2 test set holds only %d windows of %d tokens; using %d",
+            windows,
+            available,
+            seqlen,
+            available,
+        )
+    logger.info("quick WikiText-2 perplexity of the %s model: %d windows x %d tokens", label, windows, seqlen)
     device = resolve_device(config.device)
     model.to(device)
     try:
-        res = perplexity(model, ids, seqlen, batch_size=1, limit=windows, device=device)
+        res = perplexity(model, ids, seqlen, batch_size=1, limit=windows, device=device, progress=progress)
     finally:
         model.to("cpu")
+    if not math.isfinite(res.value):
+        raise RunError(
+            f"the {label} model's quick perplexity is {res.value} (NaN/Inf logits): the "
+            + (
+                "model overflows in this dtype (try --dtype float32) or its weights are corrupt"
+                if label == "dense"
+                else "pruned model is broken; nothing was written"
+            )
+        )
     out = res.to_dict()
     out.update(
         dataset="wikitext2",
         note=f"quick check: first {res.windows} windows of the test set, not the full protocol",
     )
     return out
+
+
+def _protected_paths(config: PruneConfig) -> list[tuple[str, Path]]:
+    """Paths the output must neither be nor contain."""
+    out: list[tuple[str, Path]] = []
+    model = model_location(config.model)
+    if model is not None:
+        out.append(("model source", model))
+    data = resolve_data_dir(config.data_dir)
+    if data is not None:
+        out.append(("data directory", data))
+    calib = Path(str(config.calib)).expanduser()
+    if calib.is_file():
+        out.append(("calibration file", calib))
+    return out
+
+
+def check_run_arguments(
+    config: PruneConfig, *, eval_windows: int, eval_seqlen: int | None, export: str | None
+) -> None:
+    """Everything that needs only the arguments (cheap; before the output is touched)."""
+    if isinstance(eval_windows, bool) or not isinstance(eval_windows, int) or eval_windows < 0:
+        raise RunError(
+            f"--eval-windows must be an integer >= 0 (0 skips the quick check), got {eval_windows!r}"
+        )
+    if eval_seqlen is not None and (isinstance(eval_seqlen, bool) or eval_seqlen < 2):
+        raise RunError(
+            f"--eval-seqlen must be at least 2 tokens, got {eval_seqlen!r} (leave it out to use --seqlen)"
+        )
+    if eval_windows > 0 and eval_seqlen is None and config.seqlen < 2:
+        raise RunError(
+            "the quick check needs windows of at least 2 tokens: pass --eval-seqlen or --eval-windows 0"
+        )
+    if export is not None:
+        if export not in EXPORT_FORMATS:
+            raise RunError(f"unknown export format {export!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+        if export == "2:4" and config.pattern != "2:4":
+            raise RunError(f"--export 2:4 needs --pattern 2:4 (got {config.pattern}); use --export bitmask")
+    try:
+        device = resolve_device(config.device)
+    except (RuntimeError, ValueError) as exc:
+        raise RunError(f"--device {config.device}: {str(exc).splitlines()[0]}") from exc
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RunError(
+            f"--device {config.device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
 
 
 def run_prune(
@@ -210,24 +306,61 @@ def run_prune(
     argv: list[str] | None = None,
     export: str | None = None,
 ) -> RunResult:
-    """Load ``config.model``, calibrate, prune, evaluate a few windows and save everything to ``out``."""
-    out_path = Path(out).expanduser()
-    check_output_dir(out_path, overwrite)  # fail before any work
-    if export is not None:
-        if export not in EXPORT_FORMATS:
-            raise ValueError(f"unknown export format {export!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-        if export == "2:4" and config.pattern != "2:4":
-            raise ValueError(f"--export 2:4 needs --pattern 2:4 (got {config.pattern}); use --export bitmask")
+    """Load ``config.model``, calibrate, prune, evaluate a few windows and save everything to ``out``.
+
+    Raises `OneshotError` subclasses for bad input (before any expensive step where the check allows it)
+    and `Interrupted` on Ctrl-C, saying what is on disk.
+    """
+    check_run_arguments(config, eval_windows=eval_windows, eval_seqlen=eval_seqlen, export=export)
+    try:
+        slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(config))
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted; nothing was written to {out}") from exc
+    try:
+        result = _run_in_slot(
+            slot,
+            config,
+            eval_windows=eval_windows,
+            eval_seqlen=eval_seqlen,
+            progress=progress,
+            argv=argv,
+            export=export,
+        )
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted; {slot.state()}") from exc
+    finally:
+        slot.release()
+    return result
+
+
+def _run_in_slot(
+    slot: OutputSlot,
+    config: PruneConfig,
+    *,
+    eval_windows: int,
+    eval_seqlen: int | None,
+    progress: bool,
+    argv: list[str] | None,
+    export: str | None,
+) -> RunResult:
+    from oneshot.checks import check_layers, check_prunable
+
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    documents = None
+    if str(config.calib).strip().lower() != "self":
+        documents = load_text_source(config.calib, config.data_dir)  # unreadable data fails before the model
+    max_pos, checked = check_prunable(config)  # the model's config and a weightless skeleton
+    if max_pos is not None and config.seqlen > max_pos:
+        raise RunError(f"--seqlen {config.seqlen} exceeds the model's context of {max_pos} tokens")
+    if eval_seqlen is not None and max_pos is not None and eval_seqlen > max_pos:
+        raise RunError(f"--eval-seqlen {eval_seqlen} exceeds the model's context of {max_pos} tokens")
 
+    logger.info("loading %s", config.model or "the embedded SmolLM2-135M-Instruct")
     loaded = load_model(config.model, dtype=config.dtype)
     model, tok = loaded.model, loaded.tokenizer
-    from oneshot.pruner import _max_positions
-
-    max_pos = _max_positions(model)
-    if max_pos is not None and config.seqlen > max_pos:
-        raise ValueError(f"--seqlen {config.seqlen} exceeds the model's context of {max_pos} tokens")
+    if not checked:  # no meta skeleton for this model: the same checks on the loaded one
+        check_layers(model, config)
     calib, calib_info = calibration_windows(
         config.calib,
         tok,
@@ -236,21 +369,24 @@ def run_prune(
         seed=config.seed,
         data_dir=config.data_dir,
         model=model,
+        documents=documents,
     )
     eval_seq = min(eval_seqlen or config.seqlen, max_pos or config.seqlen)
     quick: dict[str, Any] = {}
     if eval_windows > 0:
-        dense = quick_perplexity(model, tok, config, eval_windows, eval_seq)
+        dense = quick_perplexity(model, tok, config, eval_windows, eval_seq, label="dense", progress=progress)
         if dense is not None:
             quick["dense"] = dense
     report = prune(model, calib, config, progress=progress)
     if eval_windows > 0 and quick:
-        pruned = quick_perplexity(model, tok, config, eval_windows, eval_seq)
+        pruned = quick_perplexity(
+            model, tok, config, eval_windows, eval_seq, label="pruned", progress=progress
+        )
         if pruned is not None:
             quick["pruned"] = pruned
 
     record: dict[str, Any] = {
-        "format": "oneshot-run/1",
+        "format": FORMAT,
         "config": config.to_dict(),
         "command": argv if argv is not None else sys.argv,
         "started": started,
@@ -263,9 +399,13 @@ def run_prune(
         "total_seconds": None,
     }
     record["total_seconds"] = time.perf_counter() - t0
-    save_pruned(model, tok, out_path, record, overwrite=overwrite, export=export)
-    _write_run_report(out_path.resolve())
-    return RunResult(out_path.resolve(), report, record)
+    assert slot.tmp is not None
+    check_finite(model, "the pruned model")  # never save NaN, whatever the quick check did or skipped
+    logger.info("writing %s", slot.out)
+    write_run_folder(model, tok, slot.tmp, record, export=export)
+    slot.commit()
+    _write_run_report(slot.out)
+    return RunResult(slot.out, report, record)
 
 
 def _write_run_report(run_dir: Path) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "find_blocks",
     "find_linears",
     "get_weight",
+    "matches_ignore",
     "move_non_block_modules",
     "run_block",
     "set_weight",
@@ -76,7 +77,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches_ignore(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a qualified weight name matches one of the ``--ignore`` fnmatch patterns, either whole or as
+    a dotted suffix (``down_proj`` matches ``model.layers.0.mlp.down_proj``)."""
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
 
 
@@ -88,7 +91,7 @@ def find_linears(block: nn.Module, prefix: str, ignore: Sequence[str] = ()) -> d
     for rel, mod in block.named_modules():
         if isinstance(mod, kinds) and rel:
             full = f"{prefix}.{rel}"
-            if not _matches(full, ignore):
+            if not matches_ignore(full, ignore):
                 out[full] = cast(nn.Module, mod)
     return out
 
@@ -183,6 +186,8 @@ def capture_block_calls(
     batches: Sequence[torch.Tensor],
     device: torch.device,
     store_device: torch.device,
+    *,
+    progress: bool = False,
 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """Inputs of block 0 per batch (on ``store_device``) and each block's call per batch.
 
@@ -190,6 +195,8 @@ def capture_block_calls(
     architecture computes before and between blocks (masks, rotary tables per layer type, scaling) is
     kept verbatim.
     """
+    from tqdm.auto import tqdm
+
     originals = list(blocks)
     for as_tuple in (False, True):
         hidden_in: list[torch.Tensor] = []
@@ -197,7 +204,7 @@ def capture_block_calls(
         try:
             for i, blk in enumerate(originals):
                 blocks[i] = _Recorder(i, blk, calls, hidden_in, i == len(originals) - 1, as_tuple)
-            for ids in batches:
+            for ids in tqdm(batches, desc="capturing", unit="batch", disable=not progress, leave=False):
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
                 except _StopForward:

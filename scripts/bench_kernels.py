@@ -226,17 +226,18 @@ def graph_tokens_per_s(model: Any, prompt: torch.Tensor, steps: int, use_graph: 
     """
     from transformers import StaticCache
 
+    from oneshot.models import kv_cache_arg
+
+    kv = kv_cache_arg(model)
     device = prompt.device
     length = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=length + steps + 4)
-    out = model(
-        prompt, past_key_values=cache, cache_position=torch.arange(length, device=device), use_cache=True
-    )
+    out = model(prompt, **{kv: cache}, cache_position=torch.arange(length, device=device), use_cache=True)
     token = out.logits[:, -1:].argmax(-1)  # (1, 1)
     position = torch.tensor([length], device=device)
 
     def step() -> torch.Tensor:
-        logits = model(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        logits = model(token, **{kv: cache}, cache_position=position, use_cache=True).logits
         return logits[:, -1:].argmax(-1)
 
     if use_graph:

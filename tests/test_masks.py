@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from oneshot.solvers.masks import nm_mask, prune_count, select_mask, sparsity_of, topk_mask
+from oneshot.solvers.masks import group_counts, nm_mask, prune_count, select_mask, sparsity_of, topk_mask
 
 
 def _ties_512() -> torch.Tensor:
@@ -38,12 +40,25 @@ def test_threshold_trap_without_ties() -> None:
 def test_topk_row_prunes_exactly_k_lowest_per_row(sparsity: float) -> None:
     score = torch.randn(7, 33, generator=_gen(2), dtype=torch.float64)
     mask = topk_mask(score, sparsity, "row")
-    k = round(33 * sparsity)
     assert mask.dtype == torch.bool and mask.shape == score.shape
-    assert mask.sum(dim=1).tolist() == [k] * 7
-    for row, m in zip(score, mask, strict=True):
+    per_row = mask.sum(dim=1).tolist()
+    assert sum(per_row) == round(7 * 33 * sparsity)  # the tensor's total is exact
+    assert set(per_row) <= {math.floor(33 * sparsity), math.ceil(33 * sparsity)}
+    for row, m, k in zip(score, mask, per_row, strict=True):
         if 0 < k < 33:
             assert row[m].max() < row[~m].min()
+
+
+@pytest.mark.parametrize("sparsity", [0.001, 0.01, 0.3, 0.99, 0.999])
+@pytest.mark.parametrize("shape", [(64, 64), (5, 7), (3, 1000)])
+def test_row_counts_add_up_to_the_requested_total(sparsity: float, shape: tuple[int, int]) -> None:
+    """Rounding each row on its own would prune every weight at 0.999 with 64 columns (63.9 -> 64)."""
+    rows, cols = shape
+    counts = group_counts(rows, cols, sparsity)
+    assert sum(counts) == round(rows * cols * sparsity)
+    assert set(counts) <= {math.floor(cols * sparsity), math.ceil(cols * sparsity)}
+    mask = topk_mask(torch.rand(shape, generator=_gen(4)), sparsity, "row")
+    assert int(mask.sum()) == round(rows * cols * sparsity)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 1.0])

@@ -287,9 +287,10 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("oneshot: error: ")
-    return err[0]
+    errors = [line for line in err if line.startswith("oneshot: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err  # one error line, after at most a few warnings
+    assert len(err) == 1 or "no content hashes" in err[0], err
+    return errors[0]
 
 
 def test_push_uploads_the_folder_in_one_commit(
@@ -389,6 +390,21 @@ def _densify_one_layer(run: Path) -> None:
     save_file(tensors, run / "model.safetensors", metadata={"format": "pt"})
 
 
+def _set_one_weight(run: Path, value: float, *, drop_hashes: bool = False) -> None:
+    """Change one weight in place (the sparsity statistic barely moves); optionally as an old record."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(run / "model.safetensors")
+    w = tensors["model.layers.1.self_attn.q_proj.weight"]
+    nonzero = int(w.flatten().ne(0).nonzero()[0])
+    w.view(-1)[nonzero] = value
+    save_file(tensors, run / "model.safetensors", metadata={"format": "pt"})
+    if drop_hashes:
+        record = json.loads((run / "oneshot.json").read_text())
+        del record["files"]
+        (run / "oneshot.json").write_text(json.dumps(record))
+
+
 def _config_key(run: Path, key: str) -> None:
     cfg = json.loads((run / "config.json").read_text())
     cfg[key] = {"quant_method": "compressed-tensors", "format": "sparse-24-bitmask"}
@@ -418,7 +434,25 @@ BAD_FOLDERS = {
     ),
     "weights-changed": (
         _densify_one_layer,
-        "states sparsity 0.500000 but the 14 pruned layers' weights have 0.444444",
+        "model.safetensors changed after oneshot wrote it (its sha256 differs",
+    ),
+    "weights-changed-old-record": (  # a record without hashes: the sparsity check still catches this one
+        lambda r: (_densify_one_layer(r), _set_one_weight(r, 1.0, drop_hashes=True)),
+        "states sparsity 0.500000 but the 14 pruned layers' weights have 0.44",
+    ),
+    "one-weight-zeroed": (lambda r: _set_one_weight(r, 0.0), "model.safetensors changed after oneshot wrote it"),
+    "one-weight-123": (lambda r: _set_one_weight(r, 123.0), "model.safetensors changed after oneshot wrote it"),
+    "one-weight-nan": (
+        lambda r: _set_one_weight(r, float("nan")),
+        "model.safetensors changed after oneshot wrote it",
+    ),
+    "nan-old-record": (
+        lambda r: _set_one_weight(r, float("nan"), drop_hashes=True),
+        "model.safetensors: tensor model.layers.1.self_attn.q_proj.weight holds NaN/Inf values",
+    ),
+    "recorded-file-missing": (
+        lambda r: (r / "tokenizer_config.json").unlink(),
+        "tokenizer_config.json is missing: oneshot.json records it",
     ),
     "no-card": (lambda r: (r / "README.md").unlink(), "README.md (the model card) is missing"),
 }

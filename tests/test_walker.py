@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import transformers as tf
 from torch import nn
 
 from oneshot import PruneConfig, prune
+from oneshot.pruner import DENSE_UNCALIBRATED
 from oneshot.solvers import get_solver
 from oneshot.stats import InputStats
 from oneshot.walker import (
@@ -257,3 +260,48 @@ def test_seqlen_beyond_context_and_nonfinite_inputs() -> None:
         model.model.embed_tokens.weight.fill_(float("inf"))
     with pytest.raises(ValueError, match=r"non-finite|NaN/Inf"):
         prune(model, _ids(2, 16), PruneConfig(nsamples=2, seqlen=16), progress=False)
+
+
+@pytest.mark.parametrize("policy", ["magnitude", "dense"])
+def test_linear_that_never_runs_follows_uncalibrated(policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A Linear that receives no calibration tokens: pruned by magnitude with a warning, or kept dense."""
+    model = _arch("llama").eval()
+    model.model.layers[0].mlp.unused = nn.Linear(64, 32, bias=False)  # never called by the block
+    before = model.model.layers[0].mlp.unused.weight.detach().clone()
+    name = "model.layers.0.mlp.unused"
+    config = PruneConfig(method="wanda", nsamples=4, seqlen=16, device="cpu", uncalibrated=policy)
+    with caplog.at_level(logging.WARNING, logger="oneshot.pruner"):
+        report = prune(model, _ids(4, 16), config, progress=False)
+    assert any(name in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    after = model.model.layers[0].mlp.unused.weight
+    reported = {r.name: r for r in report.layers}
+    dense = {d["name"]: d for d in report.dense_matrices}
+    if policy == "magnitude":
+        assert torch.equal(after, get_solver("magnitude")(before, None, sparsity=0.5).weight)
+        assert report.uncalibrated == [name] and reported[name].loss is None and name not in dense
+    else:
+        assert torch.equal(after, before)
+        assert report.uncalibrated == [] and name not in reported
+        assert dense[name] == {"name": name, "params": 64 * 32, "reason": DENSE_UNCALIBRATED}
+    assert reported["model.layers.0.mlp.down_proj"].sparsity == 0.5  # the others are calibrated as usual
+    zeros = sum(int((p == 0).sum()) for n, p in model.model.layers.named_parameters() if p.dim() >= 2)
+    params = sum(p.numel() for p in model.model.layers.parameters() if p.dim() >= 2)
+    assert (report.matrix_zero_params, report.matrix_params) == (zeros, params)
+    assert report.to_dict()["block_sparsity"] == pytest.approx(zeros / params)
+
+
+def test_dense_blocks_are_reported_with_their_reason() -> None:
+    """Every weight matrix of the blocks is counted; the ignored ones are listed with "--ignore"."""
+    model = _arch("llama").eval()
+    report = prune(
+        model,
+        _ids(4, 16),
+        PruneConfig(method="magnitude", nsamples=4, seqlen=16, ignore=("*.1.mlp.*",)),
+        progress=False,
+    )
+    ignored = {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert {d["name"] for d in report.dense_matrices} == ignored
+    assert all(d["reason"] == "--ignore" and d["params"] == 64 * 128 for d in report.dense_matrices)
+    assert report.matrix_params == report.pruned_params + 3 * 64 * 128
+    assert report.block_sparsity == pytest.approx(report.zero_params / report.matrix_params)
+    assert report.sparsity == 0.5 and report.uncalibrated == []

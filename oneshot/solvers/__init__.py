@@ -12,6 +12,8 @@ from typing import TypeAlias
 
 import torch
 
+from oneshot.errors import OneshotError
+
 __all__ = [
     "SOLVERS",
     "Pattern",
@@ -42,7 +44,7 @@ class PruneResult:
     loss: float | None
 
 
-class SolverError(RuntimeError):
+class SolverError(OneshotError, RuntimeError):
     """A solver could not produce a result (e.g. the Hessian could not be factorised)."""
 
 

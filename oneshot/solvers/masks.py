@@ -9,6 +9,7 @@ ties) is never used.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -19,6 +20,8 @@ __all__ = [
     "check_pattern",
     "check_sparsity",
     "check_weight",
+    "group_counts",
+    "lowest_k_mask",
     "nm_mask",
     "prune_count",
     "select_mask",
@@ -34,6 +37,21 @@ def prune_count(numel: int, sparsity: float) -> int:
     """Number of weights to prune in a group of ``numel``: ``round(numel * sparsity)`` (Python rounding)."""
     check_sparsity(sparsity)
     return round(numel * sparsity)
+
+
+def group_counts(groups: int, group_numel: int, sparsity: float) -> list[int]:
+    """Prune counts of ``groups`` groups of ``group_numel`` weights, summing to exactly
+    ``round(groups * group_numel * sparsity)``.
+
+    Cumulative rounding: group ``g`` gets ``round((g + 1) * c) - round(g * c)`` with ``c = group_numel *
+    sparsity``, i.e. floor(c) or ceil(c), spread evenly. Rounding each group on its own instead would make
+    the achieved sparsity drift from the request (at 0.999 with 64 columns every row would round to 64:
+    all weights pruned).
+    """
+    check_sparsity(sparsity)
+    per_group = group_numel * sparsity
+    cum = [round(g * per_group) for g in range(groups + 1)]
+    return [b - a for a, b in itertools.pairwise(cum)]
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -104,14 +122,15 @@ def _lowest_k(score: Tensor, k: int) -> Tensor:
 
 
 def topk_mask(score: Tensor, sparsity: float, group: Group = "row") -> Tensor:
-    """Prune exactly ``round(group_numel * sparsity)`` lowest scores per group.
+    """Prune exactly ``round(numel * sparsity)`` lowest scores of the tensor, compared per group.
 
     Args:
         score: importance of each weight, shape (rows, cols) (any shape for ``group="layer"``; for
             ``group="row"`` the last dimension is the row).
         sparsity: fraction to prune in [0, 1].
-        group: ``"row"`` compares scores within each row (last dimension); ``"layer"`` compares all
-            entries of the tensor at once.
+        group: ``"row"`` compares scores within each row (last dimension), each row pruning
+            floor or ceil of ``cols * sparsity`` (`group_counts`, so that the tensor's total is exact);
+            ``"layer"`` compares all entries of the tensor at once.
 
     Returns:
         bool tensor shaped like ``score``, True = prune.
@@ -128,8 +147,20 @@ def topk_mask(score: Tensor, sparsity: float, group: Group = "row") -> Tensor:
         flat = score.reshape(-1, score.shape[-1])  # (rows, cols)
     else:
         flat = score.reshape(1, -1)  # (1, numel)
-    k = prune_count(flat.shape[1], sparsity)
-    return _lowest_k(flat, k).reshape(score.shape)
+    counts = torch.tensor(group_counts(flat.shape[0], flat.shape[1], sparsity), device=flat.device)  # (rows,)
+    low, high = int(counts.min()), int(counts.max())
+    mask = _lowest_k(flat, low)
+    if high != low:
+        mask = torch.where((counts == high)[:, None], _lowest_k(flat, high), mask)
+    return mask.reshape(score.shape)
+
+
+def lowest_k_mask(score: Tensor, k: int) -> Tensor:
+    """Prune exactly the ``k`` lowest scores of the whole tensor (ties broken by position)."""
+    _check_score(score)
+    if not 0 <= k <= score.numel():
+        raise ValueError(f"cannot prune {k} of {score.numel()} weights")
+    return _lowest_k(score.reshape(1, -1), k).reshape(score.shape)
 
 
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:

@@ -10,8 +10,9 @@ after it. The per-column costs add up to ``trace(dW H dW^T) = ||(W - W') X^T||_F
 that was factorised; with damping ``H + lam I`` the reported loss subtracts ``lam ||dW||_F^2`` again, so it is
 always the exact loss for the undamped H.
 
-Masks: unstructured sparsity selects, per block of columns, exactly ``round(rows * block * sparsity)``
-weights with the lowest ``w^2 / U_ii^2`` in the (rows, block) tile, using the weights as updated by all
+Masks: unstructured sparsity selects, per block of columns ``[i1, i2)``, exactly
+``round(rows * i2 * sparsity) - round(rows * i1 * sparsity)`` weights (so the layer prunes exactly
+``round(rows * cols * sparsity)``) with the lowest ``w^2 / U_ii^2`` in the (rows, block) tile, using the weights as updated by all
 previous blocks. An (n, m) pattern selects, when reaching column ``i`` with ``i % m == 0``, the n lowest
 ``w^2 / U_ii^2`` of columns ``i .. i+m-1`` in each row, using the current (updated) weights.
 """
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from oneshot.solvers import Pattern, PruneResult, SolverError
-from oneshot.solvers.masks import check_pattern, check_sparsity, check_weight, nm_mask, topk_mask
+from oneshot.solvers.masks import check_pattern, check_sparsity, check_weight, lowest_k_mask, nm_mask
 from oneshot.stats import InputStats
 
 __all__ = ["inverse_cholesky", "prune_sparsegpt"]
@@ -195,6 +196,8 @@ def _sparsegpt_columns(
     diag = upper.diagonal()  # (cols,)
     mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=w_t.device)  # (cols, rows)
     loss = torch.zeros((), dtype=w_t.dtype, device=w_t.device)
+    # cumulative rounding: tile counts add up to exactly round(rows * cols * sparsity)
+    pruned_before = [round(rows * i * sparsity) for i in range(cols + 1)] if pattern is None else []
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w_b = w_t[i1:i2]  # (count, rows) view
@@ -203,7 +206,8 @@ def _sparsegpt_columns(
         m_b = mask_t[i1:i2]  # (count, rows) view
         err_b = torch.empty_like(w_b)  # (count, rows): (w - q) / d per processed column
         if pattern is None:
-            m_b.copy_(topk_mask(w_b.square() / d_b.square(), sparsity, "layer"))
+            k = pruned_before[i2] - pruned_before[i1]
+            m_b.copy_(lowest_k_mask(w_b.square() / d_b.square(), k))
             err_scale = m_b / d_b  # (count, rows): 1/d where pruned, else 0
         else:
             n, m = pattern

@@ -34,7 +34,8 @@ def prune_wanda(
 
     Returns:
         PruneResult with the (rows, cols) pruned weight (input dtype/device), the bool mask (True = pruned,
-        exactly ``round(cols * sparsity)`` per row for unstructured) and ``trace(dW H dW^T)`` or None.
+        floor or ceil of ``cols * sparsity`` per row for unstructured, exactly ``round(rows * cols * sparsity)``
+        in the layer) and ``trace(dW H dW^T)`` or None.
     """
     check_weight(weight, stats.cols)
     check_sparsity(sparsity)

@@ -1,0 +1,643 @@
+"""Every bad input and risky output of `oneshot prune` as a table: command, exit code, the message's key words,
+and the file-system state afterwards.
+
+Each case runs in a fresh workspace (the current directory) holding a copy of the tiny model, calibration
+text and whatever the case sets up. An error case must leave the workspace byte-identical (the model folder
+included: nothing created, nothing deleted); a success case may only add or replace what it names.
+Cases that need a process of their own (a second run at the same time, kill -9, Ctrl-C) follow the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from oneshot.cli import main
+from oneshot.output import MARKER_FILE, OutputSlot, reserve_output
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_RECORD = {"format": "oneshot-run/1", "prune": {"layers": []}}
+
+
+# ------------------------------------------------------------------------------------------- workspace
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> "dir" or the sha256 of the file's bytes, for everything under ``root``."""
+    out: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _save_model(model: Any, folder: Path, tokenizer_from: Path) -> None:
+    model.save_pretrained(folder)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+
+
+def _with_tensor(ws: Path, name: str, key: str, change: Callable[[torch.Tensor], None]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ws / "model", ws / name)
+    tensors = load_file(ws / name / "model.safetensors")
+    change(tensors[key])
+    save_file(tensors, ws / name / "model.safetensors", metadata={"format": "pt"})
+
+
+def _bert(ws: Path, name: str, cls: str) -> None:
+    import transformers
+
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=300
+    )
+    torch.manual_seed(0)
+    _save_model(getattr(transformers, cls)(config), ws / name, ws / "model")
+
+
+def _headless(ws: Path) -> None:
+    from transformers import LlamaModel
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    _save_model(LlamaModel(tiny_llama_config(tie_word_embeddings=False)), ws / "headless", ws / "model")
+
+
+def _truncate(ws: Path) -> None:
+    shutil.copytree(ws / "model", ws / "trunc")
+    f = ws / "trunc" / "model.safetensors"
+    with f.open("r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def _config_only(ws: Path) -> None:
+    (ws / "conf").mkdir()
+    shutil.copy(ws / "model" / "config.json", ws / "conf" / "config.json")
+
+
+def _broken_config(ws: Path) -> None:
+    shutil.copytree(ws / "model", ws / "badconf")
+    (ws / "badconf" / "config.json").write_text('{"model_type": "llama",')
+
+
+def _earlier_output(ws: Path, name: str, **record: Any) -> None:
+    (ws / name).mkdir(parents=True)
+    (ws / name / "oneshot.json").write_text(json.dumps({**RUN_RECORD, **record}))
+    (ws / name / "model.safetensors").write_text("previous run")
+    if record.get("files"):
+        (ws / name / "notes.txt").write_text("the user's notes")
+
+
+def _runs_dir(ws: Path) -> None:
+    _earlier_output(ws, "runs/a")
+    (ws / "runs" / "notes.txt").write_text("my notes")
+
+
+def _leftover(ws: Path, marked: bool, **facts: Any) -> None:
+    tmp = ws / (".out.tmp-999999-deadbeef" if marked else ".out.tmp-legacy1")
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    if marked:
+        marker = {"pid": 999999, "host": socket.gethostname(), "out": str(ws / "out"), **facts}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker))
+
+
+def _locked(ws: Path) -> Any:
+    return reserve_output(ws / "out", overwrite=False)  # another run holds "out" (kept open during the case)
+
+
+def _calib_files(ws: Path) -> None:
+    (ws / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    (ws / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (ws / "notext.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    (ws / "short.txt").write_text("a few words only, repeated. " * 8)
+
+
+@dataclass(frozen=True)
+class Case:
+    args: str  # appended to the base command; {data} is the shared data directory
+    code: int
+    words: tuple[str, ...]  # all must appear in stderr (or stdout for a success)
+    setup: Callable[[Path], Any] | None = None
+    changed: tuple[str, ...] = ()  # top-level entries a success case may create, replace or remove
+    base: bool = True  # prefix with the base command (model, calibration, small sizes)
+
+
+BASE = "prune --model model --calib calib.txt --nsamples 2 --seqlen 16 --eval-windows 0 -q"
+
+CASES: dict[str, Case] = {
+    # --- data loss: --out and --overwrite
+    "out-is-the-model": Case("--out model --overwrite", 2, ("is the model source",)),
+    "out-is-the-model-and-an-earlier-run": Case(  # pruning a pruned run into itself
+        "--model pruned --out pruned --overwrite",
+        2,
+        ("is the model source",),
+        lambda ws: (
+            shutil.copytree(ws / "model", ws / "pruned"),
+            (ws / "pruned" / "oneshot.json").write_text(json.dumps(RUN_RECORD)),
+        ),
+    ),
+    "out-contains-the-model": Case(
+        "--model zoo/m --out zoo --overwrite",
+        2,
+        ("contains the model source",),
+        lambda ws: shutil.copytree(ws / "model", ws / "zoo" / "m"),
+    ),
+    "out-is-cwd": Case("--out . --overwrite", 2, ("is the current directory",)),
+    "out-is-a-parent-of-cwd": Case("--out .. --overwrite", 2, ("a parent of the current directory",)),
+    "out-is-the-data-dir": Case(
+        "--data-dir fakedata --out fakedata --overwrite",
+        2,
+        ("is the data directory",),
+        lambda ws: _earlier_output(ws, "fakedata"),
+    ),
+    "out-contains-the-calibration-file": Case(
+        "--calib texts/c.txt --out texts --overwrite",
+        2,
+        ("contains the calibration file",),
+        lambda ws: (ws / "texts").mkdir() or shutil.copy(ws / "calib.txt", ws / "texts" / "c.txt"),
+    ),
+    "overwrite-a-folder-of-runs": Case(
+        "--out runs --overwrite", 2, ("not an earlier oneshot output", "--overwrite only replaces"), _runs_dir
+    ),
+    "out-not-empty": Case("--out runs", 2, ("exists and is not empty", "--overwrite"), _runs_dir),
+    "out-is-a-file": Case(
+        "--out notes.txt", 2, ("exists and is not a folder",), lambda ws: (ws / "notes.txt").write_text("x")
+    ),
+    "out-below-a-file": Case("--out calib.txt/sub", 2, ("calib.txt is a file, not a folder",)),
+    "out-in-proc": Case("--out /proc/oneshot-out", 2, ("cannot", "/proc")),
+    "out-taken-by-another-run": Case(
+        "--out out", 2, ("another oneshot run (pid", "is writing --out", "out"), _locked
+    ),
+    "overwrite-an-earlier-output": Case(
+        "--out prev --overwrite", 0, ("achieved sparsity",), lambda ws: _earlier_output(ws, "prev"), ("prev",)
+    ),
+    "leftover-of-a-dead-run-is-removed": Case(
+        "--out out",
+        0,
+        ("removing", ".out.tmp-999999-deadbeef", "the unfinished output of an interrupted run (pid 999999"),
+        lambda ws: _leftover(ws, marked=True),
+        ("out", ".out.tmp-999999-deadbeef"),
+    ),
+    "leftover-of-another-output-is-kept": Case(  # marked by a run whose --out was another folder
+        "--out out",
+        0,
+        (".out.tmp-999999-deadbeef", "left alone"),
+        lambda ws: _leftover(ws, marked=True, out=str(ws / "elsewhere")),
+        ("out",),
+    ),
+    "leftover-of-a-live-run-is-kept": Case(
+        "--out out",
+        0,
+        (".out.tmp-999999-deadbeef", "belongs to a running process"),
+        lambda ws: _leftover(ws, marked=True, pid=os.getppid()),
+        ("out",),
+    ),
+    "kept-output-is-kept": Case(
+        "--out out",
+        0,
+        (".out.tmp-999999-deadbeef", "finished output that could not be moved"),
+        lambda ws: _leftover(ws, marked=True, kept=True),
+        ("out",),
+    ),
+    "glob-characters-in-out": Case(  # '[u]' must not match the live temporary folder of --out u
+        "--out 'o[u]t'", 0, ("achieved sparsity",), lambda ws: _leftover(ws, marked=True), ("o[u]t",)
+    ),
+    "out-is-a-symlink": Case(
+        "--out link --overwrite",
+        2,
+        ("is a symbolic link",),
+        lambda ws: (_earlier_output(ws, "real"), (ws / "link").symlink_to(ws / "real")),
+    ),
+    "overwrite-an-output-holding-user-files": Case(
+        "--out prev --overwrite",
+        2,
+        ("also holds notes.txt", "did not write"),
+        lambda ws: _earlier_output(ws, "prev", files={"model.safetensors": {}}),
+    ),
+    "created-parents-are-removed-on-error": Case("--out new/sub/out --pattern 3:7", 2, ("multiple of 7",)),
+    "unmarked-leftover-is-reported-and-kept": Case(
+        "--out out", 0, (".out.tmp-legacy1", "left alone"), lambda ws: _leftover(ws, marked=False), ("out",)
+    ),
+    # --- silently wrong results
+    "encoder-checkpoint": Case(
+        "--model bert --out out",
+        2,
+        ("BertForMaskedLM", "not a causal language model"),
+        lambda ws: _bert(ws, "bert", "BertForMaskedLM"),
+    ),
+    "encoder-loaded-as-causal-lm": Case(
+        "--model bertlm --out out",
+        2,
+        ("not a causal language model", "depend on later tokens"),
+        lambda ws: _bert(ws, "bertlm", "BertLMHeadModel"),
+    ),
+    "headless-decoder": Case(
+        "--model headless --out out", 2, ("lm_head.weight", "missing", "randomly"), _headless
+    ),
+    "ignore-everything": Case(
+        "--ignore '*' --out out", 2, ("keeps all 14 prunable weight matrices dense", "nothing")
+    ),
+    "ignore-pattern-matching-nothing": Case(
+        "--ignore '*.mlp.nothing' --out out",
+        0,
+        ("'*.mlp.nothing' matches no prunable layer",),
+        None,
+        ("out",),
+    ),
+    "wanda-at-0.999-prunes-0.999": Case(
+        "--method wanda --sparsity 0.999 --out out",
+        0,
+        ("achieved sparsity  0.9990 (73,656 / 73,728",),
+        None,
+        ("out",),
+    ),
+    "nan-in-a-norm": Case(
+        "--model nan_norm --out out",
+        2,
+        ("model.layers.0.input_layernorm.weight", "NaN/Inf"),
+        lambda ws: _with_tensor(
+            ws, "nan_norm", "model.layers.0.input_layernorm.weight", lambda t: t.__setitem__(3, float("nan"))
+        ),
+    ),
+    "nan-in-a-linear": Case(
+        "--model nan_lin --out out",
+        2,
+        ("model.layers.1.mlp.down_proj.weight", "NaN/Inf"),
+        lambda ws: _with_tensor(
+            ws,
+            "nan_lin",
+            "model.layers.1.mlp.down_proj.weight",
+            lambda t: t.__setitem__((0, 0), float("inf")),
+        ),
+    ),
+    "more-windows-than-the-corpus-holds": Case(
+        "--calib short.txt --nsamples 64 --out out",
+        0,
+        ("non-overlapping windows of 16 tokens", "64 windows were requested", "overlap"),
+        _calib_files,
+        ("out",),
+    ),
+    # --- late or unclear failures
+    "pattern-does-not-divide-the-width": Case(
+        "--pattern 3:7 --out out", 2, ("multiple of 7", "q_proj has 64")
+    ),
+    "device-cuda-x": Case("--device cuda:x --out out", 2, ("unknown device 'cuda:x'",)),
+    "device-cuda-out-of-range": Case(
+        f"--device cuda:{torch.cuda.device_count()} --out out",
+        2,
+        (f"--device cuda:{torch.cuda.device_count()}",)
+        + (("this machine has",) if torch.cuda.is_available() else ("no CUDA device",)),
+    ),
+    "calibration-not-utf8": Case(
+        "--calib latin1.txt --out out", 2, ("latin1.txt", "not UTF-8"), _calib_files
+    ),
+    "calibration-malformed-jsonl": Case(
+        "--calib bad.jsonl --out out", 2, ("bad.jsonl", "line 2", "not valid JSON"), _calib_files
+    ),
+    "calibration-record-without-text": Case(
+        "--calib notext.jsonl --out out", 2, ("notext.jsonl", "line 2", "no 'text' field"), _calib_files
+    ),
+    "calibration-missing": Case("--calib nothere.txt --out out", 2, ("unknown calibration source",)),
+    "calibration-folder": Case("--calib model --out out", 2, ("is a folder",)),
+    "eval-seqlen-zero": Case("--eval-seqlen 0 --out out", 2, ("--eval-seqlen must be at least 2",)),
+    "eval-seqlen-one": Case("--eval-seqlen 1 --out out", 2, ("--eval-seqlen must be at least 2",)),
+    "eval-seqlen-beyond-context": Case("--eval-seqlen 4096 --out out", 2, ("--eval-seqlen 4096 exceeds",)),
+    "seqlen-beyond-context": Case("--seqlen 4096 --out out", 2, ("--seqlen 4096 exceeds", "128 tokens")),
+    "truncated-weights": Case(
+        "--model trunc --out out", 2, ("trunc/model.safetensors", "corrupt or truncated"), _truncate
+    ),
+    "config-without-weights": Case(
+        "--model conf --out out", 2, ("has a config.json but no weights",), _config_only
+    ),
+    "broken-config-json": Case(
+        "--model badconf --out out", 2, ("badconf/config.json", "not valid JSON"), _broken_config
+    ),
+    # --- checks that already held before (kept so they keep holding)
+    "sparsity-out-of-range": Case("--sparsity 1.5 --out out", 2, ("sparsity must be a fraction",)),
+    "pattern-invalid": Case("--pattern 4:2 --out out", 2, ("N:M needs 0 < N < M",)),
+    "sparsity-contradicts-pattern": Case("--pattern 2:4 --sparsity 0.3 --out out", 2, ("contradicts",)),
+    "method-unknown": Case("--method obs --out out", 2, ("unknown method 'obs'",)),
+    "nsamples-zero": Case("--nsamples 0 --out out", 2, ("nsamples must be a positive integer",)),
+    "seqlen-zero": Case("--seqlen 0 --out out", 2, ("seqlen must be a positive integer",)),
+    "model-missing": Case("--model ./nothere --out out", 2, ("does not exist",)),
+    "hub-id-offline": Case(
+        "--model some-org/not-cached --out out", 2, ("cannot reach the Hugging Face Hub",)
+    ),
+    "eval-windows-negative": Case("--eval-windows -1 --out out", 2, ("--eval-windows must be",)),
+    # --- the command itself
+    "version": Case("--version", 0, ("oneshot 0.1.0",), base=False),
+    "help-has-examples": Case(
+        "prune --help", 0, ("examples:", "--seed", "calibration window draw"), base=False
+    ),
+}
+
+
+def _argv(case: Case, data_dir: Path) -> list[str]:
+    import shlex
+
+    args = case.args.replace("{data}", str(data_dir))
+    text = f"{BASE} {args}" if case.base else args
+    argv = shlex.split(text)
+    if case.base and "--data-dir" not in argv:
+        argv += ["--data-dir", str(data_dir)]
+    return argv
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, tiny_llama_dir: Path, calib_txt: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copytree(tiny_llama_dir, ws / "model")
+    shutil.copy(calib_txt, ws / "calib.txt")
+    monkeypatch.chdir(ws)
+    return ws
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_case(name: str, workspace: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    case = CASES[name]
+    made = case.setup(workspace) if case.setup else None
+    held = made if isinstance(made, OutputSlot) else None
+    before = snapshot(workspace)
+    model_before = snapshot(workspace / "model")
+    capsys.readouterr()
+    try:
+        try:
+            code = main(_argv(case, data_dir))
+        except SystemExit as exc:  # argparse's --version / --help
+            code = int(exc.code or 0)
+        after = snapshot(workspace)  # the other run's lock and temporary folder are still there
+    finally:
+        if held is not None:
+            held.release()
+    out, err = capsys.readouterr()
+    text = out + err
+    assert code == case.code, text
+    for word in case.words:
+        assert word in text, f"{word!r} not in:\n{text}"
+    assert snapshot(workspace / "model") == model_before, "the model folder changed"
+    if code != 0:
+        errors = [line for line in err.splitlines() if line.startswith("oneshot: error: ")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert after == before, "an error case changed the workspace"
+        return
+    changed = set(case.changed)
+    top = lambda rel: rel.split("/")[0]  # noqa: E731
+    assert {k: v for k, v in before.items() if top(k) not in changed} == {
+        k: v for k, v in after.items() if top(k) not in changed
+    }, "a success case touched something it does not own"
+    for rel in changed:
+        if rel.startswith(".out.tmp-999999"):
+            assert rel not in after
+        elif rel == "o[u]t":
+            assert ".out.tmp-999999-deadbeef/model.safetensors" in after
+        elif rel in ("out", "prev"):
+            assert (workspace / rel / "oneshot.json").is_file() and not (
+                workspace / rel / MARKER_FILE
+            ).exists()
+    if "prev" in changed:
+        assert (workspace / "prev" / "model.safetensors").read_bytes() != b"previous run"  # replaced
+    assert not [k for k in after if k.endswith(".lock")], "a lock file was left behind"
+
+
+# ------------------------------------------------------------------------------------------- interruptions
+
+
+def test_ctrl_c_during_the_compute_writes_nothing(
+    workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import oneshot.run
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oneshot.run, "prune", interrupted)
+    before = snapshot(workspace)
+    code = main(_argv(Case("--out out", 130, ()), data_dir))
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted; nothing was written to" in err and "out" in err
+    assert snapshot(workspace) == before
+
+
+def test_ctrl_c_after_the_final_rename_says_the_output_is_complete(
+    workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import oneshot.run
+
+    def interrupted(run_dir: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oneshot.run, "_write_run_report", interrupted)
+    code = main(_argv(Case("--out out", 130, ()), data_dir))
+    err = capsys.readouterr().err
+    assert code == 130 and f"the output {workspace / 'out'} is complete" in err, err
+    assert (workspace / "out" / "model.safetensors").is_file() and (
+        workspace / "out" / "oneshot.json"
+    ).is_file()
+    assert not (workspace / "out" / MARKER_FILE).exists()
+
+
+def test_ctrl_c_while_importing_is_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def slow_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "oneshot.run":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", slow_import)
+    assert main(["prune", "--out", "x", "-q"]) == 130
+    assert capsys.readouterr().err.strip() == "oneshot: interrupted"
+
+
+def test_describe_turns_environment_errors_into_one_line() -> None:
+    from oneshot.errors import describe
+
+    assert describe(PermissionError(13, "Permission denied", "/x/model.safetensors")) == (
+        "permission denied: /x/model.safetensors (Permission denied)"
+    )
+    oom = describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert oom is not None and "--batch-size" in oom and "Tried to allocate" in oom
+    assert describe(RuntimeError("a bug")) is None  # bugs keep their traceback
+
+
+# ------------------------------------------------------------------------------------------- other processes
+
+_SLOW_RUN = """
+import sys, time
+import oneshot.run as run
+real = run.write_run_folder
+def slow(model, tok, folder, record, **kw):
+    real(model, tok, folder, record, **kw)
+    print("SAVED", flush=True)
+    time.sleep(120)
+run.write_run_folder = slow
+from oneshot.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    return {**os.environ, "ONESHOT_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_a_second_run_fails_fast_and_kill_9_leftovers_are_cleaned(
+    workspace: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run killed with -9 while saving: a second run on the same --out refused at once while the first is
+    alive; after the kill, the next run reports and removes the leftover and completes."""
+    argv = _argv(Case("--out out", 0, ()), data_dir)
+    first = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, *argv],
+        cwd=workspace,
+        env=_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None
+        line = first.stdout.readline()  # the first run is now inside its save, holding the output
+        assert line.strip() == "SAVED", first.stderr.read() if first.stderr else ""
+        t0 = time.perf_counter()
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and f"another oneshot run (pid {first.pid}" in err, err
+        assert time.perf_counter() - t0 < 10  # refused before loading anything
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    leftovers = [p.name for p in workspace.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(leftovers) == 1 and (workspace / leftovers[0] / MARKER_FILE).is_file()
+    assert not (workspace / "out").exists()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 0 and f"removing {workspace / leftovers[0]}" in err and "no longer running" in err, err
+    assert sorted(p.name for p in workspace.iterdir() if p.name.startswith(".")) == []
+    assert (workspace / "out" / "oneshot.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- other commands
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["card", "{run}"],
+        ["eval", "{run}", "--ppl", "wikitext2", "--limit", "1", "--seqlen", "16"],
+        ["report", "{run}", "--out", "{ws}/report"],
+        ["push", "{run}", "--repo-id", "me/x", "--dry-run"],
+    ],
+    ids=["card", "eval", "report", "push"],
+)
+def test_a_broken_record_names_its_file(
+    argv: list[str], workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workspace / "run"
+    shutil.copytree(workspace / "model", run)
+    (run / "oneshot.json").write_text('{"format": "oneshot-run/1", "prune": ')
+    before = snapshot(workspace)
+    code = main([a.format(run=run, ws=workspace) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("oneshot: error: ")]
+    assert code == 2 and len(lines) == 1 and "oneshot.json" in lines[0] and "Traceback" not in err, err
+    assert snapshot(workspace) == before
+
+
+def test_eval_checks_the_baseline_before_evaluating_the_model(
+    workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import eval.evaluate
+
+    def must_not_run(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the main model was loaded before the baseline was checked")
+
+    monkeypatch.setattr(eval.evaluate, "_load", must_not_run)
+    for baseline, words in (("./no-such-model", "does not exist"), ("conf", "no weights")):
+        if baseline == "conf":
+            _config_only(workspace)
+        code = main(["eval", "model", "--baseline", baseline, "--limit", "1", "--data-dir", str(data_dir)])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err, err
+
+
+def test_a_non_finite_quick_perplexity_is_an_error(
+    workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = sys.modules["eval.perplexity"]  # `eval.perplexity` is also the name of the function
+    real = module.perplexity
+    calls: list[int] = []
+
+    def nan_after_pruning(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the pruned model's check
+            result.value = float("nan")
+        return result
+
+    monkeypatch.setattr(module, "perplexity", nan_after_pruning)
+    before = snapshot(workspace)
+    argv = _argv(Case("--out out --eval-windows 1", 2, ()), data_dir)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "pruned model's quick perplexity is nan" in err, err
+    assert snapshot(workspace) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_weight_file_is_named(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(workspace / "model", workspace / "locked")
+    (workspace / "locked" / "model.safetensors").chmod(0)
+    code = main(["prune", "--model", "locked", "--calib", "calib.txt", "--out", "out", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "locked/model.safetensors: permission denied" in err, err
+
+
+def test_the_layer_checks_run_on_the_loaded_model_when_no_skeleton_can_be_built(
+    workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import oneshot.checks
+
+    monkeypatch.setattr(oneshot.checks, "model_skeleton", lambda config: None)
+    before = snapshot(workspace)
+    code = main(_argv(Case("--ignore '*' --out out", 2, ()), data_dir))
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing would be pruned" in err, err
+    assert snapshot(workspace) == before
+
+
+def test_prune_refuses_to_report_success_when_nothing_was_pruned(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from oneshot import PruneConfig, prune
+    from oneshot.pruner import PruneError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PruneError, match="nothing was pruned"):
+        prune(model, ids, PruneConfig(ignore=("*",), nsamples=2, seqlen=16, device="cpu"), progress=False)
