@@ -1,5 +1,6 @@
-"""Evaluation of pruned models: perplexity (standard protocol) and, later, lm-eval tasks and long-tail slices."""
+"""oneshot.eval: standard perplexity, lm-eval zero-shot tasks, long-tail slices and reports.
 
-from eval.perplexity import PerplexityResult, perplexity
-
-__all__ = ["PerplexityResult", "perplexity"]
+Imported as ``oneshot.eval`` (this folder is linked into the package). Submodules are imported explicitly,
+e.g. ``from oneshot.eval.perplexity import perplexity``; nothing is re-exported here so that no function
+shadows the submodule of the same name.
+"""

@@ -143,8 +143,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run ``oneshot eval``; 0 on success, 2 on bad input (one line on stderr), 130 when interrupted."""
     import logging
 
-    from eval.corpora import EvalDataError
-    from eval.evaluate import EvalConfig, evaluate
+    from oneshot.eval.corpora import EvalDataError
+    from oneshot.eval.evaluate import EvalConfig, evaluate
     from oneshot.models import ModelLoadError
 
     if args.quiet:

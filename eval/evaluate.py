@@ -224,8 +224,8 @@ def model_fingerprint(model: Any, samples: int = 4096) -> str:
 
 def check_inputs(config: EvalConfig) -> None:
     """Fail before any model is loaded: unknown datasets/tasks, missing data files (offline)."""
-    from eval.corpora import PPL_DATASETS, find_data_file
-    from eval.tasks import LOCAL_TASKS, _local_paths, _offline, validate_task_names
+    from oneshot.eval.corpora import PPL_DATASETS, find_data_file
+    from oneshot.eval.tasks import LOCAL_TASKS, _local_paths, _offline, validate_task_names
 
     for name in config.ppl:
         if name in PPL_DATASETS:
@@ -342,8 +342,8 @@ def _item_keys(config: EvalConfig, data_sources: dict[str, str]) -> dict[tuple[s
 
 def _data_sources(config: EvalConfig) -> dict[str, str]:
     """Stamps (path, size, mtime) of the data files each item reads."""
-    from eval.corpora import PPL_DATASETS, find_data_file
-    from eval.tasks import LOCAL_TASKS, _local_paths
+    from oneshot.eval.corpora import PPL_DATASETS, find_data_file
+    from oneshot.eval.tasks import LOCAL_TASKS, _local_paths
 
     out: dict[str, str] = {}
     for name in config.ppl:
@@ -376,9 +376,9 @@ def evaluate_model(
 
     Returns ``{"ppl": {name: {...}}, "tasks": {name: {...}}}``; items in ``skip`` are left out.
     """
-    from eval.corpora import ppl_data
-    from eval.perplexity import perplexity
-    from eval.tasks import run_tasks
+    from oneshot.eval.corpora import ppl_data
+    from oneshot.eval.perplexity import perplexity
+    from oneshot.eval.tasks import run_tasks
 
     skip = skip or set()
     device = config.torch_device
@@ -487,7 +487,7 @@ def _longtail(
     dense: Any, pruned: Any, config: EvalConfig, result: dict[str, Any], progress: bool
 ) -> dict[str, Any] | None:
     try:
-        from eval.longtail import longtail_report  # type: ignore[import-not-found,unused-ignore]
+        from oneshot.eval.longtail import longtail_report  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         logger.warning("--longtail skipped: eval.longtail is not available (%s)", exc)
         return None

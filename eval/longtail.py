@@ -56,8 +56,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from eval.corpora import EvalDataError
 from oneshot.data import data_dir_candidates
+from oneshot.eval.corpora import EvalDataError
 
 __all__ = [
     "FLORES_LANGS",
@@ -577,7 +577,7 @@ def _vocab(model: Any, tokenizer: Any) -> int:
 
 def _reference_ids(tokenizer: Any, data_dir: Path | None, n_tokens: int) -> tuple[torch.Tensor, str]:
     """The first ``n_tokens`` of WikiText-2 test (C4 validation when missing) -> ((tokens,), name)."""
-    from eval.corpora import ppl_text
+    from oneshot.eval.corpora import ppl_text
 
     errors = []
     for name in REFERENCES:

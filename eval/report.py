@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.longtail import task_deltas
+from oneshot.eval.longtail import task_deltas
 
 __all__ = ["REPORT_FILES", "build_report", "load_run", "write_report"]
 

@@ -35,7 +35,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_report(args: argparse.Namespace) -> int:
     """Run the ``report`` command; bad input is one ``oneshot: error: ...`` line on stderr and exit 2."""
-    from eval.report import write_report
+    from oneshot.eval.report import write_report
 
     try:
         paths = write_report(args.run_dirs, baseline=args.baseline, out=args.out)

@@ -61,7 +61,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from eval.corpora import EvalDataError, find_data_file
+from oneshot.eval.corpora import EvalDataError, find_data_file
 
 __all__ = [
     "LOCAL_TASKS",

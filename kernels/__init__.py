@@ -18,7 +18,7 @@ force ``backend="triton"``.
 
 Typical use::
 
-    import kernels
+    from oneshot import kernels
 
     summary = kernels.convert(model, "2:4")  # swap pruned nn.Linear layers in place
     print(summary)

@@ -560,8 +560,8 @@ def _runtime_section(record: dict[str, Any]) -> list[str]:
         "- Plain `transformers` (`AutoModelForCausalLM.from_pretrained`): loads and runs like the dense "
         "model, with **no speedup and no memory saving**: the pruned weights are stored as dense zeros. "
         "No `sparsity_config` or `quantization_config` is written, so no library treats it as sparse.",
-        f"- The `kernels` package of oneshot: {fmt} writes a compressed form that "
-        "`kernels.load_compressed(folder)` runs with Triton kernels; decode is faster on CUDA GPUs only "
+        f"- `oneshot.kernels`: {fmt} writes a compressed form that "
+        "`oneshot.kernels.load_compressed(folder)` runs with Triton kernels; decode is faster on CUDA GPUs only "
         "(measured in oneshot's BENCHMARKS.md), not on the CPU.",
         "- No mainstream serving engine runs oneshot's compressed formats; engines load this checkpoint as "
         "an ordinary dense model.",

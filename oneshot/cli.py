@@ -36,11 +36,10 @@ class _TqdmHandler(logging.Handler):
 def _setup_logging(quiet: bool) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("oneshot", "eval", "kernels"):
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(logging.WARNING if quiet else logging.INFO)
-        log.propagate = False
+    log = logging.getLogger("oneshot")  # oneshot.eval and oneshot.kernels log below it
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
     if quiet:  # transformers' own bars (loading / writing weights) too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:
@@ -162,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace --out when it is an earlier oneshot output (never any other folder)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
-    from eval.cli import add_eval_parser
-    from eval.report_cli import add_report_parser
+    from oneshot.eval.cli import add_eval_parser
+    from oneshot.eval.report_cli import add_report_parser
     from oneshot.push import add_push_parser
 
     add_eval_parser(sub)
@@ -292,11 +291,11 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "prune":
         return _prune(args, argv)
     if args.command == "eval":
-        from eval.cli import run_eval
+        from oneshot.eval.cli import run_eval
 
         return run_eval(args)
     if args.command == "report":
-        from eval.report_cli import run_report
+        from oneshot.eval.report_cli import run_report
 
         return run_report(args)
     if args.command == "push":

@@ -117,7 +117,7 @@ def write_run_folder(
     model.save_pretrained(folder, max_shard_size="2GB")
     tokenizer.save_pretrained(folder)
     if export is not None:
-        import kernels
+        from oneshot import kernels
 
         summary = kernels.convert(model, export)
         kernels.save_compressed(model, folder / export_folder(export), tokenizer=tokenizer)
@@ -202,8 +202,8 @@ def quick_perplexity(
 
     A non-finite result is an error: a model that gives NaN is broken, whatever the pruning reports.
     """
-    from eval.corpora import EvalDataError, ppl_token_ids
-    from eval.perplexity import perplexity
+    from oneshot.eval.corpora import EvalDataError, ppl_token_ids
+    from oneshot.eval.perplexity import perplexity
 
     try:
         ids = ppl_token_ids("wikitext2", tokenizer, config.data_dir)
@@ -412,7 +412,7 @@ def _write_run_report(run_dir: Path) -> None:
     """The run's own report (report.md/json/html in ``<run>/report``); the checkpoint is complete without it,
     so a failure here is a warning, not an error."""
     try:
-        from eval.report import write_report
+        from oneshot.eval.report import write_report
 
         write_report([run_dir], out=run_dir / "report")
     except Exception as exc:  # the report is an extra: never lose a finished checkpoint over it

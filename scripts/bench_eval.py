@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    from eval.corpora import encode, ppl_text
-    from eval.perplexity import perplexity, windows
+    from oneshot.eval.corpora import encode, ppl_text
+    from oneshot.eval.perplexity import perplexity, windows
     from oneshot.models import load_model
     from oneshot.pruner import resolve_device
     from oneshot.run import library_versions

@@ -107,7 +107,7 @@ def best_triton(op: Callable[..., torch.Tensor], x: torch.Tensor, weight: Any) -
     """Fastest time over the dispatcher's candidate tile configs, and that config."""
     from triton.errors import TritonError
 
-    import kernels
+    from oneshot import kernels
 
     m, k = x.shape
     best: tuple[float | None, str] = (None, "")
@@ -126,7 +126,7 @@ def bench_shape(n: int, k: int, m: int, device: torch.device) -> Row:
     import torch.nn.functional as F
     from torch.sparse import to_sparse_semi_structured
 
-    import kernels
+    from oneshot import kernels
 
     g = torch.Generator(device=device).manual_seed(n * 7 + k)
     dense = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=g) * 0.02
@@ -281,7 +281,7 @@ def prune_model_24_(model: Any) -> None:
 
 def decode_rates(model: Any, prompt: torch.Tensor, new_tokens: int) -> dict[str, dict[str, float | str]]:
     """Tokens/s of ``model`` (already pruned 2:4, dense) as dense, converted 2:4 and converted bitmask."""
-    import kernels
+    from oneshot import kernels
 
     out: dict[str, dict[str, float | str]] = {}
     for variant in ("dense", "2:4", "bitmask"):

@@ -35,9 +35,9 @@ RUNS = [(m, p) for p in ("unstructured", "2:4") for m in ("magnitude", "wanda", 
 def _single(args: argparse.Namespace) -> dict:
     import torch
 
-    from eval.corpora import ppl_token_ids
-    from eval.perplexity import perplexity
     from oneshot import PruneConfig, calibration_windows, load_model, prune
+    from oneshot.eval.corpora import ppl_token_ids
+    from oneshot.eval.perplexity import perplexity
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -282,7 +282,7 @@ def test_cli_on_smollm2(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFi
 def test_export_compressed_form(
     fmt: str, tmp_path: Path, tiny_llama_dir: Path, calib_txt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import kernels
+    from oneshot import kernels
 
     out = tmp_path / "run"
     code, _, err = _run(

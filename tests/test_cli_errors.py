@@ -572,12 +572,12 @@ def test_a_broken_record_names_its_file(
 def test_eval_checks_the_baseline_before_evaluating_the_model(
     workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import eval.evaluate
+    import oneshot.eval.evaluate
 
     def must_not_run(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the main model was loaded before the baseline was checked")
 
-    monkeypatch.setattr(eval.evaluate, "_load", must_not_run)
+    monkeypatch.setattr(oneshot.eval.evaluate, "_load", must_not_run)
     for baseline, words in (("./no-such-model", "does not exist"), ("conf", "no weights")):
         if baseline == "conf":
             _config_only(workspace)
@@ -589,7 +589,7 @@ def test_eval_checks_the_baseline_before_evaluating_the_model(
 def test_a_non_finite_quick_perplexity_is_an_error(
     workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    module = sys.modules["eval.perplexity"]  # `eval.perplexity` is also the name of the function
+    module = sys.modules["oneshot.eval.perplexity"]  # `eval.perplexity` is also the name of the function
     real = module.perplexity
     calls: list[int] = []
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.evaluate import EVAL_FILE, FORMAT, EvalConfig, evaluate
 from oneshot.cli import main
+from oneshot.eval.evaluate import EVAL_FILE, FORMAT, EvalConfig, evaluate
 
 
 @pytest.fixture()
@@ -77,8 +77,8 @@ def test_run_dir_end_to_end(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from eval.corpora import ppl_token_ids
-    from eval.perplexity import perplexity
+    from oneshot.eval.corpora import ppl_token_ids
+    from oneshot.eval.perplexity import perplexity
 
     run = _run_dir(tiny_llama_dir, tmp_path / "run")
     out = tmp_path / "results.json"

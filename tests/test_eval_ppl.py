@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eval.corpora import C4_WINDOWS, PPL_DATASETS, EvalDataError, ppl_data, ppl_text, ppl_token_ids
-from eval.perplexity import perplexity, window_nll, windows
+from oneshot.eval.corpora import C4_WINDOWS, PPL_DATASETS, EvalDataError, ppl_data, ppl_text, ppl_token_ids
+from oneshot.eval.perplexity import perplexity, window_nll, windows
 
 
 class Bigram(torch.nn.Module):
@@ -69,7 +69,7 @@ def test_window_nll_in_chunks_equals_one_log_softmax(monkeypatch: pytest.MonkeyP
     logp = torch.log_softmax(logits.double(), dim=-1)[:, :-1]  # (3, 9, vocab)
     expected = -logp.gather(-1, ids[:, 1:, None]).sum()
     # 7 rows per chunk: chunks straddle windows and the last one is short
-    monkeypatch.setattr(importlib.import_module("eval.perplexity"), "_CHUNK_BYTES", {"cpu": 7 * vocab * 4})
+    monkeypatch.setattr(importlib.import_module("oneshot.eval.perplexity"), "_CHUNK_BYTES", {"cpu": 7 * vocab * 4})
     got = window_nll(logits, ids)
     assert got.dtype == torch.float64
     tol = 1e-5 if dtype == torch.float32 else 1e-4  # bf16 logits are upcast exactly; fp32 log-softmax

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from eval.corpora import EvalDataError
-from eval.tasks import LOCAL_TASKS, build_tasks, run_tasks, validate_task_names
+from oneshot.eval.corpora import EvalDataError
+from oneshot.eval.tasks import LOCAL_TASKS, build_tasks, run_tasks, validate_task_names
 
 # --- a few documents of each task in the field layout of the Hub dataset lm-eval reads -------------
 
@@ -269,7 +269,7 @@ def write_local(name: str, docs: list[dict[str, Any]], root: Path) -> None:
 @pytest.fixture(scope="module")
 def lm_eval_manager():
     """lm-eval's full task index (the same default TaskManager() any lm-eval user gets; built once)."""
-    from eval.tasks import _task_manager
+    from oneshot.eval.tasks import _task_manager
 
     return _task_manager()
 
@@ -347,7 +347,7 @@ def test_real_files_convert(data_dir: Path) -> None:
         "rte": 277,
         "lambada_openai": 5153,
     }
-    from eval.tasks import local_task_docs
+    from oneshot.eval.tasks import local_task_docs
 
     for name, count in counts.items():
         docs = local_task_docs(name, data_dir)

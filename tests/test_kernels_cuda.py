@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
-from kernels import SparseLinear, candidate_configs, compress_24, compress_bitmask
+from oneshot import kernels
+from oneshot.kernels import SparseLinear, candidate_configs, compress_24, compress_bitmask
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),

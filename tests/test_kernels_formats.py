@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.formats import (
+from oneshot.kernels.formats import (
     BitmaskWeight,
     Sparse24Weight,
     compress,

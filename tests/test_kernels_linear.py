@@ -20,9 +20,17 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
-from kernels import KernelConfig, Plan, SparseLinear, convert, densify, load_compressed, save_compressed
-from kernels.dispatch import Dispatcher, m_bucket
+from oneshot import kernels
+from oneshot.kernels import (
+    KernelConfig,
+    Plan,
+    SparseLinear,
+    convert,
+    densify,
+    load_compressed,
+    save_compressed,
+)
+from oneshot.kernels.dispatch import Dispatcher, m_bucket
 
 REPO = Path(__file__).resolve().parent.parent
 needs_triton = pytest.mark.skipif(
@@ -283,7 +291,7 @@ class _FakeTimer(Dispatcher):
 
 
 def test_dispatcher_picks_the_fastest_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kernels._common as common
+    import oneshot.kernels._common as common
 
     monkeypatch.setattr(common, "_sm_count", lambda device: 132)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import kernels
-from kernels import (
+from oneshot import kernels
+from oneshot.kernels import (
     BitmaskWeight,
     KernelConfig,
     Sparse24Weight,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.longtail import (
+from oneshot.eval.longtail import (
     SLICES,
     TATOEBA_LANGS,
     flag_slices,

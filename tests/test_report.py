@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.longtail import longtail_report
-from eval.report import write_report
-from eval.report_cli import add_report_parser, run_report
+from oneshot.eval.longtail import longtail_report
+from oneshot.eval.report import write_report
+from oneshot.eval.report_cli import add_report_parser, run_report
 from tests.conftest import tiny_llama_config
 from tests.test_longtail import make_fake_data
 
