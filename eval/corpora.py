@@ -14,9 +14,7 @@ Perplexity datasets follow the standard (GPTQ / SparseGPT / Wanda) protocol:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,8 @@ from typing import Any
 
 import torch
 
-from oneshot.data import data_dir_candidates
+from oneshot.data import CalibrationError, data_dir_candidates, read_jsonl, read_text_file
+from oneshot.errors import OneshotError
 
 __all__ = [
     "C4_DOCUMENTS",
@@ -40,8 +39,9 @@ __all__ = [
 ]
 
 
-class EvalDataError(FileNotFoundError):
-    """An evaluation file is missing; the message says which file is expected where."""
+class EvalDataError(OneshotError, FileNotFoundError):
+    """An evaluation file is missing; the message says which file is expected where (a `OneshotError`:
+    the CLI prints it as one line; still a FileNotFoundError for callers that catch that)."""
 
 
 PPL_DATASETS = {
@@ -77,9 +77,6 @@ def find_data_file(rel: str, data_dir: str | os.PathLike[str] | None) -> Path:
     )
 
 
-_find = find_data_file  # old private name
-
-
 def _check_name(name: str) -> Path | None:
     """None for a named dataset, the path for a local file; ValueError for anything else."""
     if name in PPL_DATASETS:
@@ -93,13 +90,10 @@ def _check_name(name: str) -> Path | None:
 
 
 def _c4_docs(path: Path) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line in fh if line.strip()]
+    return [str(row["text"]) for row in read_jsonl(path, required=("text",))]
 
 
 def _file_text(path: Path) -> str:
-    from oneshot.data import CalibrationError, read_text_file
-
     try:
         docs = read_text_file(path)
     except CalibrationError as exc:

@@ -1,12 +1,14 @@
 """Zero-shot lm-eval tasks, offline from the local files of the data directory.
 
 Every task runs through lm-eval's public API (`lm_eval.simple_evaluate` with an `HFLM` wrapping the
-in-memory model). For the nine tasks of the pruning papers the prompts, choices, targets and metrics are
-lm-eval's own: its YAML config of the same name is loaded unchanged, and only *where the documents come
-from* is overridden. The local file (shared/data layout, SOURCES.md section 4) is converted back to the
-field layout of the Hub dataset that config reads and handed to lm-eval as ``custom_dataset``; the split
-settings are narrowed to the one split the file holds. Without a local file, any lm-eval task name runs
-as usual (documents from the Hub through ``datasets``).
+in-memory model; tasks built with ``TaskManager.load``, lm-eval >= 0.4.12). For the nine tasks of the
+pruning papers the prompts, choices, targets and metrics are lm-eval's own: lm-eval loads its registered
+task of the same name, and only *where the documents come from* is overridden, with the group syntax
+lm-eval documents for overriding fields of an existing task (`local_task_spec`). The local file
+(shared/data layout, SOURCES.md section 4) is converted back to the field layout of the Hub dataset that
+config reads and handed to lm-eval as ``custom_dataset``; the split settings are narrowed to the one
+split the file holds. Without a local file, any lm-eval task name runs as usual (documents from the Hub
+through ``datasets``).
 
 Local file -> lm-eval fields (``local`` = what the file has):
 
@@ -52,7 +54,6 @@ Known differences from lm-eval on the Hub data (all from the local files, not fr
 from __future__ import annotations
 
 import bz2
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -61,6 +62,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from oneshot.data import read_jsonl
 from oneshot.eval.corpora import EvalDataError, find_data_file
 
 __all__ = [
@@ -68,9 +70,11 @@ __all__ = [
     "LocalTask",
     "TaskRun",
     "build_tasks",
-    "lm_eval_task_config",
-    "local_config",
+    "hub_offline",
+    "lm_eval_task_manager",
     "local_task_docs",
+    "local_task_paths",
+    "local_task_spec",
     "run_tasks",
     "task_summary",
     "validate_task_names",
@@ -81,11 +85,6 @@ logger = logging.getLogger(__name__)
 _LETTERS = "ABCDEFGHIJ"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def _multiple_choice(query: str, choices: list[str], gold: int) -> dict[str, Any]:
     labels = list(_LETTERS[: len(choices)])
     return {"choices": {"text": list(choices), "label": labels}, "answerKey": labels[int(gold)]}
@@ -93,7 +92,7 @@ def _multiple_choice(query: str, choices: list[str], gold: int) -> dict[str, Any
 
 def _arc(paths: list[Path]) -> list[dict[str, Any]]:
     out = []
-    for i, row in enumerate(_read_jsonl(paths[0])):
+    for i, row in enumerate(read_jsonl(paths[0])):
         question = row["query"].removeprefix("Question: ")
         out.append(
             {
@@ -107,7 +106,7 @@ def _arc(paths: list[Path]) -> list[dict[str, Any]]:
 
 def _openbookqa(paths: list[Path]) -> list[dict[str, Any]]:
     out = []
-    for i, row in enumerate(_read_jsonl(paths[0])):
+    for i, row in enumerate(read_jsonl(paths[0])):
         out.append(
             {
                 "id": f"local-{i}",
@@ -119,7 +118,7 @@ def _openbookqa(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def _piqa(paths: list[Path]) -> list[dict[str, Any]]:
-    rows = _read_jsonl(paths[0])
+    rows = read_jsonl(paths[0])
     labels = [line.strip() for line in paths[1].read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(labels) != len(rows):
         raise ValueError(f"{paths[1]} has {len(labels)} labels for the {len(rows)} items of {paths[0]}")
@@ -168,7 +167,7 @@ def _common_prefix(a: str, b: str) -> str:
 
 def _winogrande(paths: list[Path]) -> list[dict[str, Any]]:
     out = []
-    for row in _read_jsonl(paths[0]):
+    for row in read_jsonl(paths[0]):
         first, second = row["context_options"]
         prefix = _common_prefix(first, second)
         cut = prefix.rfind(" ") + 1  # the blank starts a word: split at the last shared space
@@ -186,7 +185,7 @@ def _winogrande(paths: list[Path]) -> list[dict[str, Any]]:
 
 def _boolq(paths: list[Path]) -> list[dict[str, Any]]:
     out = []
-    for i, row in enumerate(_read_jsonl(paths[0])):
+    for i, row in enumerate(read_jsonl(paths[0])):
         passage, sep, question = row["query"].removeprefix("Passage: ").rpartition("\nQuestion: ")
         if not sep:
             raise ValueError(f"{paths[0]}: item {i} has no '\\nQuestion: ' in its query")
@@ -205,12 +204,12 @@ def _rte(paths: list[Path]) -> list[dict[str, Any]]:
             "label": labels[r["label"]],
             "idx": int(r["idx"]),
         }
-        for r in _read_jsonl(paths[0])
+        for r in read_jsonl(paths[0])
     ]
 
 
 def _lambada(paths: list[Path]) -> list[dict[str, Any]]:
-    return [{"text": r["context"] + " " + r["continuation"]} for r in _read_jsonl(paths[0])]
+    return [{"text": r["context"] + " " + r["continuation"]} for r in read_jsonl(paths[0])]
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,8 @@ LOCAL_TASKS: dict[str, LocalTask] = {
 }
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (1/true/yes): no Hub downloads."""
     return any(
         os.environ.get(k, "").lower() in ("1", "true", "yes")
         for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -267,8 +267,9 @@ def _offline() -> bool:
 
 
 @lru_cache(maxsize=1)
-def _task_manager() -> Any:
-    """lm-eval's full task index (scans every YAML once per process: several seconds)."""
+def lm_eval_task_manager() -> Any:
+    """lm-eval's `TaskManager` over every task it ships, cached per process (scanning every YAML takes
+    several seconds): the index of known task names, and the loader of tasks read from the Hub."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager()
@@ -280,12 +281,38 @@ def _empty_task_manager() -> Any:
     return TaskManager(include_defaults=False)
 
 
+@lru_cache(maxsize=16)
+def _folder_task_manager(folder: str) -> Any:
+    """A `TaskManager` that indexes only the task YAMLs of one folder (milliseconds, not seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=folder, include_defaults=False)
+
+
+def _local_task_manager(name: str) -> Any:
+    """A `TaskManager` that knows the offline task ``name``: the one of its YAML folder (the full index
+    when lm-eval moved the file). ValueError when this lm-eval has no task of that name."""
+    import lm_eval.tasks
+
+    path = Path(lm_eval.tasks.__file__).parent / LOCAL_TASKS[name].config
+    if path.is_file():
+        manager = _folder_task_manager(str(path.parent))
+        if name in manager.all_tasks:
+            return manager
+    manager = lm_eval_task_manager()
+    if name not in manager.all_tasks:
+        raise ValueError(
+            f"this lm-eval version has no task {name!r} (expected lm_eval/tasks/{LOCAL_TASKS[name].config})"
+        )
+    return manager
+
+
 def validate_task_names(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None) -> None:
     """ValueError for a name lm-eval does not know (listing the offline tasks and close matches)."""
     unknown = [n for n in names if n not in LOCAL_TASKS]
     if not unknown:
         return
-    known = set(_task_manager().all_tasks)
+    known = set(lm_eval_task_manager().all_tasks)
     bad = [n for n in unknown if n not in known]
     if bad:
         import difflib
@@ -299,8 +326,11 @@ def validate_task_names(names: Sequence[str], data_dir: str | os.PathLike[str] |
         )
 
 
-def _local_paths(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path] | None:
-    """The local files of an offline task, None when the first is missing; EvalDataError for a partial set."""
+def local_task_paths(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path] | None:
+    """The local files of an offline task (a name in `LOCAL_TASKS`), in the order of `LocalTask.files`.
+
+    None when the first file is not in the data directory (the task then needs the Hub); EvalDataError
+    when the first is there but one of the others is missing beside it."""
     spec = LOCAL_TASKS[name]
     try:
         first = find_data_file(spec.files[0], data_dir)
@@ -319,49 +349,38 @@ def local_task_docs(name: str, data_dir: str | os.PathLike[str] | None = None) -
     """Documents of an offline task in the field layout of lm-eval's Hub dataset."""
     if name not in LOCAL_TASKS:
         raise ValueError(f"no offline data for task {name!r}: offline tasks are {', '.join(LOCAL_TASKS)}")
-    paths = _local_paths(name, data_dir)
+    paths = local_task_paths(name, data_dir)
     if paths is None:
         find_data_file(LOCAL_TASKS[name].files[0], data_dir)  # raises with the expected location
         raise AssertionError("unreachable")  # pragma: no cover
     return LOCAL_TASKS[name].convert(paths)
 
 
-def lm_eval_task_config(name: str) -> dict[str, Any]:
-    """lm-eval's own config of a task (YAML with includes and ``!function`` resolved)."""
-    import lm_eval.tasks
-    from lm_eval.tasks._yaml_loader import load_yaml
+def local_task_spec(name: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The config handed to ``TaskManager.load`` for an offline task: lm-eval's registered task ``name``
+    with its documents supplied in memory (one split, no download).
 
-    path = Path(lm_eval.tasks.__file__).parent / LOCAL_TASKS[name].config if name in LOCAL_TASKS else None
-    if path is None or not path.is_file():
-        entry = _task_manager().task_index.get(name)
-        if entry is None or entry.yaml_path is None:
-            raise ValueError(f"lm-eval has no YAML config for task {name!r}")
-        path = Path(entry.yaml_path)
-    cfg = load_yaml(path, resolve_func=True)
-    for key in ("tag", "group", "task_list"):
-        cfg.pop(key, None)
-    if cfg.get("task") != name:
-        raise ValueError(f"lm-eval config {path} defines task {cfg.get('task')!r}, not {name!r}")
-    return cfg
-
-
-def local_config(name: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """lm-eval's config of ``name`` with the documents supplied in memory (one split, no download)."""
+    It is a one-member group whose member overrides fields of the registered task, the syntax lm-eval
+    documents for "overriding an existing task's specific config value" in a group (new_task_guide.md),
+    so lm-eval itself reads and resolves the task's YAML (includes, ``!function``); only the fields below
+    change. The group is a wrapper: `build_tasks` keeps the task alone.
+    """
     import datasets
 
-    spec = LOCAL_TASKS[name]
-    cfg = lm_eval_task_config(name)
-    split = spec.split
+    split = LOCAL_TASKS[name].split
 
     def _dataset(**_: Any) -> Any:
         return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
 
-    cfg["custom_dataset"] = _dataset
-    cfg["training_split"] = None
-    cfg["validation_split"] = split if split == "validation" else None
-    cfg["test_split"] = split if split == "test" else None
-    cfg.pop("fewshot_split", None)
-    return cfg
+    member = {
+        "task": name,
+        "custom_dataset": _dataset,
+        "training_split": None,
+        "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None,
+        "fewshot_split": None,
+    }
+    return {"group": f"oneshot_offline_{name}", "task": [member]}
 
 
 @dataclass
@@ -384,24 +403,24 @@ def build_tasks(
     the Hub is unreachable or disabled (``HF_HUB_OFFLINE=1``).
     """
     validate_task_names(names, data_dir)
-    tm = _empty_task_manager()
     tasks: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name in names:
         if name in tasks:
             continue
-        paths = _local_paths(name, data_dir) if name in LOCAL_TASKS else None
+        paths = local_task_paths(name, data_dir) if name in LOCAL_TASKS else None
         if paths is not None:
             docs = LOCAL_TASKS[name].convert(paths)
             if limit is not None:
                 docs = docs[:limit]
-            loaded = tm.load([local_config(name, docs)])
+            built = _local_task_manager(name).load([local_task_spec(name, docs)])
+            loaded = {"tasks": {name: built["tasks"][name]}}  # the task without its wrapping group
             sources[name] = f"local:{paths[0]}"
         else:
-            if name in LOCAL_TASKS and _offline():
+            if name in LOCAL_TASKS and hub_offline():
                 find_data_file(LOCAL_TASKS[name].files[0], data_dir)  # raises: says which file, where
             try:
-                loaded = _task_manager().load([name])
+                loaded = lm_eval_task_manager().load([name])
             except Exception as exc:
                 expected = ""
                 if name in LOCAL_TASKS:

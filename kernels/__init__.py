@@ -11,6 +11,7 @@
   unchanged. ``keep_dense=True`` also keeps the dense weight so large-M calls cost exactly dense.
 * ``load_sparse_model``/``save_compressed``/``load_compressed``: pruned checkpoint -> sparse model, and the
   compressed form on disk.
+* ``bench`` (imported on demand): what ``scripts/bench_kernels.py`` measures on a GPU.
 
 Importing this package does not import Triton (kernels are built on first use) and touches no GPU. To run the
 Triton kernels on the CPU interpreter, set ``TRITON_INTERPRET=1`` before ``triton`` is first imported and

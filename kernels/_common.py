@@ -99,7 +99,8 @@ def _split_for(programs: int, k: int, block_k: int, device: torch.device) -> int
 
 
 # (block_n, block_k, num_warps) of the decode kernel; (block_m, block_n, block_k, num_warps, num_stages) of
-# the tl.dot kernel for skinny, medium and large M. All compile for sm_90 without register spills.
+# the tl.dot kernel for skinny, medium and large M. Picked from the usual Triton GEMM tile sizes, not tuned or
+# checked for register spills on a GPU: the dispatcher times them and leaves out any that fail to launch.
 _GEMV_TILES = [(8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (4, 1024, 4)]
 _DOT_SKINNY = [(16, 32, 128, 4, 2), (16, 64, 128, 4, 2), (16, 128, 128, 8, 3)]
 _DOT_MEDIUM = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]

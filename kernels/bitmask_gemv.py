@@ -144,7 +144,8 @@ def bitmask_gemv(
         x: ``(..., K)`` input, same dtype and device as the weight values; meant for ``M <= 16`` rows.
         weight: bitmask compressed ``(N, K)`` weight.
         bias: optional ``(N,)``.
-        config: tile sizes with ``block_m`` in (1, 2, 4); ``default_config`` for ``min(M, 4)`` rows if None.
+        config: a decode-kernel config (``block_m`` 1); if None, ``default_config`` for ``min(M, 4)`` rows
+            (always a decode config).
         out: optional contiguous ``(..., N)`` output buffer of ``x.dtype``.
 
     Returns:
@@ -156,7 +157,7 @@ def bitmask_gemv(
     m = x2.shape[0]
     cfg = config or default_config(min(m, 4), n, k, x2.device)
     if cfg.use_dot:
-        raise ValueError(f"bitmask_gemv takes block_m 1, 2 or 4, got {cfg.block_m}; use bitmask_matmul")
+        raise ValueError(f"bitmask_gemv takes block_m 1, got {cfg.block_m}; use bitmask_matmul")
     k_split, splits = k_per_split(k, cfg, align=weight.tile)
     result, target = prepare_output(x, n, out, splits)
     if m == 0:

@@ -9,7 +9,6 @@ alone. The model's ``forward``/``generate`` are unchanged.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from oneshot.walker import matches_ignore
 
 from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
 from .dispatch import BACKENDS, Dispatcher, Plan, default_dispatcher, m_bucket
@@ -288,11 +289,6 @@ class ConvertSummary:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """Glob ``patterns`` against the full module name or any trailing part of it (``"lm_head"``)."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
-
-
 def _shared_parameters(model: nn.Module) -> set[int]:
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -352,9 +348,9 @@ def convert(
         dense_bytes = w.numel() * w.element_size()
         sparsity = float("nan")
         chosen: str | None = None
-        if _matches(name, tuple(ignore)):
+        if matches_ignore(name, tuple(ignore)):
             reason = "ignored"
-        elif _matches(name, patterns) or module is output_embeddings:
+        elif matches_ignore(name, patterns) or module is output_embeddings:
             reason = "output embedding"
         elif id(w) in shared:
             reason = "weight shared with another module"

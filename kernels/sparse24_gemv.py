@@ -4,9 +4,10 @@ Built for the weight-bandwidth-bound decode regime: each program reads its ``(BN
 compressed form (``(BN, BK/8)`` metadata bytes + ``(BN, BK/2)`` values: 1.125 bytes per element in 16-bit)
 and never builds the dense tile. It works per metadata byte ``j`` (8 columns, 2 groups, 4 kept values): the
 byte's four 2-bit positions select, for every kept value, which of the 4 input columns of its group it
-multiplies, and the products accumulate element-wise in fp32 ``(BM, BN, BK/8)`` registers that are reduced
-once at the end. Up to ``BM`` (1, 2 or 4) input rows share each weight tile; K can be split across programs
-(fp32 partials summed afterwards) to fill the GPU when N is small.
+multiplies, and the products accumulate element-wise in fp32 ``(BN, BK/8)`` registers that are reduced
+once at the end. Each program handles one input row (``block_m`` is 1), so with several rows each weight
+tile is read once per row (the repeats mostly from L2); K can be split across programs (fp32 partials
+summed afterwards) to fill the GPU when N is small.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def sparse24_gemv(
         x: ``(..., K)`` input, same dtype and device as the weight values; meant for ``M <= 16`` rows.
         weight: 2:4 compressed ``(N, K)`` weight.
         bias: optional ``(N,)``.
-        config: tile sizes with ``block_m`` in (1, 2, 4); ``default_config`` for ``min(M, 4)`` rows if None.
+        config: a decode-kernel config (``block_m`` 1); if None, ``default_config`` for ``min(M, 4)`` rows
+            (always a decode config).
         out: optional contiguous ``(..., N)`` output buffer of ``x.dtype``.
 
     Returns:
@@ -176,7 +178,7 @@ def sparse24_gemv(
     m = x2.shape[0]
     cfg = config or default_config(min(m, 4), n, k, x2.device)
     if cfg.use_dot:
-        raise ValueError(f"sparse24_gemv takes block_m 1, 2 or 4, got {cfg.block_m}; use sparse24_matmul")
+        raise ValueError(f"sparse24_gemv takes block_m 1, got {cfg.block_m}; use sparse24_matmul")
     k_split, splits = k_per_split(k, cfg)
     result, target = prepare_output(x, n, out, splits)
     if m == 0:

@@ -9,11 +9,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["PruneConfig", "PruneReport", "calibration_windows", "load_model", "parse_pattern", "prune"]
+__all__ = [
+    "PruneConfig",
+    "PruneReport",
+    "RunConfig",
+    "calibration_windows",
+    "load_model",
+    "parse_pattern",
+    "prune",
+    "run_prune",
+]
 __version__ = "0.1.0"
 
 _HOME = {
     "PruneConfig": "oneshot.config",
+    "RunConfig": "oneshot.config",
+    "run_prune": "oneshot.jobs.prune",
     "parse_pattern": "oneshot.config",
     "calibration_windows": "oneshot.data",
     "load_model": "oneshot.models",

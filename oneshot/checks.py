@@ -53,8 +53,9 @@ def prunable_layers(model: torch.nn.Module, ignore: tuple[str, ...] = ()) -> dic
     return out
 
 
-def check_prunable(config: PruneConfig) -> tuple[int | None, bool]:
-    """Check ``config`` against the model's config; return the model's context length (or None) and
+def check_prunable(config: PruneConfig, model: str | None) -> tuple[int | None, bool]:
+    """Check ``config`` against the config of the model ``model`` (a spec as for `load_model`); return the
+    model's context length (or None) and
     whether the layer checks ran (False when no weightless skeleton could be built: run `check_layers` on
     the loaded model then).
 
@@ -62,7 +63,7 @@ def check_prunable(config: PruneConfig) -> tuple[int | None, bool]:
     - at least one layer is left to prune;
     - an N:M pattern divides every pruned layer's input width.
     """
-    model_config = load_model_config(config.model)
+    model_config = load_model_config(model)
     skeleton = model_skeleton(model_config)
     if skeleton is not None:
         check_layers(skeleton, config)

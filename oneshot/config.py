@@ -1,7 +1,9 @@
-"""The one configuration object of a pruning run.
+"""The configuration of a pruning run, in two frozen parts.
 
-`PruneConfig` is frozen: every field is validated and normalised in ``__post_init__`` so that a config
-that exists is a config that can run. Bad user input raises ``ValueError`` with the valid choices.
+`PruneConfig` is the algorithm (method, sparsity, pattern, solver settings): everything `oneshot.prune`
+reads. `RunConfig` is the data and the execution (model, calibration windows, dtype, device, the quick
+check, the export). Every field is validated and normalised in ``__post_init__`` so that a config that
+exists is a config that can run; bad input raises `ConfigError` (a ``ValueError``) listing the choices.
 """
 
 from __future__ import annotations
@@ -9,18 +11,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from oneshot.errors import OneshotError
 
 __all__ = [
     "DTYPES",
+    "EXPORT_FORMATS",
     "METHODS",
     "PROPAGATE",
     "UNCALIBRATED",
     "ConfigError",
     "PruneConfig",
+    "RunConfig",
     "parse_pattern",
 ]
 
@@ -28,6 +32,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 DTYPES = ("float32", "bfloat16", "float16")
 PROPAGATE = ("pruned", "dense")
 UNCALIBRATED = ("magnitude", "dense")
+EXPORT_FORMATS = ("2:4", "bitmask")
 DEVICES = ("auto", "cpu", "cuda")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -60,35 +65,30 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything that decides the result of a pruning run.
+    """The pruning algorithm: what decides which weights go and how the others change.
 
-    Defaults follow the standard SparseGPT / Wanda protocol: 128 calibration windows of 2048 tokens from
-    C4, seed 0, sparsity 50 %, pruned activations propagated to the next block.
+    Defaults follow the standard SparseGPT / Wanda protocol (50 % sparsity, damping 0.01, pruned
+    activations propagated to the next block). Data and execution settings are in `RunConfig`.
     """
 
     method: str = "sparsegpt"
     sparsity: float | None = None  # None -> 0.5 for unstructured, N/M for an N:M pattern
     pattern: str = "unstructured"  # "unstructured" or "N:M"
-    calib: str = "c4"  # c4 | wikitext2 | self | PATH | hf:DATASET_ID
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
     damp: float = 0.01  # SparseGPT: damping relative to mean(diag(H))
     block_size: int = 128  # SparseGPT: columns per lazy-update block
-    ignore: tuple[str, ...] = ()  # fnmatch patterns of Linear names to keep dense
+    ignore: tuple[str, ...] = ()  # fnmatch patterns of weight names to keep dense
     propagate: str = "pruned"  # feed the pruned ("pruned") or the dense ("dense") block outputs forward
-    dtype: str = "float32"
-    device: str = "auto"
-    batch_size: int = 8  # calibration windows per block forward
     layer_loss: bool = True  # also collect Hessians for magnitude/Wanda to report exact per-layer loss
     # weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear that never
     # runs): "magnitude" prunes them by magnitude with a warning, "dense" keeps them dense (reported)
     uncalibrated: str = "magnitude"
-    model: str | None = None  # path, Hub id or .gguf file; None -> embedded SmolLM2-135M-Instruct
-    data_dir: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, not used by the algorithm
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -116,31 +116,17 @@ class PruneConfig:
                 )
             sparsity = implied
         set_(self, "sparsity", 0.5 if sparsity is None else sparsity)
-
-        for name in ("nsamples", "seqlen", "batch_size", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        _positive_int("block_size", self.block_size)
         if not math.isfinite(float(self.damp)) or float(self.damp) < 0:
             raise ConfigError(f"damp must be a finite number >= 0, got {self.damp!r}")
         set_(self, "damp", float(self.damp))
         if self.propagate not in PROPAGATE:
             raise ConfigError(f"unknown propagate {self.propagate!r}: choose one of {', '.join(PROPAGATE)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if not _DEVICE_RE.match(str(self.device)):
-            raise ConfigError(
-                f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N (e.g. cuda:0)"
-            )
         if self.uncalibrated not in UNCALIBRATED:
             raise ConfigError(
                 f"unknown uncalibrated {self.uncalibrated!r}: choose one of {', '.join(UNCALIBRATED)}"
             )
         set_(self, "ignore", tuple(str(p) for p in self.ignore))
-        if not str(self.calib).strip():
-            raise ConfigError("calib must name a source: c4, wikitext2, self, a file path or hf:DATASET_ID")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -156,3 +142,76 @@ class PruneConfig:
         out = dataclasses.asdict(self)
         out["ignore"] = list(self.ignore)
         return out
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Data and execution of a run: the model, the calibration windows, dtype, device, the quick check.
+
+    Defaults: the embedded SmolLM2-135M-Instruct, 128 windows of 2048 tokens from C4 with seed 0, float32,
+    the GPU when there is one, a quick WikiText-2 check on 8 windows before and after.
+    """
+
+    model: str | None = None  # path, Hub id or .gguf file; None -> embedded SmolLM2-135M-Instruct
+    calib: str = "c4"  # c4 | wikitext2 | self | PATH | hf:DATASET_ID
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    data_dir: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    batch_size: int = 8  # calibration windows per block forward
+    eval_windows: int = 8  # quick WikiText-2 windows before / after pruning (0 skips)
+    eval_seqlen: int | None = None  # their length; None -> seqlen
+    export: str | None = None  # also write the compressed form for oneshot.kernels: "2:4" | "bitmask"
+
+    def __post_init__(self) -> None:
+        for name in ("nsamples", "seqlen", "batch_size"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if not _DEVICE_RE.match(str(self.device)):
+            raise ConfigError(
+                f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N (e.g. cuda:0)"
+            )
+        if not str(self.calib).strip():
+            raise ConfigError("calib must name a source: c4, wikitext2, self, a file path or hf:DATASET_ID")
+        if (
+            isinstance(self.eval_windows, bool)
+            or not isinstance(self.eval_windows, int)
+            or self.eval_windows < 0
+        ):
+            raise ConfigError(
+                f"--eval-windows must be an integer >= 0 (0 skips the quick check), got {self.eval_windows!r}"
+            )
+        if self.eval_seqlen is not None and (
+            isinstance(self.eval_seqlen, bool)
+            or not isinstance(self.eval_seqlen, int)
+            or self.eval_seqlen < 2
+        ):
+            raise ConfigError(
+                f"--eval-seqlen must be at least 2 tokens, got {self.eval_seqlen!r} (leave it out to use --seqlen)"
+            )
+        if self.eval_windows > 0 and self.eval_seqlen is None and self.seqlen < 2:
+            raise ConfigError(
+                "the quick check needs windows of at least 2 tokens: pass --eval-seqlen or --eval-windows 0"
+            )
+        if self.export is not None and self.export not in EXPORT_FORMATS:
+            raise ConfigError(
+                f"unknown export format {self.export!r}: choose one of {', '.join(EXPORT_FORMATS)}"
+            )
+
+    def check_against(self, prune: PruneConfig) -> None:
+        """Settings that must agree with the algorithm: ``--export 2:4`` needs ``--pattern 2:4``."""
+        if self.export == "2:4" and prune.pattern != "2:4":
+            raise ConfigError(f"--export 2:4 needs --pattern 2:4 (got {prune.pattern}); use --export bitmask")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ from oneshot.models import kv_cache_arg
 __all__ = [
     "NAMED_SOURCES",
     "CalibrationError",
+    "DataFileError",
     "calibration_windows",
     "data_dir_candidates",
     "load_text_source",
+    "read_jsonl",
     "read_text_file",
     "resolve_data_dir",
     "sample_windows",
@@ -55,6 +57,10 @@ class CalibrationError(OneshotError, ValueError):
     """Calibration data could not be found or is unusable; the message says where it looked."""
 
 
+class DataFileError(OneshotError, ValueError):
+    """A data file cannot be read or is malformed; the one-line message names the file (and the line)."""
+
+
 def data_dir_candidates(explicit: str | os.PathLike[str] | None = None) -> list[Path]:
     """Where data is looked for, in order: the explicit setting, $ONESHOT_DATA_DIR, ./data, and the
     ``shared/data`` folder beside a source checkout of this package."""
@@ -77,6 +83,53 @@ def resolve_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path | N
     return None
 
 
+def read_jsonl(path: str | os.PathLike[str], *, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, one JSON object per non-blank line (gzip when the name ends in .gz).
+
+    ``required``: keys every record must have. Every problem is a `DataFileError` naming the file, and the
+    line for a record that is not UTF-8, not valid JSON, not an object, or lacks a required key.
+    """
+    path = Path(path)
+    opener: Callable[..., Any] = gzip.open if path.name.lower().endswith(".gz") else open
+    rows: list[dict[str, Any]] = []
+    try:
+        with opener(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                record = _jsonl_record(path, number, raw, required)
+                if record is not None:
+                    rows.append(record)
+    except DataFileError:
+        raise
+    except PermissionError as exc:
+        raise DataFileError(f"cannot read {path}: permission denied") from exc
+    except (OSError, EOFError) as exc:  # missing, not gzip (BadGzipFile is an OSError), truncated (EOFError)
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise DataFileError(f"cannot read {path}: {reason}") from exc
+    return rows
+
+
+def _jsonl_record(path: Path, number: int, raw: bytes, required: Sequence[str]) -> dict[str, Any] | None:
+    """The record of line ``number`` (None for a blank line); DataFileError naming the file and line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFileError(
+            f"{path}: line {number} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
+        ) from exc
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(row, dict):
+        raise DataFileError(f"{path}: line {number} is not a JSON object")
+    for key in required:
+        if key not in row:
+            raise DataFileError(f"{path}: line {number} has no {key!r} field")
+    return row
+
+
 def read_text_file(path: Path) -> list[str]:
     """Documents of a local file: .txt/.raw (whole file), .jsonl[.gz] / .json (a ``text`` field), .parquet.
 
@@ -86,6 +139,8 @@ def read_text_file(path: Path) -> list[str]:
         return _read_text_file(path)
     except CalibrationError:
         raise
+    except DataFileError as exc:
+        raise CalibrationError(str(exc)) from exc
     except PermissionError as exc:
         raise CalibrationError(f"cannot read calibration file {path}: permission denied") from exc
     except UnicodeDecodeError as exc:
@@ -100,24 +155,16 @@ def read_text_file(path: Path) -> list[str]:
 
 def _read_text_file(path: Path) -> list[str]:
     name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")):
-        opener: Callable[..., Any] = gzip.open if name.endswith(".gz") else open
-        docs: list[str] = []
-        with opener(path, "rt", encoding="utf-8") as fh:
-            if name.endswith(".json"):
-                data = json.load(fh)
-                rows: Iterable[tuple[int, Any]] = enumerate(
-                    data if isinstance(data, list) else data.get("data", []), start=1
-                )
-                where = "record"
-            else:
-                rows = _jsonl_rows(path, fh)
-                where = "line"
-            for i, row in rows:
-                if not isinstance(row, dict) or "text" not in row:
-                    raise CalibrationError(f"{path}: {where} {i} has no 'text' field")
-                docs.append(str(row["text"]))
-        return docs
+    if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):  # .json.gz: C4's JSON-lines shards
+        return [str(row["text"]) for row in read_jsonl(path, required=("text",))]
+    if name.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        records = data if isinstance(data, list) else data.get("data", [])
+        for i, row in enumerate(records, start=1):
+            if not isinstance(row, dict) or "text" not in row:
+                raise CalibrationError(f"{path}: record {i} has no 'text' field")
+        return [str(row["text"]) for row in records]
     if name.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -132,16 +179,6 @@ def _read_text_file(path: Path) -> list[str]:
     raise CalibrationError(
         f"unsupported calibration file {path}: use .txt, .jsonl, .jsonl.gz, .json or .parquet"
     )
-
-
-def _jsonl_rows(path: Path, fh: Iterable[str]) -> Iterable[tuple[int, Any]]:
-    for number, line in enumerate(fh, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
 
 
 def _wikitext_rows(text: str) -> list[str]:

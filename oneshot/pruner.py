@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 
 from oneshot.config import PruneConfig
 from oneshot.errors import OneshotError
-from oneshot.models import max_positions
+from oneshot.models import max_positions, resolve_device
 from oneshot.moe import (
     ExpertCollector,
     expert_matrix,
@@ -40,6 +40,7 @@ from oneshot.moe import (
     num_experts,
     set_expert_matrix,
 )
+from oneshot.runfolder import BlockReport, DenseMatrix, LayerReport, PruneReport
 from oneshot.solvers import SolverError, get_solver, prune_magnitude
 from oneshot.stats import InputStats
 from oneshot.walker import (
@@ -69,7 +70,6 @@ __all__ = [
     "dense_summary",
     "plan_block",
     "prune",
-    "resolve_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,60 +88,6 @@ DENSE_OTHER = "not a Linear or fused experts weight (not supported)"
 
 
 @dataclass
-class LayerReport:
-    name: str
-    shape: tuple[int, int]  # (out_features, in_features)
-    sparsity: float  # fraction of zeros after pruning
-    loss: float | None  # ||(W - W')X^T||^2 / n on the calibration inputs (None when no Hessian was kept)
-    seconds: float
-
-
-@dataclass
-class BlockReport:
-    index: int
-    seconds: float
-    output_error: float | None  # ||Y_dense - Y_pruned||^2 / ||Y_dense||^2 of the block on calibration data
-
-
-@dataclass
-class PruneReport:
-    config: dict[str, Any]
-    layers: list[LayerReport] = field(default_factory=list)  # one per pruned matrix (Linear or expert slice)
-    blocks: list[BlockReport] = field(default_factory=list)
-    total_seconds: float = 0.0
-    peak_memory_bytes: int = 0
-    peak_memory_kind: str = ""
-    device: str = "cpu"
-    pruned_params: int = 0  # parameters of the pruned matrices
-    zero_params: int = 0  # zeros among them after pruning
-    # Every weight matrix of the decoder blocks (every >= 2-D parameter except stacked per-expert biases; a
-    # 3-D experts tensor holds E matrices), pruned or not, measured after pruning.
-    matrix_params: int = 0
-    matrix_zero_params: int = 0
-    # {"name", "params", "reason"} for every weight matrix of the blocks left dense (a whole experts tensor
-    # is one entry when all its experts stay dense for the same reason; reasons: the DENSE_* constants).
-    dense_matrices: list[dict[str, Any]] = field(default_factory=list)
-    # weights that received no calibration tokens and were pruned by magnitude (--uncalibrated magnitude)
-    uncalibrated: list[str] = field(default_factory=list)
-
-    @property
-    def sparsity(self) -> float:
-        """Achieved sparsity over all pruned layers (zeros / parameters)."""
-        return self.zero_params / self.pruned_params if self.pruned_params else 0.0
-
-    @property
-    def block_sparsity(self) -> float:
-        """Achieved sparsity over every weight matrix of the decoder blocks, dense ones included."""
-        return self.matrix_zero_params / self.matrix_params if self.matrix_params else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["sparsity"] = self.sparsity
-        out["block_sparsity"] = self.block_sparsity
-        return out
-
-
-@dataclass
 class Target:
     """One weight matrix to prune: a Linear's weight or one expert's slice of a fused experts tensor."""
 
@@ -157,12 +103,12 @@ class BlockPlan:
     targets: list[Target] = field(default_factory=list)
     linears: dict[str, nn.Module] = field(default_factory=dict)  # Linears to prune (statistics hooks)
     experts: dict[str, nn.Module] = field(default_factory=dict)  # experts modules with matrices to prune
-    dense: list[dict[str, Any]] = field(default_factory=list)  # matrices kept dense before calibration
+    dense: list[DenseMatrix] = field(default_factory=list)  # matrices kept dense before calibration
     accounted: set[int] = field(default_factory=set)  # ids of the parameters covered by the two above
 
 
-def _dense(name: str, params: int, reason: str) -> dict[str, Any]:
-    return {"name": name, "params": int(params), "reason": reason}
+def _dense(name: str, params: int, reason: str) -> DenseMatrix:
+    return DenseMatrix(name, int(params), reason)
 
 
 def plan_block(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> BlockPlan:
@@ -210,11 +156,11 @@ def plan_block(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> BlockP
     return plan
 
 
-def _census(block: nn.Module, prefix: str, accounted: set[int]) -> tuple[int, int, list[dict[str, Any]]]:
+def _census(block: nn.Module, prefix: str, accounted: set[int]) -> tuple[int, int, list[DenseMatrix]]:
     """(parameters, zeros) over every weight matrix of a block, and dense entries for the matrices that no
     plan covers. Weight matrices: every >= 2-D parameter except stacked per-expert biases (``*_bias``)."""
     params = zeros = 0
-    others: list[dict[str, Any]] = []
+    others: list[DenseMatrix] = []
     for rel, p in block.named_parameters():
         if p.dim() < 2 or rel.rsplit(".", 1)[-1].endswith("bias"):
             continue
@@ -223,15 +169,6 @@ def _census(block: nn.Module, prefix: str, accounted: set[int]) -> tuple[int, in
         if id(p) not in accounted:
             others.append(_dense(f"{prefix}.{rel}", p.numel(), DENSE_OTHER))
     return params, zeros, others
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available: use --device cpu or auto")
-    return dev
 
 
 def _store_device(device: torch.device, nbytes: int) -> torch.device:
@@ -259,11 +196,19 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 @torch.no_grad()
 def prune(
-    model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, progress: bool = True
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: PruneConfig,
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
 ) -> PruneReport:
     """Prune every Linear and every expert matrix inside the decoder blocks of ``model`` in place.
 
-    ``calibration``: (nsamples, seqlen) int64 token ids. Embeddings, the LM head and MoE routers stay dense.
+    ``calibration``: (nsamples, seqlen) int64 token ids. ``device``: where each block runs ("auto": CUDA
+    when available); ``batch_size``: calibration windows per block forward. Embeddings, the LM head and MoE
+    routers stay dense.
     Returns a `PruneReport` with per-matrix sparsity, reconstruction loss and time, the sparsity over all
     weight matrices of the blocks and the list of matrices left dense with the reason.
     """
@@ -278,7 +223,9 @@ def prune(
         raise PruneError(f"seqlen {calibration.shape[1]} exceeds the model's context of {max_pos} tokens")
 
     start = time.perf_counter()
-    device = resolve_device(config.device)
+    device = resolve_device(device)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PruneError(f"batch_size must be a positive integer, got {batch_size!r}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     solver = get_solver(config.method)
@@ -291,7 +238,7 @@ def prune(
         solver_kwargs.update(block_size=config.block_size, damp=config.damp)
 
     blocks_name, blocks = find_blocks(model)
-    report = PruneReport(config=config.to_dict(), device=str(device))
+    report = PruneReport(device=str(device))
     model_config: Any = model.config
     hidden_size = int(getattr(model_config.get_text_config(), "hidden_size", 0) or 0)
     act_bytes = calibration.numel() * hidden_size * torch.finfo(next(model.parameters()).dtype).bits // 8
@@ -304,7 +251,7 @@ def prune(
         model_config.use_cache = False
     try:
         move_non_block_modules(model, blocks, device)
-        batches = list(calibration.split(config.batch_size))
+        batches = list(calibration.split(batch_size))
         logger.info(
             "capturing the inputs of the %d blocks: %d calibration batches of %d x %d tokens",
             len(blocks),
@@ -444,7 +391,7 @@ def prune(
         bar.close()
     except torch.OutOfMemoryError as exc:
         raise PruneError(
-            f"out of memory while pruning: lower --batch-size (now {config.batch_size}), --nsamples or --seqlen, "
+            f"out of memory while pruning: lower --batch-size (now {batch_size}), --nsamples or --seqlen, "
             "or use --device cpu"
         ) from exc
     finally:
@@ -458,9 +405,9 @@ def prune(
             f"nothing was pruned: every weight matrix of the {len(blocks)} blocks was kept dense "
             f"({dense_summary(report.dense_matrices)})"
         )
-    unexpected = [d for d in report.dense_matrices if d["reason"] not in (DENSE_ROUTER, DENSE_IGNORED)]
+    unexpected = [d for d in report.dense_matrices if d.reason not in (DENSE_ROUTER, DENSE_IGNORED)]
     if unexpected:
-        share = sum(d["params"] for d in unexpected) / max(1, report.matrix_params)
+        share = sum(d.params for d in unexpected) / max(1, report.matrix_params)
         logger.warning(
             "%.1f %% of the block weights were left dense, not by request: %s",
             100 * share,
@@ -471,11 +418,11 @@ def prune(
     return report
 
 
-def dense_summary(dense_matrices: list[dict[str, Any]]) -> str:
+def dense_summary(dense_matrices: list[DenseMatrix]) -> str:
     """``dense_matrices`` of a report grouped by reason: "3 x router (kept dense) (384 weights); ..."."""
     groups: dict[str, list[int]] = {}
     for entry in dense_matrices:
-        groups.setdefault(str(entry.get("reason")), []).append(int(entry.get("params") or 0))
+        groups.setdefault(entry.reason, []).append(entry.params)
     return "; ".join(f"{len(v)} x {k} ({sum(v):,} weights)" for k, v in groups.items()) or "none"
 
 

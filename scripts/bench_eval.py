@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from oneshot.eval.corpora import encode, ppl_text
     from oneshot.eval.perplexity import perplexity, windows
-    from oneshot.models import load_model
-    from oneshot.pruner import resolve_device
-    from oneshot.run import library_versions
+    from oneshot.models import load_model, resolve_device
+    from oneshot.runfolder import library_versions
 
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

@@ -46,21 +46,11 @@ def _single(args: argparse.Namespace) -> dict:
     test_ids = ppl_token_ids("wikitext2", tok, args.data_dir)
     out: dict = {"method": args.method, "pattern": args.pattern}
     if args.method != "dense":
-        cfg = PruneConfig(
-            method=args.method,
-            pattern=args.pattern,
-            calib="c4",
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            data_dir=args.data_dir,
-            device=args.device,
-        )
+        cfg = PruneConfig(method=args.method, pattern=args.pattern)
         calib, _ = calibration_windows(
-            "c4", tok, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed, data_dir=args.data_dir
+            "c4", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir
         )
-        report = prune(model, calib, cfg, progress=False)
+        report = prune(model, calib, cfg, device=args.device, batch_size=args.batch_size, progress=False)
         out.update(
             sparsity=report.sparsity,
             prune_seconds=report.total_seconds,

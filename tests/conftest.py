@@ -1,7 +1,18 @@
-"""Shared fixtures: the data directory, a tiny trained tokenizer, tiny random models, the real SmolLM2."""
+"""Shared fixtures: the data directory, a tiny trained tokenizer, tiny random models, the real SmolLM2.
+
+Also the run conditions of the kernel markers (pyproject.toml lists them; scripts/test.sh runs each set in
+its own pytest process):
+
+* ``interpreter``: Triton kernels on the CPU interpreter. Triton reads ``TRITON_INTERPRET`` when it is first
+  imported, so the variable has to be in the environment of the whole process (``TRITON_INTERPRET=1 pytest
+  -m interpreter``); without it these tests are skipped. No test sets it.
+* ``cuda``: compiled Triton kernels on a GPU (``pytest -m cuda``); skipped without CUDA or triton, and while
+  ``TRITON_INTERPRET`` is on.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +22,31 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from oneshot.kernels import interpreting
+
+    interpret = interpreting()
+    # find_spec, not import: triton reads TRITON_INTERPRET once, when first imported.
+    has_triton = importlib.util.find_spec("triton") is not None
+    skip_interpreter = skip_cuda = None
+    if not has_triton:
+        skip_interpreter = skip_cuda = pytest.mark.skip(reason="triton is not installed")
+    if not interpret:
+        skip_interpreter = pytest.mark.skip(
+            reason="needs TRITON_INTERPRET=1 in the environment: TRITON_INTERPRET=1 pytest -m interpreter"
+        )
+    if interpret:
+        skip_cuda = pytest.mark.skip(reason="compiled kernels: `pytest -m cuda` with TRITON_INTERPRET unset")
+    elif not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if skip_interpreter is not None and item.get_closest_marker("interpreter") is not None:
+            item.add_marker(skip_interpreter)
+        if skip_cuda is not None and item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip_cuda)
+
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pruning removes weights from a network; "

@@ -12,6 +12,13 @@ import pytest
 
 from oneshot.card import CARD_KEY, build_card, card_metadata, source_license, write_card
 from oneshot.cli import main
+from oneshot.config import PruneConfig, RunConfig
+from oneshot.runfolder import EvalRecord, PruneReport, RunRecord, Source, from_dict
+
+
+def _eval(data: dict[str, Any]) -> EvalRecord:
+    return from_dict(EvalRecord, {k: v for k, v in data.items() if k != "format"})
+
 
 BASE_README = "---\nlicense: mit\nlanguage: en\n---\n\n# tiny base model\n"
 
@@ -134,7 +141,7 @@ def _eval_with_tasks() -> dict[str, Any]:
         },
         "tasks": {"arc_easy": {**task, "source": "local"}, "lambada_openai": {**lambada, "source": "local"}},
         "baseline": {
-            "ppl": {"wikitext2": {"value": 18.0}},
+            "ppl": {"wikitext2": {"value": 18.0, "windows": 141, "seqlen": 2048}},
             "tasks": {"arc_easy": dense, "lambada_openai": {**lambada, "acc": 0.3, "perplexity": 30.0}},
         },
         "longtail": {
@@ -175,8 +182,8 @@ def _eval_with_tasks() -> dict[str, Any]:
 def test_tasks_and_longtail_in_metadata_and_body(run_dir: Path) -> None:
     from huggingface_hub import ModelCard
 
-    record = json.loads((run_dir / "oneshot.json").read_text())
-    text = build_card(record, _eval_with_tasks(), license="mit")
+    record = RunRecord.load(run_dir)
+    text = build_card(record, _eval(_eval_with_tasks()), license="mit")
     card = ModelCard(text)
     results = _results(card)
     arc_acc = results[("allenai/ai2_arc", "ARC-Easy", "acc")]
@@ -189,7 +196,7 @@ def test_tasks_and_longtail_in_metadata_and_body(run_dir: Path) -> None:
     assert wiki.metric_value == 20.5 and "(oneshot eval)" in wiki.dataset_name
     assert not any(r.metric_type.endswith("_stderr") for r in card.data.eval_results)
     # the metadata round-trips through huggingface_hub's own model-index conversion
-    again = card_metadata(record, _eval_with_tasks(), license="mit")
+    again = card_metadata(record, _eval(_eval_with_tasks()), license="mit")
     assert again.to_dict() == card.data.to_dict()
     assert "| arc_easy | acc | 100 | 0.4000 | 0.3000 | -0.1000 | 0.0200 |" in text
     assert "Flagged slices: code. Flagged tasks: lambada_openai." in text
@@ -197,23 +204,23 @@ def test_tasks_and_longtail_in_metadata_and_body(run_dir: Path) -> None:
 
 
 def test_default_model_metadata(run_dir: Path) -> None:
-    record = json.loads((run_dir / "oneshot.json").read_text())
-    record["source"] = {"kind": "default", "path": "/x/SmolLM2-135M-Instruct.Q4_1.gguf", "base_model": None}
-    license = source_license(record["source"])
+    record = RunRecord.load(run_dir)
+    record.source = Source("default", "/x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    license = source_license(record.source)
     assert license == "apache-2.0"
     text = build_card(record, license=license)
     data = _load_text(text).data.to_dict()
     assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and data["license"] == "apache-2.0"
     assert data["model-index"][0]["name"] == "SmolLM2-135M-Instruct-sparsegpt-2of4"
     assert "Q4_1 GGUF" in text
-    record["source"] = {"kind": "hub", "path": "org/model", "base_model": "org/model"}
+    record.source = Source("hub", "org/model", base_model="org/model")
     assert _load_text(build_card(record)).data.to_dict()["base_model"] == "org/model"
-    assert source_license({"kind": "gguf", "path": "/x/m.gguf"}) is None
-    record["config"].update(pattern="unstructured", sparsity=0.6, method="wanda")
+    assert source_license(Source("gguf", "/x/m.gguf")) is None
+    record.config = record.config.replace(pattern="unstructured", sparsity=0.6, method="wanda")
     tags = _load_text(build_card(record)).data.to_dict()["tags"]
     assert tags == ["pruned", "sparse", "oneshot", "wanda", "unstructured-sparsity"]
-    # a minimal record (an older or hand-written oneshot.json) still gives a valid card
-    minimal = {"format": "oneshot-run/1", "source": {"kind": "local", "path": "/nowhere", "base_model": None}}
+    # a minimal record (nothing pruned, nothing measured) still gives a valid card
+    minimal = RunRecord(PruneConfig(), RunConfig(), Source("local", "/nowhere"), PruneReport())
     assert CARD_KEY in _load_text(build_card(minimal)).data.to_dict()
 
 
@@ -250,15 +257,16 @@ def test_save_pruned_never_writes_a_sparsity_config(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oneshot.run import save_pruned
+    from oneshot.jobs.prune import save_pruned
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     model.config.sparsity_config = {"format": "sparse-24-bitmask"}
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    record = json.loads((run_dir / "oneshot.json").read_text())
-    record.pop("export", None)
+    record = RunRecord.load(run_dir)
+    record.run = record.run.replace(export=None)
+    record.export = None
     out = tmp_path / "saved"
-    save_pruned(model, tok, out, record, overwrite=False)
+    save_pruned(model, tok, out, record, overwrite=False, finish=[write_card])
     cfg = json.loads((out / "config.json").read_text())
     assert "sparsity_config" not in cfg and "quantization_config" not in cfg
-    assert _load(out / "README.md").data.to_dict()[CARD_KEY]["sparsity"] == record["prune"]["sparsity"]
+    assert _load(out / "README.md").data.to_dict()[CARD_KEY]["sparsity"] == record.prune.sparsity

@@ -424,12 +424,12 @@ def test_cli_case(name: str, workspace: Path, data_dir: Path, capsys: pytest.Cap
 def test_ctrl_c_during_the_compute_writes_nothing(
     workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import oneshot.run
+    import oneshot.jobs.prune
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(oneshot.run, "prune", interrupted)
+    monkeypatch.setattr(oneshot.jobs.prune, "prune", interrupted)
     before = snapshot(workspace)
     code = main(_argv(Case("--out out", 130, ()), data_dir))
     err = capsys.readouterr().err
@@ -440,12 +440,12 @@ def test_ctrl_c_during_the_compute_writes_nothing(
 def test_ctrl_c_after_the_final_rename_says_the_output_is_complete(
     workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import oneshot.run
+    import oneshot.cli.prune
 
     def interrupted(run_dir: Path) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(oneshot.run, "_write_run_report", interrupted)
+    monkeypatch.setattr(oneshot.cli.prune, "_write_run_report", interrupted)
     code = main(_argv(Case("--out out", 130, ()), data_dir))
     err = capsys.readouterr().err
     assert code == 130 and f"the output {workspace / 'out'} is complete" in err, err
@@ -456,19 +456,22 @@ def test_ctrl_c_after_the_final_rename_says_the_output_is_complete(
 
 
 def test_ctrl_c_while_importing_is_exit_130(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import builtins
 
     real_import = builtins.__import__
 
     def slow_import(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "oneshot.run":
+        if name == "oneshot.jobs.prune":
             raise KeyboardInterrupt
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", slow_import)
-    assert main(["prune", "--out", "x", "-q"]) == 130
+    out = tmp_path / "x"
+    # (a missing model: should the interruption not happen, the run fails in a second instead of pruning)
+    assert main(["prune", "--model", str(tmp_path / "none"), "--out", str(out), "-q"]) == 130
+    assert not out.exists() and not list(tmp_path.iterdir())  # interrupted before anything was touched
     assert capsys.readouterr().err.strip() == "oneshot: interrupted"
 
 
@@ -487,13 +490,13 @@ def test_describe_turns_environment_errors_into_one_line() -> None:
 
 _SLOW_RUN = """
 import sys, time
-import oneshot.run as run
-real = run.write_run_folder
+import oneshot.jobs.prune as job
+real = job.write_run_folder
 def slow(model, tok, folder, record, **kw):
     real(model, tok, folder, record, **kw)
     print("SAVED", flush=True)
     time.sleep(120)
-run.write_run_folder = slow
+job.write_run_folder = slow
 from oneshot.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -640,4 +643,4 @@ def test_prune_refuses_to_report_success_when_nothing_was_pruned(tiny_llama_dir:
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(PruneError, match="nothing was pruned"):
-        prune(model, ids, PruneConfig(ignore=("*",), nsamples=2, seqlen=16, device="cpu"), progress=False)
+        prune(model, ids, PruneConfig(ignore=("*",)), device="cpu", progress=False)

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from oneshot.cli import main
-from oneshot.eval.evaluate import EVAL_FILE, FORMAT, EvalConfig, evaluate
+from oneshot.config import PruneConfig, RunConfig
+from oneshot.eval.evaluate import EVAL_FILE, EvalConfig, evaluate
+from oneshot.runfolder import PruneReport, RunRecord, Source
 
 
 @pytest.fixture()
@@ -23,8 +25,7 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _run_dir(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
-    record = {"format": "oneshot-run/1", "source": {"kind": "local", "path": str(src), "base_model": None}}
-    (dest / "oneshot.json").write_text(json.dumps(record))
+    RunRecord(PruneConfig(), RunConfig(model=str(src)), Source("local", str(src)), PruneReport()).save(dest)
     return dest
 
 
@@ -90,7 +91,7 @@ def test_run_dir_end_to_end(
     assert "ppl wikitext2" in stdout and "arc_easy" in stdout
     result = json.loads(out.read_text())
     assert json.loads((run / EVAL_FILE).read_text()) == result
-    assert result["format"] == FORMAT and result["model"] == str(run.resolve())
+    assert result["format"] == "oneshot-eval/1" and result["model"] == str(run.resolve())
     assert result["dtype"] == "float32" and result["device"] == "cpu"
     assert set(result) >= {"fingerprint", "ppl", "tasks", "baseline", "longtail", "versions", "seconds"}
     for name in ("wikitext2", "c4"):
@@ -150,21 +151,30 @@ def test_baseline_cache(
     )
     first = evaluate(str(tiny_llama_dir), config)
     both = calls[0]
-    assert first["baseline"]["cached"] is False and both > 0
+    assert first.baseline is not None and first.baseline.cached is False and both > 0
     assert any(cache_dir.joinpath("eval").rglob("*.json"))
     calls[0] = 0
     second = evaluate(str(tiny_llama_dir), config)
-    assert second["baseline"]["cached"] is True
+    assert second.baseline is not None and second.baseline.cached is True
     assert calls[0] * 2 == both  # only the evaluated model ran; the baseline was not recomputed
-    assert second["baseline"]["ppl"] == first["baseline"]["ppl"]
-    assert second["baseline"]["tasks"] == first["baseline"]["tasks"]
-    # a changed checkpoint (new mtime) or --no-cache recomputes
+    assert second.baseline.ppl == first.baseline.ppl
+    assert second.baseline.tasks == first.baseline.tasks
+    # the cache is keyed by content: a new mtime alone still hits ...
     weights = dense / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     calls[0] = 0
+    assert evaluate(str(tiny_llama_dir), config).baseline.cached is True  # type: ignore[union-attr]
+    # ... a changed weight (same size, same mtime) recomputes, and so does --no-cache
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] += 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    calls[0] = 0
     third = evaluate(str(tiny_llama_dir), config)
-    assert third["baseline"]["cached"] is False and calls[0] == both
+    assert third.baseline is not None and third.baseline.cached is False and calls[0] == both
     calls[0] = 0
     fourth = evaluate(str(tiny_llama_dir), EvalConfig(**{**config.to_dict(), "cache": False}))
-    assert fourth["baseline"]["cached"] is False and calls[0] == both
+    assert fourth.baseline is not None and fourth.baseline.cached is False and calls[0] == both

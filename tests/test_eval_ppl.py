@@ -7,12 +7,14 @@ import importlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from oneshot.data import DataFileError, read_jsonl
 from oneshot.eval.corpora import C4_WINDOWS, PPL_DATASETS, EvalDataError, ppl_data, ppl_text, ppl_token_ids
 from oneshot.eval.perplexity import perplexity, window_nll, windows
 
@@ -61,7 +63,9 @@ def test_perplexity_matches_hand_computed_nll() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_window_nll_in_chunks_equals_one_log_softmax(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+def test_window_nll_in_chunks_equals_one_log_softmax(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
     vocab = 13
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(3, 10, vocab, generator=gen) * 3).to(dtype)  # 30 rows
@@ -69,7 +73,9 @@ def test_window_nll_in_chunks_equals_one_log_softmax(monkeypatch: pytest.MonkeyP
     logp = torch.log_softmax(logits.double(), dim=-1)[:, :-1]  # (3, 9, vocab)
     expected = -logp.gather(-1, ids[:, 1:, None]).sum()
     # 7 rows per chunk: chunks straddle windows and the last one is short
-    monkeypatch.setattr(importlib.import_module("oneshot.eval.perplexity"), "_CHUNK_BYTES", {"cpu": 7 * vocab * 4})
+    monkeypatch.setattr(
+        importlib.import_module("oneshot.eval.perplexity"), "_CHUNK_BYTES", {"cpu": 7 * vocab * 4}
+    )
     got = window_nll(logits, ids)
     assert got.dtype == torch.float64
     tol = 1e-5 if dtype == torch.float32 else 1e-4  # bf16 logits are upcast exactly; fp32 log-softmax
@@ -176,3 +182,39 @@ def test_smollm2_wikitext2_two_windows(smollm2, data_dir: Path) -> None:
     res = perplexity(smollm2.model, data.input_ids, 2048, limit=2)
     assert res.windows == 2 and res.tokens == 2 * 2047
     assert math.isfinite(res.value) and 8.0 < res.value < 60.0  # first 40 windows average 20.35
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([b'{"text": "a"}', b"", b'{"text": broken'], r"line 3 is not valid JSON"),
+        ([b'{"text": "a"}', b'["text"]'], r"line 2 is not a JSON object"),
+        ([b'{"text": "a"}', b'{"body": "b"}'], r"line 2 has no 'text' field"),
+        ([b'{"text": "a"}', b'{"text": "caf\xe9"}'], r"line 2 is not UTF-8 text \(byte 13"),
+    ],
+    ids=["json", "object", "field", "utf8"],
+)
+def test_malformed_c4_names_the_file_and_line(tmp_path: Path, lines: list[bytes], expected: str) -> None:
+    """The evaluation corpora read JSONL through oneshot.data.read_jsonl: one line naming file and line."""
+    path = tmp_path / PPL_DATASETS["c4"]
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}: {expected}") as err:
+        ppl_text("c4", tmp_path)
+    assert "\n" not in str(err.value)
+    path.write_bytes(b'{"text": "not gzip"}\n')
+    with pytest.raises(DataFileError, match=rf"^cannot read {re.escape(str(path))}: "):
+        ppl_text("c4", tmp_path)
+
+
+def test_read_jsonl_plain_and_gzip(tmp_path: Path) -> None:
+    rows = [{"text": "one", "n": 1}, {"text": "twö", "n": 2}]
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "a.jsonl.gz"
+    plain.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_jsonl(plain) == rows and read_jsonl(packed, required=("text", "n")) == rows
+    with pytest.raises(DataFileError, match=r"line 1 has no 'missing' field"):
+        read_jsonl(plain, required=("missing",))
+    with pytest.raises(DataFileError, match=r"cannot read .*nothere\.jsonl: No such file"):
+        read_jsonl(tmp_path / "nothere.jsonl")

@@ -269,9 +269,9 @@ def write_local(name: str, docs: list[dict[str, Any]], root: Path) -> None:
 @pytest.fixture(scope="module")
 def lm_eval_manager():
     """lm-eval's full task index (the same default TaskManager() any lm-eval user gets; built once)."""
-    from oneshot.eval.tasks import _task_manager
+    from oneshot.eval.tasks import lm_eval_task_manager
 
-    return _task_manager()
+    return lm_eval_task_manager()
 
 
 def reference_task(

@@ -1,12 +1,14 @@
-"""Compiled Triton kernels, dispatch and CUDA graphs on a GPU (skipped without CUDA).
+"""Compiled Triton kernels, dispatch and CUDA graphs on a GPU (marked ``cuda``).
 
-Run alone, or with ``TRITON_INTERPRET=0`` exported: the other kernel test files default the interpreter on
-for the whole process, and these tests check the compiled kernels.
+Run on a machine with a CUDA GPU, with ``TRITON_INTERPRET`` unset (Triton reads it once, at import)::
+
+    env -u TRITON_INTERPRET .venv/bin/python -m pytest -q -p no:cacheprovider -m cuda
+
+scripts/test.sh runs this set as its own step when ``torch.cuda.is_available()``. tests/conftest.py skips
+these tests without CUDA or triton and while ``TRITON_INTERPRET`` is on.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
@@ -15,19 +17,7 @@ from torch import nn
 from oneshot import kernels
 from oneshot.kernels import SparseLinear, candidate_configs, compress_24, compress_bitmask
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    # find_spec, not import: importing triton here (at collection) would fix it to compiled mode before the
-    # interpreter test files set TRITON_INTERPRET=1.
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _compiled_kernels_only() -> None:
-    # Checked at run time: the interpreter test files turn TRITON_INTERPRET on while being collected.
-    if kernels.interpreting():
-        pytest.skip("TRITON_INTERPRET is on; run this file alone or export TRITON_INTERPRET=0")
+pytestmark = pytest.mark.cuda
 
 
 def _weights(n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

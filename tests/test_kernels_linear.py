@@ -1,19 +1,13 @@
 """SparseLinear, convert, compressed checkpoints and dispatch, on a tiny random Llama (CPU).
 
-The Triton path runs on the CPU interpreter (``TRITON_INTERPRET=1``, set before any kernel is built; other
-test files do not use Triton). Without CUDA the automatic backend is dense, which must reproduce the dense
-model exactly; the forced Triton backend must match it within dtype tolerance.
+Without CUDA the automatic backend is dense, which must reproduce the dense model exactly. The forced Triton
+backend must match it within dtype tolerance: those tests are marked ``interpreter`` and run on the CPU
+interpreter in their own pytest process (``TRITON_INTERPRET=1 pytest -m interpreter``).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,27 +26,14 @@ from oneshot.kernels import (
 )
 from oneshot.kernels.dispatch import Dispatcher, m_bucket
 
-REPO = Path(__file__).resolve().parent.parent
-needs_triton = pytest.mark.skipif(
-    not kernels.triton_available() or not (kernels.interpreting() or torch.cuda.is_available()),
-    reason="triton is not importable (or neither TRITON_INTERPRET=1 nor CUDA)",
-)
-
 
 def tiny_llama(seed: int = 0, **overrides: object) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        **overrides,
-    )
+    from tests.conftest import tiny_llama_config
+
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=128, **overrides)).eval()
 
 
 @torch.no_grad()
@@ -112,7 +93,7 @@ def test_convert_24_auto_backend_reproduces_dense_model_exactly() -> None:
     assert ratio == pytest.approx(0.5 + 1 / 32)
 
 
-@needs_triton
+@pytest.mark.interpreter
 @pytest.mark.parametrize("fmt", ["2:4", "bitmask"])
 def test_convert_triton_backend_matches_dense_fp32(fmt: str) -> None:
     dense = pruned_llama(seed=2)
@@ -123,7 +104,7 @@ def test_convert_triton_backend_matches_dense_fp32(fmt: str) -> None:
     assert torch.equal(greedy(sparse, ids[:1], new=5), greedy(dense, ids[:1], new=5))
 
 
-@needs_triton
+@pytest.mark.interpreter
 def test_convert_triton_backend_matches_dense_bf16() -> None:
     dense = pruned_llama(seed=4).to(torch.bfloat16)
     sparse = copy.deepcopy(dense)
@@ -332,52 +313,3 @@ def test_m_buckets_and_heuristic() -> None:
     assert [m_bucket(m) for m in (0, 1, 7, 16, 17, 64, 65, 4096)] == [1, 1, 7, 16, 32, 64, 128, 4096]
     assert Dispatcher().heuristic(1, 64, 64, torch.device("cpu")) == Plan("dense")
     assert KernelConfig(16, 32, 64).use_dot and not KernelConfig(1, 32, 64).use_dot
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only exit path")
-def test_bench_script_exits_2_without_cuda() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_kernels.py")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "CUDA device is required" in proc.stderr
-
-
-@needs_triton
-def test_bench_script_internals_on_cpu(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The benchmark's measuring and reporting code, with a CPU timer in place of do_bench."""
-    import importlib.util
-    import time
-
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_kernels", bench)  # dataclasses resolve annotations through it
-    spec.loader.exec_module(bench)
-
-    def cpu_bench(fn):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    monkeypatch.setattr(bench, "bench", cpu_bench)
-    cpu = torch.device("cpu")
-    rows = [bench.bench_shape(48, 576, m, cpu) for m in (1, 20)]
-    assert all(
-        r.sparse24_ms and r.bitmask_ms and r.dispatch24_ms and r.dispatch_bitmask_kept_ms for r in rows
-    )
-    assert rows[0].cusparselt_ms is None  # no semi-structured sparsity on the CPU
-    bench.print_kernel_table(rows, peak_gbps=1000.0)
-    assert "| 48x576 | 20 |" in capsys.readouterr().out
-    assert isinstance(bench.check_targets(rows), list)
-
-    model = pruned_llama(seed=15)
-    convert(model, "2:4", backend="triton")
-    assert bench.graph_tokens_per_s(model, prompt(batch=1, seed=16), steps=3, use_graph=False) > 0

@@ -1,17 +1,15 @@
 """Triton sparse matmul kernels against their pure-torch references, on the CPU interpreter.
 
-``TRITON_INTERPRET=1`` is set before any kernel is built (kernels are built lazily on first call), so the
-same Triton code that runs on a GPU runs here on numpy. Other test files do not use Triton, so setting it
-for the process is harmless. Shapes cover the SmolLM2 K values (576, 1536), K with a half-filled metadata
-byte (1540), odd M, N not a multiple of the tile, split-K and every tile config the dispatcher may pick.
-Outputs are poisoned with NaN before each launch; inputs are drawn fresh per test (seed in the message).
+The kernel tests are marked ``interpreter``: they run in their own pytest process with ``TRITON_INTERPRET=1``
+in its environment (``TRITON_INTERPRET=1 pytest -m interpreter``; scripts/test.sh does this), so the same
+Triton code that runs on a GPU runs here on numpy; without the variable they are skipped. The compiled
+kernels are checked on a GPU by test_kernels_cuda.py. Shapes cover the SmolLM2 K values (576, 1536), K with a
+half-filled metadata byte (1540), odd M, N not a multiple of the tile, split-K (including the splits the
+config chooser picks for a GPU's SM count) and every tile config the dispatcher may pick. Outputs are
+poisoned with NaN before each launch; inputs are drawn fresh per test (seed in the message).
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random
 from collections.abc import Callable
@@ -19,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from oneshot import kernels
+import oneshot.kernels._common as common
 from oneshot.kernels import (
     BitmaskWeight,
     KernelConfig,
@@ -31,21 +29,15 @@ from oneshot.kernels import (
     candidate_configs,
     compress_24,
     compress_bitmask,
+    default_config,
     sparse24_gemv,
     sparse24_gemv_reference,
     sparse24_matmul,
     sparse24_matmul_reference,
 )
 
-pytestmark = [
-    pytest.mark.skipif(not kernels.triton_available(), reason="triton is not importable"),
-    pytest.mark.skipif(
-        not kernels.interpreting() and not torch.cuda.is_available(),
-        reason="needs TRITON_INTERPRET=1 (set by this module unless overridden) or a CUDA device",
-    ),
-]
-
-DEVICE = torch.device("cuda" if not kernels.interpreting() else "cpu")
+interpreter = pytest.mark.interpreter
+DEVICE = torch.device("cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = ["2:4", "bitmask"]
 # (rtol, atol relative to the largest output): both sides accumulate in fp32 and round once, so results
@@ -127,6 +119,7 @@ CASES = [
 ]
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("m", "n", "k", "config"), CASES)
@@ -136,6 +129,7 @@ def test_kernel_matches_reference(
     _check(fmt, m, n, k, dtype, config, bias=m % 2 == 1)
 
 
+@interpreter
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(
     ("m", "config"),
@@ -146,6 +140,7 @@ def test_k_with_half_filled_metadata_byte(fmt: str, m: int, config: KernelConfig
     _check(fmt, m, 24, 1540, torch.float32, config, tile=64)
 
 
+@interpreter
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matmul_hands_decode_configs_to_the_gemv_kernel(fmt: str) -> None:
     g = torch.Generator().manual_seed(2)
@@ -159,6 +154,7 @@ def test_matmul_hands_decode_configs_to_the_gemv_kernel(fmt: str) -> None:
         gemv(x, weight, config=KernelConfig(16, 16, 64))
 
 
+@interpreter
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", [1, 3, 40, 100])
 def test_every_candidate_config(fmt: str, m: int) -> None:
@@ -168,17 +164,47 @@ def test_every_candidate_config(fmt: str, m: int) -> None:
         _check(fmt, m, n, k, torch.float16, config, bias=False)
 
 
+@interpreter
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_default_config_batched_input(fmt: str) -> None:
     _check(fmt, (2, 3), 40, 576, torch.bfloat16, None)
 
 
+@interpreter
 @pytest.mark.parametrize("config", [KernelConfig(1, 16, 64, split_k=5), KernelConfig(16, 16, 64, split_k=5)])
 def test_bitmask_split_k_aligns_to_the_offset_tile(config: KernelConfig) -> None:
     # block_k 64 with a 128-column offset tile: splits must start at multiples of 128.
     _check("bitmask", 2, 40, 1536, torch.float32, config, tile=128)
 
 
+H100_SMS = 132  # also H200; the chooser aims at two programs per SM
+
+
+# K = 2304 = 9 * 256 is not a multiple of the chunk a split covers, so the last split is shorter (and ends in
+# a partial tile for block_k 512 / 1024). M 1: decode kernel; M 5: skinny tl.dot; M 33: medium tl.dot.
+@interpreter
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_split_k_configs_chosen_for_a_gpu(monkeypatch: pytest.MonkeyPatch, fmt: str, m: int) -> None:
+    """The split-K launches the config chooser picks on an H100, run on the interpreter.
+
+    On the CPU the chooser sees one SM and never splits K; with the SM count patched to an H100's it splits
+    the few output tiles of a skinny problem across K, and every such candidate (the default first) must give
+    the reference result, fused bias included (added after the split partials are summed).
+    """
+    n, k = 40, 2304
+    monkeypatch.setattr(common, "_sm_count", lambda device: H100_SMS)
+    align = 256 if fmt == "bitmask" else 1  # the bitmask offset tile used by _check
+    assert default_config(m, n, k, DEVICE).split_k > 1
+    configs = [c for c in candidate_configs(m, n, k, DEVICE) if common.k_per_split(k, c, align)[1] > 1]
+    assert configs[0] == default_config(m, n, k, DEVICE)  # the default launch really splits
+    for config in configs:
+        _check(fmt, m, n, k, torch.float16, config)
+    # Large M fills the GPU with output tiles: no split.
+    assert default_config(4096, n, k, DEVICE).split_k == 1
+
+
+@interpreter
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_input_and_bad_arguments(fmt: str) -> None:
     g = torch.Generator().manual_seed(0)

@@ -12,16 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oneshot.eval.longtail import (
-    SLICES,
-    TATOEBA_LANGS,
-    flag_slices,
-    frequency_buckets,
-    longtail_report,
-    next_token_stats,
-    slice_texts,
-    task_deltas,
-)
+from oneshot.eval.flags import flag_slices, task_deltas
+from oneshot.eval.frequency import frequency_buckets
+from oneshot.eval.longtail import longtail_report
+from oneshot.eval.slices import SLICES, TATOEBA_LANGS, slice_texts
+from oneshot.eval.token_stats import next_token_stats
 from tests.conftest import TEXT, tiny_llama_config
 
 SENTENCES = [s.strip() + "." for s in TEXT[:400].split(".") if s.strip()]
@@ -272,6 +267,20 @@ def test_missing_data_is_skipped_with_the_expected_path(tiny_models, tiny_tokeni
         longtail_report(dense, pruned, tiny_tokenizer, data, slices=["klingon"])
     with pytest.raises(ValueError, match="choose from"):
         slice_texts("nope", data)
+
+
+def test_malformed_slice_file_is_an_eval_data_error_naming_the_line(tmp_path: Path) -> None:
+    """A broken JSONL record skips the slice like a missing file (EvalDataError), naming file and line."""
+    from oneshot.eval.corpora import EvalDataError
+
+    bad = tmp_path / "math" / "gsm8k_test.jsonl"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": \n')
+    with pytest.raises(EvalDataError, match=r"gsm8k_test\.jsonl: line 2 is not valid JSON"):
+        slice_texts("math/gsm8k", tmp_path)
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(EvalDataError, match=r"gsm8k_test\.jsonl: unexpected record layout \(KeyError"):
+        slice_texts("math/gsm8k", tmp_path)
 
 
 def test_every_slice_loads_from_the_shared_data(data_dir: Path) -> None:

@@ -26,6 +26,7 @@ from oneshot.moe import (
     is_supported_experts,
 )
 from oneshot.pruner import DENSE_IGNORED, DENSE_ROUTER, DENSE_UNCALIBRATED
+from oneshot.runfolder import DenseMatrix
 from oneshot.solvers import get_solver
 from oneshot.stats import InputStats
 from oneshot.walker import find_blocks
@@ -181,7 +182,9 @@ def test_prune_reaches_every_expert(arch: str, method: str, pattern: str) -> Non
     report = prune(
         model,
         _ids(),
-        PruneConfig(method=method, pattern=pattern, nsamples=4, seqlen=16, batch_size=2, device="cpu"),
+        PruneConfig(method=method, pattern=pattern),
+        device="cpu",
+        batch_size=2,
         progress=False,
     )
     experts = _expert_matrices(model)
@@ -204,9 +207,9 @@ def test_prune_reaches_every_expert(arch: str, method: str, pattern: str) -> Non
         n: w for i in range(2) for n, w in find_routers(model.model.layers[i], f"model.layers.{i}").items()
     }
     assert len(routers) == 2
-    dense = {d["name"]: d for d in report.dense_matrices}
+    dense = {d.name: d for d in report.dense_matrices}
     assert set(dense) == set(routers)
-    assert all(d["reason"] == DENSE_ROUTER and d["params"] == routers[n].numel() for n, d in dense.items())
+    assert all(d.reason == DENSE_ROUTER and d.params == routers[n].numel() for n, d in dense.items())
     for w_before, w_after in zip(
         routers_before.values(), find_routers(model.model.layers[0], "x").values(), strict=True
     ):
@@ -267,10 +270,10 @@ def test_each_expert_is_pruned_from_its_own_routed_tokens(arch: str, method: str
     exactly the tokens routed to it."""
     ids = _ids(4, 16)
     dense = _model(arch)
-    config = PruneConfig(method=method, pattern=pattern, nsamples=4, seqlen=16, batch_size=4, device="cpu")
+    config = PruneConfig(method=method, pattern=pattern)
     stats = _routed_stats(dense, ids, arch)
     pruned = _model(arch)
-    prune(pruned, ids, config, progress=False)
+    prune(pruned, ids, config, device="cpu", batch_size=4, progress=False)
     solver = get_solver(method)
     extra = {"block_size": config.block_size, "damp": config.damp} if method == "sparsegpt" else {}
     _, _, dense_experts = _moe_block(dense, 0)
@@ -292,13 +295,13 @@ def test_expert_without_tokens_follows_uncalibrated(policy: str, caplog: pytest.
         router.bias[3] = -1e4  # expert 3 of layer 0 is never chosen
     before = {p: expert_matrix(experts, p, 3).clone() for p in ("gate_up_proj", "down_proj")}
     names = [f"model.layers.0.mlp.experts.{p}[3]" for p in ("gate_up_proj", "down_proj")]
-    config = PruneConfig(method="sparsegpt", nsamples=4, seqlen=16, device="cpu", uncalibrated=policy)
+    config = PruneConfig(method="sparsegpt", uncalibrated=policy)
     with caplog.at_level(logging.WARNING, logger="oneshot.pruner"):
-        report = prune(model, _ids(), config, progress=False)
+        report = prune(model, _ids(), config, device="cpu", progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(all(n in m for n in names) for m in warnings), warnings
     reported = {r.name: r for r in report.layers}
-    dense = {d["name"]: d for d in report.dense_matrices}
+    dense = {d.name: d for d in report.dense_matrices}
     if policy == "magnitude":
         assert report.uncalibrated == names
         for p, name in zip(before, names, strict=True):
@@ -310,7 +313,7 @@ def test_expert_without_tokens_follows_uncalibrated(policy: str, caplog: pytest.
         assert report.uncalibrated == []
         for p, name in zip(before, names, strict=True):
             assert torch.equal(expert_matrix(experts, p, 3), before[p])
-            assert dense[name] == {"name": name, "params": before[p].numel(), "reason": DENSE_UNCALIBRATED}
+            assert dense[name] == DenseMatrix(name, before[p].numel(), DENSE_UNCALIBRATED)
             assert name not in reported
     # the other experts of the layer still have tokens and are pruned from them
     assert reported["model.layers.0.mlp.experts.down_proj[2]"].loss is not None
@@ -323,12 +326,9 @@ def test_ignore_keeps_expert_tensors_dense() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = PruneConfig(
         method="wanda",
-        nsamples=4,
-        seqlen=16,
-        device="cpu",
         ignore=("*.0.mlp.experts*", "*1.mlp.experts.down_proj[[]2]"),
     )
-    report = prune(model, _ids(), config, progress=False)
+    report = prune(model, _ids(), config, device="cpu", progress=False)
     after = model.state_dict()
     for k in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
         assert torch.equal(before[k], after[k])
@@ -338,7 +338,7 @@ def test_ignore_keeps_expert_tensors_dense() -> None:
     assert not torch.equal(
         before["model.layers.1.mlp.experts.down_proj"][1], after["model.layers.1.mlp.experts.down_proj"][1]
     )
-    ignored = {d["name"]: d["params"] for d in report.dense_matrices if d["reason"] == DENSE_IGNORED}
+    ignored = {d.name: d.params for d in report.dense_matrices if d.reason == DENSE_IGNORED}
     assert ignored == {
         "model.layers.0.mlp.experts.gate_up_proj": 4 * 96 * H,
         "model.layers.0.mlp.experts.down_proj": 4 * H * 48,
@@ -361,15 +361,13 @@ def test_shared_expert_linears_get_statistics_and_gates_stay_dense() -> None:
     )
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     gate_before = model.model.layers[0].mlp.shared_expert_gate.weight.clone()
-    report = prune(
-        model, _ids(), PruneConfig(method="sparsegpt", nsamples=4, seqlen=16, device="cpu"), progress=False
-    )
+    report = prune(model, _ids(), PruneConfig(method="sparsegpt"), device="cpu", progress=False)
     reported = {r.name: r for r in report.layers}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         r = reported[f"model.layers.0.mlp.shared_expert.{proj}"]
         assert r.loss is not None and r.sparsity == 0.5
     assert torch.equal(model.model.layers[0].mlp.shared_expert_gate.weight, gate_before)
-    dense = {d["name"]: d["reason"] for d in report.dense_matrices}
+    dense = {d.name: d.reason for d in report.dense_matrices}
     assert dense == {
         f"model.layers.{i}.mlp.{g}.weight": DENSE_ROUTER
         for i in range(2)
@@ -392,7 +390,7 @@ def test_cli_prunes_experts_and_reports_what_stays_dense(
     import json
 
     from oneshot.cli import main
-    from oneshot.push import _measured_block_sparsity, _measured_sparsity
+    from oneshot.verify import _measured_block_sparsity, _measured_sparsity
 
     folder = tmp_path / arch
     config = _config(arch)

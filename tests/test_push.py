@@ -24,7 +24,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from oneshot.cli import main
-from oneshot.push import PushError, collect_files, push, verify_run_folder
+from oneshot.hub import PushError, push
+from oneshot.verify import VerificationError, collect_files, verify_run_folder
 from tests.test_card import make_run
 
 TOKEN = "hf_test_token"
@@ -440,8 +441,14 @@ BAD_FOLDERS = {
         lambda r: (_densify_one_layer(r), _set_one_weight(r, 1.0, drop_hashes=True)),
         "states sparsity 0.500000 but the 14 pruned layers' weights have 0.44",
     ),
-    "one-weight-zeroed": (lambda r: _set_one_weight(r, 0.0), "model.safetensors changed after oneshot wrote it"),
-    "one-weight-123": (lambda r: _set_one_weight(r, 123.0), "model.safetensors changed after oneshot wrote it"),
+    "one-weight-zeroed": (
+        lambda r: _set_one_weight(r, 0.0),
+        "model.safetensors changed after oneshot wrote it",
+    ),
+    "one-weight-123": (
+        lambda r: _set_one_weight(r, 123.0),
+        "model.safetensors changed after oneshot wrote it",
+    ),
     "one-weight-nan": (
         lambda r: _set_one_weight(r, float("nan")),
         "model.safetensors changed after oneshot wrote it",
@@ -483,7 +490,7 @@ def test_sparsity_tolerance(run_dir: Path, tmp_path: Path) -> None:
     verified = verify_run_folder(run, files)
     assert verified.measured_sparsity == 0.5 and verified.stated_sparsity == 0.50009 and verified.layers == 14
     _card_sparsity(run, "0.50011")
-    with pytest.raises(PushError, match=r"states sparsity 0\.500110"):
+    with pytest.raises(VerificationError, match=r"states sparsity 0\.500110"):
         verify_run_folder(run, files)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -15,7 +14,7 @@ import torch
 
 from oneshot.eval.longtail import longtail_report
 from oneshot.eval.report import write_report
-from oneshot.eval.report_cli import add_report_parser, run_report
+from oneshot.runfolder import RecordError
 from tests.conftest import tiny_llama_config
 from tests.test_longtail import make_fake_data
 
@@ -256,9 +255,9 @@ def test_report_on_a_fresh_prune_run_with_quick_eval_only(
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="oneshot")
-    add_report_parser(parser.add_subparsers(dest="command", required=True))
-    code = run_report(parser.parse_args(argv))
+    from oneshot.cli import main
+
+    code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -280,7 +279,7 @@ def test_cli_and_bad_input(
         ([str(tmp_path / "missing")], "does not exist"),
         ([str(dirs[0]), "--baseline", str(empty)], "baseline"),
         ([str(dirs[0]), "--out", str(dirs[1])], "holds other files"),
-        ([str(dirs[0]), "--out", str(dirs[0])], "would replace the input"),
+        ([str(dirs[0]), "--out", str(dirs[0])], "is the input run folder"),
     ]
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -296,18 +295,24 @@ def test_cli_and_bad_input(
         assert code == 2 and err.startswith("oneshot: error: ") and msg in err, (argv, err)
         assert err.count("\n") == 1 and not stdout
     assert not (tmp_path / "r2").exists()
-    with pytest.raises(FileNotFoundError, match=r"oneshot\.json"):
+    with pytest.raises(RecordError, match=r"oneshot\.json not found"):
         write_report([empty], out=tmp_path / "r3")
 
 
 def test_minimal_record_and_duplicate_names(tmp_path: Path) -> None:
-    """An oneshot.json with nothing but an empty prune section still gives a report; two runs with the
-    same folder name are told apart by their parent folder."""
+    """An oneshot.json with a config, a source and an empty prune section still gives a report; two runs
+    with the same folder name are told apart by their parent folder."""
     dirs = []
     for parent in ("a", "b"):
         d = tmp_path / parent / "run"
         d.mkdir(parents=True)
-        (d / "oneshot.json").write_text(json.dumps({"format": "oneshot-run/1", "prune": {}}))
+        minimal = {
+            "format": "oneshot-run/1",
+            "config": {"method": "wanda"},
+            "source": {"kind": "local"},
+            "prune": {},
+        }
+        (d / "oneshot.json").write_text(json.dumps(minimal))
         dirs.append(d)
     paths = write_report(dirs, out=tmp_path / "rep")
     rep = json.loads(paths["json"].read_text())

@@ -11,6 +11,7 @@ from torch import nn
 
 from oneshot import PruneConfig, prune
 from oneshot.pruner import DENSE_UNCALIBRATED
+from oneshot.runfolder import DenseMatrix
 from oneshot.solvers import get_solver
 from oneshot.stats import InputStats
 from oneshot.walker import (
@@ -114,7 +115,8 @@ def test_prune_every_architecture_2of4(arch: str, method: str) -> None:
     report = prune(
         model,
         ids,
-        PruneConfig(method=method, pattern="2:4", nsamples=5, seqlen=24, batch_size=2),
+        PruneConfig(method=method, pattern="2:4"),
+        batch_size=2,
         progress=False,
     )
     name, blocks = find_blocks(model)
@@ -170,10 +172,10 @@ def test_walker_equals_solver_on_captured_inputs(method: str, pattern: str) -> N
     torch.manual_seed(0)
     dense = _arch("llama").eval()
     ids = _ids(6, 32)
-    config = PruneConfig(method=method, pattern=pattern, nsamples=6, seqlen=32, batch_size=3)
+    config = PruneConfig(method=method, pattern=pattern)
     pruned = _arch("llama").eval()
     pruned.load_state_dict(dense.state_dict())
-    prune(pruned, ids, config, progress=False)
+    prune(pruned, ids, config, batch_size=3, progress=False)
     name, pblocks = find_blocks(pruned)
 
     ref0 = _reference_block(dense, 0, ids, 3, config)
@@ -194,12 +196,10 @@ def test_walker_equals_solver_on_captured_inputs(method: str, pattern: str) -> N
 def test_propagate_dense_uses_dense_inputs_for_every_block() -> None:
     dense = _arch("llama").eval()
     ids = _ids(4, 32)
-    config = PruneConfig(
-        method="wanda", pattern="unstructured", nsamples=4, seqlen=32, batch_size=2, propagate="dense"
-    )
+    config = PruneConfig(method="wanda", pattern="unstructured", propagate="dense")
     pruned = _arch("llama").eval()
     pruned.load_state_dict(dense.state_dict())
-    report = prune(pruned, ids, config, progress=False)
+    report = prune(pruned, ids, config, batch_size=2, progress=False)
     name, pblocks = find_blocks(pruned)
     ref1 = _reference_block(dense, 1, ids, 2, config)
     for n, w in ref1.items():
@@ -233,7 +233,7 @@ def test_ignore_keeps_layers_dense() -> None:
     report = prune(
         model,
         _ids(4, 16),
-        PruneConfig(method="magnitude", nsamples=4, seqlen=16, ignore=("down_proj", "*.1.self_attn.*")),
+        PruneConfig(method="magnitude", ignore=("down_proj", "*.1.self_attn.*")),
         progress=False,
     )
     names = {r.name for r in report.layers}
@@ -248,18 +248,16 @@ def test_ignore_keeps_layers_dense() -> None:
 def test_seqlen_beyond_context_and_nonfinite_inputs() -> None:
     model = _arch("llama").eval()
     with pytest.raises(ValueError, match="exceeds the model's context"):
-        prune(
-            model, torch.zeros(1, 256, dtype=torch.long), PruneConfig(nsamples=1, seqlen=256), progress=False
-        )
+        prune(model, torch.zeros(1, 256, dtype=torch.long), PruneConfig(), progress=False)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="up_proj"):
-        prune(model, _ids(2, 16), PruneConfig(nsamples=2, seqlen=16), progress=False)
+        prune(model, _ids(2, 16), PruneConfig(), progress=False)
     model = _arch("llama").eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("inf"))
     with pytest.raises(ValueError, match=r"non-finite|NaN/Inf"):
-        prune(model, _ids(2, 16), PruneConfig(nsamples=2, seqlen=16), progress=False)
+        prune(model, _ids(2, 16), PruneConfig(), progress=False)
 
 
 @pytest.mark.parametrize("policy", ["magnitude", "dense"])
@@ -269,20 +267,20 @@ def test_linear_that_never_runs_follows_uncalibrated(policy: str, caplog: pytest
     model.model.layers[0].mlp.unused = nn.Linear(64, 32, bias=False)  # never called by the block
     before = model.model.layers[0].mlp.unused.weight.detach().clone()
     name = "model.layers.0.mlp.unused"
-    config = PruneConfig(method="wanda", nsamples=4, seqlen=16, device="cpu", uncalibrated=policy)
+    config = PruneConfig(method="wanda", uncalibrated=policy)
     with caplog.at_level(logging.WARNING, logger="oneshot.pruner"):
-        report = prune(model, _ids(4, 16), config, progress=False)
+        report = prune(model, _ids(4, 16), config, device="cpu", progress=False)
     assert any(name in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     after = model.model.layers[0].mlp.unused.weight
     reported = {r.name: r for r in report.layers}
-    dense = {d["name"]: d for d in report.dense_matrices}
+    dense = {d.name: d for d in report.dense_matrices}
     if policy == "magnitude":
         assert torch.equal(after, get_solver("magnitude")(before, None, sparsity=0.5).weight)
         assert report.uncalibrated == [name] and reported[name].loss is None and name not in dense
     else:
         assert torch.equal(after, before)
         assert report.uncalibrated == [] and name not in reported
-        assert dense[name] == {"name": name, "params": 64 * 32, "reason": DENSE_UNCALIBRATED}
+        assert dense[name] == DenseMatrix(name, 64 * 32, DENSE_UNCALIBRATED)
     assert reported["model.layers.0.mlp.down_proj"].sparsity == 0.5  # the others are calibrated as usual
     zeros = sum(int((p == 0).sum()) for n, p in model.model.layers.named_parameters() if p.dim() >= 2)
     params = sum(p.numel() for p in model.model.layers.parameters() if p.dim() >= 2)
@@ -296,12 +294,12 @@ def test_dense_blocks_are_reported_with_their_reason() -> None:
     report = prune(
         model,
         _ids(4, 16),
-        PruneConfig(method="magnitude", nsamples=4, seqlen=16, ignore=("*.1.mlp.*",)),
+        PruneConfig(method="magnitude", ignore=("*.1.mlp.*",)),
         progress=False,
     )
     ignored = {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
-    assert {d["name"] for d in report.dense_matrices} == ignored
-    assert all(d["reason"] == "--ignore" and d["params"] == 64 * 128 for d in report.dense_matrices)
+    assert {d.name for d in report.dense_matrices} == ignored
+    assert all(d.reason == "--ignore" and d.params == 64 * 128 for d in report.dense_matrices)
     assert report.matrix_params == report.pruned_params + 3 * 64 * 128
     assert report.block_sparsity == pytest.approx(report.zero_params / report.matrix_params)
     assert report.sparsity == 0.5 and report.uncalibrated == []

@@ -1,15 +1,14 @@
-"""`oneshot report RUN_DIR [RUN_DIR ...] [--baseline DENSE] --out report/`: the command-line layer."""
+"""`oneshot report RUN_DIR [RUN_DIR ...] [--baseline DENSE] --out report/`."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-__all__ = ["add_report_parser", "run_report"]
+__all__ = ["add_parser", "run"]
 
 
-def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``report`` on the ``add_subparsers()`` object of the ``oneshot`` parser."""
     p = subparsers.add_parser(
         "report",
@@ -33,16 +32,11 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run_report(args: argparse.Namespace) -> int:
-    """Run the ``report`` command; bad input is one ``oneshot: error: ...`` line on stderr and exit 2."""
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     from oneshot.eval.report import write_report
 
-    try:
-        paths = write_report(args.run_dirs, baseline=args.baseline, out=args.out)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
-        print(f"oneshot: error: {exc}", file=sys.stderr)
-        return 2
-    if not getattr(args, "quiet", False):
+    paths = write_report(args.run_dirs, baseline=args.baseline, out=args.out)
+    if not args.quiet:
         for key in ("html", "md", "json"):
             print(f"{key:5} {paths[key]}")
     return 0

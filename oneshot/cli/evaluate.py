@@ -1,25 +1,24 @@
-"""`oneshot eval`: arguments -> `EvalConfig` -> `evaluate` -> a summary table (and ``--json``).
-
-Registered by `oneshot.cli` through `add_eval_parser` / `run_eval`. Bad input is one line
-``oneshot: error: ...`` on stderr and exit code 2.
-"""
+"""`oneshot eval`: arguments -> `EvalConfig` -> the evaluation job -> the card refreshed -> a summary."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_eval_parser", "format_summary", "run_eval"]
+from oneshot.runfolder import EvalRecord
+
+__all__ = ["DEFAULT_TASKS", "add_parser", "format_summary", "run"]
 
 DEFAULT_TASKS = "arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq,openbookqa,rte,lambada_openai"
 
+logger = logging.getLogger(__name__)
 
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to an argparse ``add_subparsers()`` object."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "eval",
@@ -54,6 +53,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"comma-separated lm-eval tasks ('paper' = {DEFAULT_TASKS}); any lm-eval name online",
     )
     p.add_argument("--longtail", action="store_true", help="long-tail slices against the dense model")
+    p.add_argument(
+        "--longtail-seqlen",
+        type=int,
+        default=None,
+        help="window length of the long-tail slices (default: --seqlen, capped by the model's context)",
+    )
     p.add_argument(
         "--baseline",
         default=None,
@@ -100,7 +105,7 @@ def _split(text: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _fmt(value: float | int | str | None, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -108,80 +113,81 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: EvalRecord) -> str:
     """A plain-text table of perplexities and task metrics, with the baseline beside when present."""
-    base = result.get("baseline") or {}
-    lines = [f"model        {result['model']}  ({result['dtype']} on {result['device']})"]
-    if base:
-        lines.append(f"baseline     {base['model']}{'  (cached)' if base.get('cached') else ''}")
-    for name, ppl in result.get("ppl", {}).items():
-        row = f"ppl {name:<9} {_fmt(ppl['value'])}"
-        bppl = base.get("ppl", {}).get(name) if base else None
-        if bppl:
-            row += f"   baseline {_fmt(bppl['value'])}"
-        row += f"   ({ppl['windows']} windows x {ppl['seqlen']} tokens)"
+    base = result.baseline
+    lines = [f"model        {result.model}  ({result.dtype} on {result.device})"]
+    if base is not None:
+        lines.append(f"baseline     {base.model}{'  (cached)' if base.cached else ''}")
+    for name, ppl in result.ppl.items():
+        row = f"ppl {name:<9} {_fmt(ppl.value)}"
+        bppl = base.ppl.get(name) if base is not None else None
+        if bppl is not None:
+            row += f"   baseline {_fmt(bppl.value)}"
+        row += f"   ({ppl.windows} windows x {ppl.seqlen} tokens)"
         lines.append(row)
-    for name, task in result.get("tasks", {}).items():
+    for name, task in result.tasks.items():
         metrics = [f"acc {_fmt(task.get('acc'))}"]
         if task.get("acc_norm") is not None:
-            metrics.append(f"acc_norm {_fmt(task['acc_norm'])}")
+            metrics.append(f"acc_norm {_fmt(task.get('acc_norm'))}")
         if task.get("perplexity") is not None:
-            metrics.append(f"ppl {_fmt(task['perplexity'], 3)}")
+            metrics.append(f"ppl {_fmt(task.get('perplexity'), 3)}")
         row = f"{name:<13} " + "  ".join(metrics)
-        btask = base.get("tasks", {}).get(name) if base else None
-        if btask:
+        btask = base.tasks.get(name) if base is not None else None
+        if btask is not None:
             row += f"   baseline acc {_fmt(btask.get('acc'))}"
-        row += f"   (n={task['n']}, {task['source'].split(':', 1)[0]})"
+        row += f"   (n={task.n}, {str(task.source).split(':', 1)[0]})"
         lines.append(row)
-    if result.get("longtail") is not None:
+    if result.longtail is not None:
         lines.append("longtail     included in the JSON")
-    lines.append(f"time         {result['seconds']:.1f} s")
+    lines.append(f"time         {result.seconds or 0.0:.1f} s")
     return "\n".join(lines)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``oneshot eval``; 0 on success, 2 on bad input (one line on stderr), 130 when interrupted."""
-    import logging
-
-    from oneshot.eval.corpora import EvalDataError
-    from oneshot.eval.evaluate import EvalConfig, evaluate
-    from oneshot.models import ModelLoadError
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from oneshot.eval.evaluate import EvalConfig, EvalInputError, evaluate
 
     if args.quiet:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    try:
-        config = EvalConfig(
-            ppl=_split(args.ppl),
-            seqlen=args.seqlen,
-            limit=args.limit,
-            tasks=_split(args.tasks),
-            baseline=args.baseline,
-            longtail=args.longtail,
-            seed=args.seed,
-            data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
-            dtype=args.dtype,
-            device=args.device,
-            batch_size=args.batch_size,
-            bootstrap_iters=args.bootstrap_iters,
-            cache=not args.no_cache,
-        )
-        if args.json:
-            out = Path(args.json).expanduser()
-            if out.is_dir():
-                raise ValueError(f"--json {args.json} is a folder; give a file name")
-            if not out.parent.exists():
-                raise ValueError(f"--json {args.json}: folder {out.parent} does not exist")
-        result = evaluate(args.model, config, progress=not args.quiet)
-    except (ValueError, ModelLoadError, EvalDataError, FileNotFoundError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"oneshot: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("oneshot: interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        Path(args.json).expanduser().write_text(json.dumps(result, indent=2, default=str) + "\n")
+    config = EvalConfig(
+        ppl=_split(args.ppl),
+        seqlen=args.seqlen,
+        limit=args.limit,
+        tasks=_split(args.tasks),
+        baseline=args.baseline,
+        longtail=args.longtail,
+        longtail_seqlen=args.longtail_seqlen,
+        seed=args.seed,
+        data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        bootstrap_iters=args.bootstrap_iters,
+        cache=not args.no_cache,
+    )
+    json_out = Path(args.json).expanduser() if args.json else None
+    if json_out is not None:
+        if json_out.is_dir():
+            raise EvalInputError(f"--json {args.json} is a folder; give a file name")
+        if not json_out.parent.exists():
+            raise EvalInputError(f"--json {args.json}: folder {json_out.parent} does not exist")
+    result = evaluate(args.model, config, progress=not args.quiet)
+    if result.run_dir is not None:
+        _refresh_card(Path(result.run_dir))
+    if json_out is not None:
+        result.save(json_out)
     print(format_summary(result))
-    if args.json:
+    if json_out is not None:
         print(f"results      {args.json}")
     return 0
+
+
+def _refresh_card(run_dir: Path) -> None:
+    """Rewrite the run's model card so it carries the new eval.json results (a failure is a warning: the
+    card is derived and `oneshot card` rewrites it)."""
+    from oneshot.card import write_card
+
+    try:
+        write_card(run_dir)
+    except Exception as exc:
+        logger.warning("could not refresh the model card in %s: %s", run_dir, exc)

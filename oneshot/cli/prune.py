@@ -1,0 +1,247 @@
+"""`oneshot prune`: arguments -> `PruneConfig` + `RunConfig` -> the prune job -> card and report -> a summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from oneshot.config import DTYPES, METHODS, PROPAGATE, UNCALIBRATED, PruneConfig, RunConfig
+from oneshot.errors import Interrupted
+from oneshot.runfolder import RunRecord
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+PRUNE_EXAMPLES = """examples:
+  oneshot prune --method sparsegpt --pattern 2:4 --out runs/smollm2-2of4
+  oneshot prune --model ./my-llama --method wanda --sparsity 0.5 --nsamples 64 --seqlen 1024 --out runs/w50
+  oneshot prune --model org/model --calib my_corpus.jsonl --ignore '*.mlp.down_proj' --out runs/m
+  oneshot prune ... --out runs/w50 --overwrite   # replaces an earlier oneshot output, nothing else
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, examples kept as written."""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "prune",
+        help="prune a model with magnitude, Wanda or SparseGPT",
+        description="Prune every Linear layer of the decoder blocks in one calibration pass and write a "
+        "run folder: checkpoint (loads with plain transformers), oneshot.json record, model card, report.",
+        epilog=PRUNE_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local folder, Hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument("--method", default="sparsegpt", help=f"one of {', '.join(METHODS)}")
+    p.add_argument(
+        "--sparsity",
+        default=None,
+        help="fraction of weights to prune in [0, 1); default 0.5 (N/M for an N:M pattern)",
+    )
+    p.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="'unstructured' or N:M (N zeros in every M consecutive input weights, e.g. 2:4, 4:8)",
+    )
+    p.add_argument(
+        "--calib",
+        default="c4",
+        help="c4, wikitext2, self, a .txt/.jsonl/.jsonl.gz/.parquet file, or hf:DATASET_ID",
+    )
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration window draw (and of 'self' text)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)",
+    )
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping, relative to mean(diag(H))")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (columns)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        help="keep Linear layers whose name matches this pattern dense (fnmatch, repeatable)",
+    )
+    p.add_argument("--propagate", default="pruned", help=f"one of {', '.join(PROPAGATE)}")
+    p.add_argument(
+        "--uncalibrated",
+        default="magnitude",
+        choices=UNCALIBRATED,
+        help="weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear "
+        "that never runs): prune them by magnitude with a warning, or keep them dense (reported either way)",
+    )
+    p.add_argument(
+        "--no-layer-loss",
+        action="store_true",
+        help="magnitude/Wanda: skip the Hessians that give the exact per-layer reconstruction loss",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=8,
+        help="quick WikiText-2 perplexity windows before/after pruning (0 = skip)",
+    )
+    p.add_argument(
+        "--eval-seqlen", type=int, default=None, help="quick evaluation window length (default: --seqlen)"
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        choices=["2:4", "bitmask"],
+        help="also write the compressed form for the sparse kernels into <out>/compressed-<format>/",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>-<pattern>)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it is an earlier oneshot output (never any other folder)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]:
+    """The algorithm and the run settings of ``oneshot prune``'s arguments (validated)."""
+    config = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        damp=args.damp,
+        block_size=args.blocksize,
+        ignore=tuple(args.ignore),
+        propagate=args.propagate,
+        layer_loss=not args.no_layer_loss,
+        uncalibrated=args.uncalibrated,
+    )
+    run = RunConfig(
+        model=args.model,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        eval_windows=args.eval_windows,
+        eval_seqlen=args.eval_seqlen,
+        export=args.export,
+    )
+    return config, run
+
+
+def default_out(config: PruneConfig, run: RunConfig) -> str:
+    """``runs/<model>-<method>-<pattern>[-<sparsity>]``."""
+    if run.model is None:
+        name = "smollm2-135m"
+    elif Path(str(run.model)).expanduser().exists():
+        name = Path(str(run.model)).expanduser().resolve().name.removesuffix(".gguf")
+    else:
+        name = str(run.model).rstrip("/").split("/")[-1]
+    pattern = config.pattern.replace(":", "of")
+    suffix = f"-{config.sparsity:g}" if config.pattern == "unstructured" else ""
+    return os.path.join("runs", f"{name}-{config.method}-{pattern}{suffix}")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from oneshot.card import write_card
+    from oneshot.jobs.prune import run_prune
+
+    config, run_config = configs_from_args(args)
+    result = run_prune(
+        config,
+        run_config,
+        args.out or default_out(config, run_config),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        argv=["oneshot", *argv],
+        finish=[write_card],  # the card is part of the atomic folder
+    )
+    try:
+        _write_run_report(result.out)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(
+            f"interrupted; the output {result.out} is complete (its report/ may be missing)"
+        ) from exc
+    print(summary(result.record, result.out))
+    return 0
+
+
+def _write_run_report(run_dir: Path) -> None:
+    """The run's own report (report.md/json/html in ``<run>/report``); the checkpoint is complete without it,
+    so a failure here is a warning, not an error."""
+    from oneshot.eval.report import write_report
+
+    try:
+        write_report([run_dir], out=run_dir / "report")
+    except Exception as exc:  # the report is an extra: never lose a finished checkpoint over it
+        logger.warning("could not write the report into %s: %s", run_dir / "report", exc)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def summary(record: RunRecord, out: Path) -> str:
+    """The lines `oneshot prune` prints at the end."""
+    from oneshot.pruner import dense_summary
+
+    rep, cfg, run_cfg = record.prune, record.config, record.run
+    rows = [
+        ("method", cfg.method),
+        ("pattern", cfg.pattern),
+        ("target sparsity", f"{cfg.sparsity:.4f}"),
+        (
+            "achieved sparsity",
+            f"{rep.sparsity:.4f} ({rep.zero_params:,} / {rep.pruned_params:,} weights in {len(rep.layers)} "
+            "pruned matrices)",
+        ),
+    ]
+    if rep.dense_matrices or rep.matrix_params != rep.pruned_params:
+        rows.append(
+            (
+                "all block matrices",
+                f"{rep.block_sparsity:.4f} ({rep.matrix_zero_params:,} / {rep.matrix_params:,} weights, "
+                "pruned or not)",
+            )
+        )
+        rows.append(("left dense", dense_summary(rep.dense_matrices)))
+    if rep.uncalibrated:
+        rows.append(("no calibration tokens", f"{len(rep.uncalibrated)} matrices pruned by magnitude"))
+    rows += [
+        (
+            "calibration",
+            f"{run_cfg.calib}: {run_cfg.nsamples} x {run_cfg.seqlen} tokens, seed {run_cfg.seed}",
+        ),
+        ("prune time", f"{rep.total_seconds:.1f} s on {rep.device}"),
+        ("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_kind})"),
+    ]
+    dense, pruned = record.quick_eval.dense, record.quick_eval.pruned
+    if dense is not None and pruned is not None:
+        rows.append(
+            (
+                "wikitext2 ppl (quick)",
+                f"dense {dense.value:.3f} -> pruned {pruned.value:.3f} ({dense.windows} windows x {dense.seqlen} "
+                "tokens, not the full protocol)",
+            )
+        )
+    rows.append(("output", str(out)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,284 @@
+"""The `oneshot prune` job: check, reserve the output, load, calibrate, evaluate dense, prune, evaluate, save.
+
+Everything that needs only the arguments and the model's config is checked before the weights are loaded;
+the output folder is taken (locked and test-written, `oneshot.output`) before anything else. Outputs are
+written to a temporary folder beside ``out`` and moved into place at the end, so an interrupted run never
+leaves a folder that looks complete, and an interruption message says exactly what is on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oneshot.checks import check_layers, check_prunable
+from oneshot.config import PruneConfig, RunConfig
+from oneshot.data import calibration_windows, load_text_source, resolve_data_dir
+from oneshot.errors import Interrupted, OneshotError
+from oneshot.models import check_finite, load_model, model_location, resolve_device, strip_quantization
+from oneshot.output import OutputSlot, reserve_output
+from oneshot.pruner import prune
+from oneshot.runfolder import (
+    FORBIDDEN_CONFIG_KEYS,
+    Calibration,
+    ExportRecord,
+    PerplexityRecord,
+    QuickEval,
+    RunRecord,
+    Source,
+    file_hashes,
+    from_dict,
+    library_versions,
+)
+
+__all__ = ["RunError", "RunResult", "export_folder", "run_prune", "save_pruned", "write_run_folder"]
+
+logger = logging.getLogger(__name__)
+
+Finish = Callable[[Path], object]  # a step run on the finished folder before it is moved into place
+
+
+class RunError(OneshotError):
+    """A run that cannot start or whose result would be wrong (the message says which)."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    record: RunRecord
+
+
+def export_folder(fmt: str) -> str:
+    """Sub-folder of a run that holds the compressed form for the sparse kernels."""
+    return f"compressed-{fmt.replace(':', 'of')}"
+
+
+def write_run_folder(model: Any, tokenizer: Any, folder: Path, record: RunRecord) -> None:
+    """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` (with the content
+    hashes of every file) into an existing ``folder``. config.json never carries a quantization or sparsity
+    config. ``record.run.export`` ("2:4" or "bitmask") also writes the compressed form for
+    `oneshot.kernels` into ``compressed-<format>/`` (the model's pruned Linear layers are converted in place).
+    """
+    strip_quantization(model)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    tokenizer.save_pretrained(folder)
+    export = record.run.export
+    if export is not None:
+        from oneshot import kernels
+
+        summary = kernels.convert(model, export)
+        kernels.save_compressed(model, folder / export_folder(export), tokenizer=tokenizer)
+        record.export = ExportRecord(
+            format=export,
+            folder=export_folder(export),
+            layers=summary.counts(),
+            dense_bytes=sum(r.dense_bytes for r in summary.converted),
+            stored_bytes=sum(r.stored_bytes for r in summary.converted),
+        )
+    _drop_config_keys(folder / "config.json")
+    record.files = file_hashes(folder)
+    record.save(folder)
+
+
+def save_pruned(
+    model: Any,
+    tokenizer: Any,
+    out: str | os.PathLike[str],
+    record: RunRecord,
+    *,
+    overwrite: bool,
+    finish: Sequence[Finish] = (),
+) -> Path:
+    """`write_run_folder` into ``out`` atomically: reserved first (`oneshot.output.reserve_output`), the
+    ``finish`` steps run on the finished folder, moved into place at the end. Returns the final folder."""
+    with reserve_output(out, overwrite=overwrite) as slot:
+        assert slot.tmp is not None
+        write_run_folder(model, tokenizer, slot.tmp, record)
+        for step in finish:
+            step(slot.tmp)
+        slot.commit()
+    return slot.out
+
+
+def _drop_config_keys(config_json: Path) -> None:
+    """Remove ``quantization_config`` / ``sparsity_config`` from a written config.json, should any remain."""
+    if not config_json.is_file():
+        return
+    data = json.loads(config_json.read_text())
+    found = [k for k in FORBIDDEN_CONFIG_KEYS if k in data]
+    if found:
+        logger.warning("removed %s from config.json: the checkpoint is plain dense float", ", ".join(found))
+        for key in found:
+            del data[key]
+        config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def quick_perplexity(
+    model: Any, tokenizer: Any, run: RunConfig, seqlen: int, *, label: str, progress: bool = True
+) -> PerplexityRecord | None:
+    """Perplexity on the first ``run.eval_windows`` WikiText-2 test windows (a quick check, not the full
+    protocol). A non-finite result is an error: a model that gives NaN is broken, whatever was reported."""
+    from oneshot.eval.corpora import EvalDataError, ppl_token_ids
+    from oneshot.eval.perplexity import perplexity
+
+    try:
+        ids = ppl_token_ids("wikitext2", tokenizer, run.data_dir)
+    except EvalDataError as exc:
+        logger.warning("quick evaluation skipped: %s", exc)
+        return None
+    windows = run.eval_windows
+    available = ids.shape[-1] // seqlen
+    if available == 0:
+        raise RunError(
+            f"the WikiText-2 test set ({ids.shape[-1]} tokens) is shorter than one quick-check window of {seqlen} "
+            "tokens: lower --eval-seqlen or pass --eval-windows 0"
+        )
+    if available < windows:
+        logger.warning(
+            "--eval-windows %d: the WikiText-2 test set holds only %d windows of %d tokens; using %d",
+            windows,
+            available,
+            seqlen,
+            available,
+        )
+    logger.info("quick WikiText-2 perplexity of the %s model: %d windows x %d tokens", label, windows, seqlen)
+    device = resolve_device(run.device)
+    model.to(device)
+    try:
+        res = perplexity(model, ids, seqlen, batch_size=1, limit=windows, device=device, progress=progress)
+    finally:
+        model.to("cpu")
+    if not math.isfinite(res.value):
+        raise RunError(
+            f"the {label} model's quick perplexity is {res.value} (NaN/Inf logits): the "
+            + (
+                "model overflows in this dtype (try --dtype float32) or its weights are corrupt"
+                if label == "dense"
+                else "pruned model is broken; nothing was written"
+            )
+        )
+    return PerplexityRecord(
+        **res.to_dict(),
+        dataset="wikitext2",
+        note=f"quick check: first {res.windows} windows of the test set, not the full protocol",
+    )
+
+
+def _protected_paths(run: RunConfig) -> list[tuple[str, Path]]:
+    """Paths the output must neither be nor contain."""
+    out: list[tuple[str, Path]] = []
+    model = model_location(run.model)
+    if model is not None:
+        out.append(("model source", model))
+    data = resolve_data_dir(run.data_dir)
+    if data is not None:
+        out.append(("data directory", data))
+    calib = Path(str(run.calib)).expanduser()
+    if calib.is_file():
+        out.append(("calibration file", calib))
+    return out
+
+
+def run_prune(
+    config: PruneConfig,
+    run: RunConfig,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    argv: list[str] | None = None,
+    finish: Sequence[Finish] = (),
+) -> RunResult:
+    """Load ``run.model``, calibrate, prune with ``config``, evaluate a few windows and save the run folder
+    to ``out`` (the ``finish`` steps, e.g. writing the model card, run on it before it is moved into place).
+
+    Raises `OneshotError` subclasses for bad input (before any expensive step where the check allows it)
+    and `Interrupted` on Ctrl-C, saying what is on disk.
+    """
+    run.check_against(config)
+    resolve_device(run.device)  # a device this machine does not have fails now
+    try:
+        slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run))
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted; nothing was written to {out}") from exc
+    try:
+        return _run_in_slot(slot, config, run, progress=progress, argv=argv, finish=finish)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"interrupted; {slot.state()}") from exc
+    finally:
+        slot.release()
+
+
+def _run_in_slot(
+    slot: OutputSlot,
+    config: PruneConfig,
+    run: RunConfig,
+    *,
+    progress: bool,
+    argv: list[str] | None,
+    finish: Sequence[Finish],
+) -> RunResult:
+    t0 = time.perf_counter()
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    documents = None
+    if str(run.calib).strip().lower() != "self":
+        documents = load_text_source(run.calib, run.data_dir)  # unreadable data fails before the model
+    max_pos, checked = check_prunable(config, run.model)  # the model's config and a weightless skeleton
+    if max_pos is not None and run.seqlen > max_pos:
+        raise RunError(f"--seqlen {run.seqlen} exceeds the model's context of {max_pos} tokens")
+    if run.eval_seqlen is not None and max_pos is not None and run.eval_seqlen > max_pos:
+        raise RunError(f"--eval-seqlen {run.eval_seqlen} exceeds the model's context of {max_pos} tokens")
+
+    logger.info("loading %s", run.model or "the embedded SmolLM2-135M-Instruct")
+    loaded = load_model(run.model, dtype=run.dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if not checked:  # no meta skeleton for this model: the same checks on the loaded one
+        check_layers(model, config)
+    calib, calib_info = calibration_windows(
+        run.calib,
+        tok,
+        nsamples=run.nsamples,
+        seqlen=run.seqlen,
+        seed=run.seed,
+        data_dir=run.data_dir,
+        model=model,
+        documents=documents,
+    )
+    eval_seq = min(run.eval_seqlen or run.seqlen, max_pos or run.seqlen)
+    quick = QuickEval()
+    if run.eval_windows > 0:
+        quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
+    report = prune(model, calib, config, device=run.device, batch_size=run.batch_size, progress=progress)
+    if run.eval_windows > 0 and quick.dense is not None:
+        quick.pruned = quick_perplexity(model, tok, run, eval_seq, label="pruned", progress=progress)
+
+    record = RunRecord(
+        config=config,
+        run=run,
+        source=from_dict(Source, loaded.source),
+        prune=report,
+        command=list(argv if argv is not None else sys.argv),
+        started=started,
+        model_type=getattr(model.config, "model_type", None),
+        calibration=from_dict(Calibration, calib_info),
+        versions=library_versions(),
+        quick_eval=quick,
+    )
+    record.total_seconds = time.perf_counter() - t0
+    assert slot.tmp is not None
+    check_finite(model, "the pruned model")  # never save NaN, whatever the quick check did or skipped
+    logger.info("writing %s", slot.out)
+    write_run_folder(model, tok, slot.tmp, record)
+    for step in finish:
+        step(slot.tmp)
+    slot.commit()
+    return RunResult(slot.out, record)

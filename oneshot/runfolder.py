@@ -1,0 +1,639 @@
+"""The run folder: the one contract between prune, eval, card, report, push and model loading.
+
+This module owns everything about it: the file names, the config keys a checkpoint must never carry, the
+typed records of ``oneshot.json`` (`RunRecord`) and ``eval.json`` (`EvalRecord`) with their schema
+versions and load/save, the library versions stamped into them, the content hashes of the files, and the
+one atomic file writer (folders are taken and moved by `oneshot.output`).
+
+Records are dataclasses; `to_dict` / `from_dict` convert them to and from JSON. Keys a record does not
+know are kept in its ``extra`` field (when it has one) so nothing is lost on a round trip; records written
+by earlier versions load (``oneshot-run/1``: one flat config, converted on load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from oneshot.config import PruneConfig, RunConfig
+from oneshot.errors import OneshotError
+
+__all__ = [
+    "CARD_FILE",
+    "EVAL_FILE",
+    "FORBIDDEN_CONFIG_KEYS",
+    "INDEX_FILE",
+    "REPORT_DIR",
+    "RUN_FILE",
+    "BaselineRecord",
+    "BlockReport",
+    "Calibration",
+    "DenseMatrix",
+    "EvalRecord",
+    "ExportRecord",
+    "FileHash",
+    "FrequencyBucket",
+    "FrequencyInfo",
+    "LayerReport",
+    "LongtailRecord",
+    "PerplexityRecord",
+    "PruneReport",
+    "QuickEval",
+    "RecordError",
+    "RunRecord",
+    "SkippedSlice",
+    "SliceRecord",
+    "Source",
+    "TaskDelta",
+    "TaskFlags",
+    "TaskRecord",
+    "atomic_write_text",
+    "file_hashes",
+    "from_dict",
+    "library_versions",
+    "to_dict",
+]
+
+RUN_FILE = "oneshot.json"
+EVAL_FILE = "eval.json"
+CARD_FILE = "README.md"
+REPORT_DIR = "report"
+INDEX_FILE = "model.safetensors.index.json"
+RUN_FORMAT, RUN_SCHEMA = "oneshot-run", 2
+EVAL_FORMAT, EVAL_SCHEMA = "oneshot-eval", 1
+# keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
+FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
+# files `oneshot eval` / `oneshot card` (re)write after the run: not covered by the content hashes
+DERIVED = (CARD_FILE, EVAL_FILE, RUN_FILE, REPORT_DIR)
+
+T = TypeVar("T")
+
+
+class RecordError(OneshotError):
+    """A record file is missing, unreadable or of an unknown format (the message names the file)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generic conversion between dataclasses and JSON
+
+
+def _build(tp: Any, value: Any) -> Any:
+    """``value`` (from JSON) as the annotated type ``tp``: nested dataclasses, lists, dicts, tuples."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(args[0], value) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return from_dict(tp, value) if isinstance(value, dict) else value
+    if origin is list and isinstance(value, list):
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_build(arg, v) for v in value]
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if origin is dict and isinstance(value, dict):
+        _, arg = typing.get_args(tp) or (str, Any)
+        return {k: _build(arg, v) for k, v in value.items()}
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """A dataclass from a JSON object: known keys typed, unknown ones into ``extra`` (if the class has it),
+    the derived keys the class lists in ``_DERIVED`` dropped (they are recomputed)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    derived = set(getattr(cls, "_DERIVED", ()))
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in names and key != "extra":
+            kwargs[key] = _build(hints[key], value)
+        elif key not in derived:
+            extra[key] = value
+    if "extra" in names:
+        kwargs["extra"] = extra
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """JSON-ready form of a record (the inverse of `from_dict`): ``extra`` merged back, ``_DERIVED``
+    properties written out, tuples as lists, paths as strings, non-finite floats as null."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if not _is_record(obj) and hasattr(obj, "to_dict"):  # the configs serialise themselves
+            return obj.to_dict()
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            if f.name != "extra":
+                out[f.name] = to_dict(getattr(obj, f.name))
+        for name in getattr(type(obj), "_DERIVED", ()):
+            out[name] = to_dict(getattr(obj, name))
+        out.update(to_dict(getattr(obj, "extra", None) or {}))
+        return out
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    return str(obj)  # torch.dtype, torch.device and the like
+
+
+def _is_record(obj: Any) -> bool:
+    return type(obj).__module__ == __name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step (a hidden temporary file beside it, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RecordError(f"{path} not found: {path.parent} is not {what}") from exc
+    except PermissionError as exc:
+        raise RecordError(f"cannot read {path}: permission denied") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path} is not valid JSON ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise RecordError(f"{path} is not a JSON object")
+    return data
+
+
+def _schema(path: Path, data: dict[str, Any], name: str, newest: int) -> int:
+    fmt = str(data.get("format", ""))
+    prefix, _, version = fmt.partition("/")
+    if prefix != name or not version.isdigit():
+        raise RecordError(f"{path} has format {fmt!r}, expected {name}/N")
+    if int(version) > newest:
+        raise RecordError(
+            f"{path} is {fmt}, newer than this oneshot reads ({name}/{newest}): upgrade oneshot"
+        )
+    return int(version)
+
+
+def file_hashes(folder: Path) -> dict[str, FileHash]:
+    """sha256 and size of every file of a run folder except hidden ones and the derived ones (card, eval,
+    record, report). Recorded in ``oneshot.json`` at save time; `oneshot push` verifies them."""
+    out: dict[str, FileHash] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        parts = rel.split("/")
+        if (
+            any(p.startswith(".") for p in parts)
+            or not path.is_file()
+            or rel in DERIVED
+            or parts[0] in DERIVED
+        ):
+            continue
+        out[rel] = FileHash(sha256_of(path), path.stat().st_size)
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of every library a result depends on (those installed)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in (
+        "oneshot",
+        "torch",
+        "transformers",
+        "accelerate",
+        "safetensors",
+        "gguf",
+        "triton",
+        "lm_eval",
+        "datasets",
+    ):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The pruning report (written by oneshot.pruner, embedded in oneshot.json)
+
+
+@dataclass
+class LayerReport:
+    """One pruned weight matrix (a Linear, or one expert of a fused MoE tensor: ``...down_proj[3]``)."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    sparsity: float  # fraction of zeros after pruning
+    loss: float | None  # ||(W - W')X^T||^2 / n on the calibration inputs (None when no Hessian was kept)
+    seconds: float
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float
+    output_error: float | None  # ||Y_dense - Y_pruned||^2 / ||Y_dense||^2 of the block on calibration data
+
+
+@dataclass
+class DenseMatrix:
+    """A weight matrix of a decoder block left dense, and why (router, --ignore, no calibration tokens)."""
+
+    name: str
+    params: int
+    reason: str
+
+
+@dataclass
+class PruneReport:
+    """What `oneshot.prune` did: per-matrix results, per-block output errors, the sparsity over the pruned
+    matrices and over EVERY weight matrix of the blocks, and what was left dense."""
+
+    _DERIVED = ("sparsity", "block_sparsity")
+
+    layers: list[LayerReport] = field(default_factory=list)
+    blocks: list[BlockReport] = field(default_factory=list)
+    total_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    device: str = "cpu"
+    pruned_params: int = 0  # weights of the pruned matrices
+    zero_params: int = 0  # zeros among them
+    matrix_params: int = 0  # weights of every weight matrix of the blocks, pruned or not
+    matrix_zero_params: int = 0  # zeros among them
+    dense_matrices: list[DenseMatrix] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)  # no calibration tokens: pruned by magnitude
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over the pruned matrices (zeros / weights)."""
+        return self.zero_params / self.pruned_params if self.pruned_params else 0.0
+
+    @property
+    def block_sparsity(self) -> float:
+        """Zeros / weights over every weight matrix of the decoder blocks (routers, skipped ones included)."""
+        return self.matrix_zero_params / self.matrix_params if self.matrix_params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return typing.cast(dict[str, Any], to_dict(self))
+
+
+# --------------------------------------------------------------------------------------------------------
+# oneshot.json
+
+
+@dataclass
+class PerplexityRecord:
+    """A perplexity measurement: exp of the mean token NLL over ``windows`` non-overlapping windows."""
+
+    value: float
+    windows: int
+    seqlen: int
+    nll: float | None = None
+    tokens: int | None = None
+    dataset: str | None = None
+    note: str | None = None
+    source: str | None = None
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuickEval:
+    """The quick WikiText-2 check of `oneshot prune`, dense before and pruned after."""
+
+    dense: PerplexityRecord | None = None
+    pruned: PerplexityRecord | None = None
+
+
+@dataclass
+class Source:
+    """Where the model came from: the embedded default, a .gguf file, a local folder or a Hub id."""
+
+    kind: str  # default | gguf | local | hub
+    path: str | None = None
+    fingerprint: str | None = None
+    base_model: str | None = None  # the Hub id of the dense model when known
+
+
+@dataclass
+class Calibration:
+    source: str
+    origin: str | None = None  # the file (or Hub dataset) read
+    documents: int | None = None
+    corpus_tokens: int | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int | None = None
+    tokens: int | None = None  # self-generated calibration
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportRecord:
+    format: str
+    folder: str
+    layers: dict[str, int] = field(default_factory=dict)
+    dense_bytes: int = 0  # the converted layers' weights, stored dense
+    stored_bytes: int = 0  # the same, compressed
+
+
+@dataclass
+class FileHash:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class RunRecord:
+    """``oneshot.json``: everything needed to understand, check and repeat a run."""
+
+    config: PruneConfig
+    run: RunConfig
+    source: Source
+    prune: PruneReport
+    command: list[str] = field(default_factory=list)
+    started: str | None = None
+    model_type: str | None = None
+    calibration: Calibration | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    quick_eval: QuickEval = field(default_factory=QuickEval)
+    total_seconds: float | None = None
+    files: dict[str, FileHash] | None = None  # None in records of versions before the hashes
+    export: ExportRecord | None = None
+    schema: int = RUN_SCHEMA  # the version read (records are always written as the newest)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: Path) -> RunRecord:
+        """The record of a run folder; `RecordError` naming the file when it is missing or broken."""
+        path = Path(folder) / RUN_FILE
+        data = _read_json(path, "a run folder (written by `oneshot prune`)")
+        schema = _schema(path, data, RUN_FORMAT, RUN_SCHEMA)
+        data = dict(data)
+        data.pop("format")
+        if schema == 1:  # one flat config of both parts; the report repeated it
+            flat = dict(data.pop("config", None) or {})
+            data["config"] = {k: flat[k] for k in _fields(PruneConfig) if k in flat}
+            data["run"] = {k: flat[k] for k in _fields(RunConfig) if k in flat}
+            if isinstance(data.get("prune"), dict):
+                data["prune"] = {k: v for k, v in data["prune"].items() if k != "config"}
+        try:
+            record = from_dict(cls, data)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{path} does not hold a valid run record ({exc})") from exc
+        record.schema = schema
+        return record
+
+    def to_json(self) -> str:
+        data = {"format": f"{RUN_FORMAT}/{RUN_SCHEMA}", **to_dict(self)}
+        data.pop("schema")
+        return json.dumps(data, indent=2) + "\n"
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / RUN_FILE
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @property
+    def base_model(self) -> str | None:
+        return self.source.base_model
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# eval.json
+
+
+@dataclass
+class TaskRecord:
+    """One lm-eval task: its metrics (``acc``, ``acc_norm``, ``perplexity``, each with ``<m>_stderr``) are
+    the keys besides ``n``, ``limit`` and ``source``."""
+
+    n: int | None = None
+    limit: int | None = None
+    source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Metric -> finite value (standard errors excluded)."""
+        return {
+            k: float(v) for k, v in self.extra.items() if not k.endswith("_stderr") and _finite(v) is not None
+        }
+
+    def stderr(self, metric: str) -> float | None:
+        return _finite(self.extra.get(f"{metric}_stderr"))
+
+    def get(self, metric: str) -> float | None:
+        return _finite(self.extra.get(metric))
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass
+class BaselineRecord:
+    """The dense model evaluated alongside (possibly read from the cache)."""
+
+    model: str | None = None
+    ppl: dict[str, PerplexityRecord] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    fingerprint: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class SliceRecord:
+    """Dense vs pruned on one long-tail slice (or the aggregate): NLL, perplexity, KL and the flag."""
+
+    name: str
+    group: str | None = None
+    definition: str | None = None  # the aggregate's: what text it is
+    tokens: int = 0
+    windows: int | None = None
+    nll_dense: float | None = None
+    nll_pruned: float | None = None
+    ppl_dense: float | None = None
+    ppl_pruned: float | None = None
+    delta_nll: float | None = None
+    delta_nll_se: float | None = None
+    rel_degradation: float | None = None
+    kl: float | None = None
+    ratio_to_aggregate: float | None = None
+    flagged: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskDelta:
+    """One task, dense vs pruned: accuracies, the delta and its combined standard error, the flag."""
+
+    name: str
+    acc_dense: float
+    acc_pruned: float
+    delta: float
+    rel_degradation: float | None = None
+    n: int | None = None
+    delta_stderr: float | None = None
+    flagged: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskFlags:
+    """Task accuracy deltas (pruned - dense) and the tasks flagged for degrading most; ``note`` says why
+    there are none (e.g. no dense results to compare with)."""
+
+    tasks: list[TaskDelta] = field(default_factory=list)
+    aggregate: dict[str, float | None] | None = None
+    flagged: list[str] = field(default_factory=list)
+    note: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FrequencyBucket:
+    """Token ids of similar corpus frequency (equal token mass per bucket); ``freq/unseen``: never seen."""
+
+    name: str
+    types: int | None = None
+    rank_first: int | None = None
+    rank_last: int | None = None
+    count_min: int | None = None
+    count_max: int | None = None
+    mass: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FrequencyInfo:
+    buckets: list[FrequencyBucket] = field(default_factory=list)
+    reference_corpus: str | None = None
+    reference_corpus_tokens: int | None = None
+    n_buckets: int | None = None
+    evaluated_on: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SkippedSlice:
+    name: str
+    reason: str
+
+
+@dataclass
+class LongtailRecord:
+    """The long-tail degradation report (`oneshot.eval.longtail`)."""
+
+    aggregate: SliceRecord | None = None
+    slices: list[SliceRecord] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    factor: float = 2.0
+    tasks: TaskFlags | None = None
+    frequency: FrequencyInfo | None = None
+    skipped: list[SkippedSlice] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalRecord:
+    """``eval.json``: perplexities and tasks of a model, the dense baseline beside, the long-tail report."""
+
+    model: str | None = None  # what was evaluated (a run folder, a model folder, a Hub id, "default")
+    ppl: dict[str, PerplexityRecord] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    baseline: BaselineRecord | None = None
+    longtail: LongtailRecord | None = None
+    run_dir: str | None = None
+    fingerprint: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    source: Source | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the EvalConfig that produced it
+    versions: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None
+    schema: int = EVAL_SCHEMA
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> EvalRecord:
+        """An ``eval.json`` (a file, or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / EVAL_FILE
+        data = _read_json(path, "an evaluation folder (written by `oneshot eval`)")
+        schema = _schema(path, data, EVAL_FORMAT, EVAL_SCHEMA)
+        data = {k: v for k, v in data.items() if k != "format"}
+        try:
+            record = from_dict(cls, data)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{path} does not hold a valid evaluation record ({exc})") from exc
+        record.schema = schema
+        return record
+
+    @classmethod
+    def load_optional(cls, folder: Path) -> EvalRecord | None:
+        """The ``eval.json`` of a run folder, or None before ``oneshot eval`` has written one."""
+        return cls.load(folder) if (Path(folder) / EVAL_FILE).is_file() else None
+
+    def to_json(self) -> str:
+        data = {"format": f"{EVAL_FORMAT}/{EVAL_SCHEMA}", **to_dict(self)}
+        data.pop("schema")
+        return json.dumps(data, indent=2) + "\n"
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / EVAL_FILE
+        atomic_write_text(path, self.to_json())
+        return path
