@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.errors import OutputError
-from oneshot.runfolder import DERIVED, RUN_FILE
+from oneshot.runfolder import RUN_FILE
 
 __all__ = [
     "MARKER_FILE",
@@ -71,14 +71,54 @@ def is_oneshot_output(folder: Path) -> bool:
     return record is not None and str(record.get("format", "")).startswith("oneshot-run/")
 
 
+# What a run folder of a version without content hashes may hold (the files save_pretrained, the tokenizer
+# and oneshot write), as fnmatch patterns of relative paths.
+_KNOWN_RUN_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "compressed-*/*",
+)
+# protected folders an output may not even be written into (a run folder may hold its own report/)
+_NO_NESTING = ("model source", "data directory")
+_REPORT_FILES = ("report/report.md", "report/report.json", "report/report.html", "report/plots/*.png")
+
+
 def _foreign_entries(folder: Path) -> list[str]:
-    """Top-level entries of an earlier output that its record does not list (files a user added)."""
+    """Files inside an earlier output that oneshot did not write (hidden ones and nested ones included):
+    not listed in its record's content hashes (or, for records without them, not of a known name), and not
+    the card, eval.json, record or report added later."""
+    import fnmatch
+
     record = _read_record(folder) or {}
     files = record.get("files")
-    if not isinstance(files, dict):  # a record of an older version lists nothing: nothing to compare
-        return []
-    ours = {str(rel).split("/")[0] for rel in files} | set(DERIVED)
-    return sorted(p.name for p in folder.iterdir() if p.name not in ours and not p.name.startswith("."))
+    listed = set(files) if isinstance(files, dict) else None
+    derived = ("README.md", "eval.json", RUN_FILE, *_REPORT_FILES)
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatchcase(rel, p) for p in derived):
+            continue
+        known = (
+            rel in listed
+            if listed is not None
+            else any(fnmatch.fnmatchcase(rel, p) for p in _KNOWN_RUN_FILES)
+        )
+        if not known:
+            foreign.append(rel)
+    return foreign
 
 
 def replaceable_run(folder: Path) -> str | None:
@@ -263,6 +303,8 @@ def _check_target(
         if _is_within(path, real):
             rel = "is" if path == real else "contains"
             raise OutputError(f"--out {out} {rel} the {what} ({path}): choose another folder")
+        if what in _NO_NESTING and path.is_dir() and _is_within(real, path):
+            raise OutputError(f"--out {out} is inside the {what} ({path}): choose a folder outside it")
     if os.path.lexists(out) and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder")
     if out.is_dir():

@@ -10,6 +10,7 @@ Cases that need a process of their own (a second run at the same time, kill -9, 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -231,6 +232,31 @@ CASES: dict[str, Case] = {
         2,
         ("also holds notes.txt", "did not write"),
         lambda ws: _earlier_output(ws, "prev", files={"model.safetensors": {}}),
+    ),
+    "out-inside-the-model": Case("--out model/run", 2, ("is inside the model source",)),
+    "overwrite-an-output-holding-hidden-and-nested-user-files": Case(
+        "--out prev --overwrite",
+        2,
+        ("also holds", ".git/HEAD", "report/notes.md"),
+        lambda ws: (
+            _earlier_output(ws, "prev", files={"model.safetensors": {}}),
+            (ws / "prev" / "notes.txt").unlink(),
+            (ws / "prev" / ".git").mkdir(),
+            (ws / "prev" / ".git" / "HEAD").write_text("ref: refs/heads/main"),
+            (ws / "prev" / "report").mkdir(),
+            (ws / "prev" / "report" / "notes.md").write_text("mine"),
+        ),
+    ),
+    "overwrite-an-old-output-without-hashes-holding-user-files": Case(
+        "--out prev --overwrite",
+        2,
+        ("also holds", "ckpt/a.bin", "notes.txt"),
+        lambda ws: (
+            _earlier_output(ws, "prev"),
+            (ws / "prev" / "notes.txt").write_text("precious"),
+            (ws / "prev" / "ckpt").mkdir(),
+            (ws / "prev" / "ckpt" / "a.bin").write_text("x"),
+        ),
     ),
     "created-parents-are-removed-on-error": Case("--out new/sub/out --pattern 3:7", 2, ("multiple of 7",)),
     "unmarked-leftover-is-reported-and-kept": Case(
@@ -592,7 +618,7 @@ def test_eval_checks_the_baseline_before_evaluating_the_model(
 def test_a_non_finite_quick_perplexity_is_an_error(
     workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    module = sys.modules["oneshot.eval.perplexity"]  # `eval.perplexity` is also the name of the function
+    module = importlib.import_module("oneshot.eval.perplexity")
     real = module.perplexity
     calls: list[int] = []
 
