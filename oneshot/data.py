@@ -153,18 +153,34 @@ def read_text_file(path: Path) -> list[str]:
         raise CalibrationError(f"calibration file {path} is malformed: {str(exc).splitlines()[0]}") from exc
 
 
+def _texts(path: Path, records: Sequence[dict[str, Any]], where: str) -> list[str]:
+    """The ``text`` of every record: a string; a null or a number is an error naming the record (never the
+    literal text "None")."""
+    out = []
+    for i, row in enumerate(records, start=1):
+        text = row["text"]
+        if not isinstance(text, str):
+            raise CalibrationError(
+                f"{path}: {where} {i} has a 'text' that is {type(text).__name__}, not a string"
+            )
+        out.append(text)
+    return out
+
+
 def _read_text_file(path: Path) -> list[str]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):  # .json.gz: C4's JSON-lines shards
-        return [str(row["text"]) for row in read_jsonl(path, required=("text",))]
+        return _texts(path, read_jsonl(path, required=("text",)), "line")
     if name.endswith(".json"):
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-        records = data if isinstance(data, list) else data.get("data", [])
+        records = data if isinstance(data, list) else data.get("data") if isinstance(data, dict) else None
+        if not isinstance(records, list):
+            raise CalibrationError(f'{path}: a .json file must hold a list of records or {{"data": [...]}}')
         for i, row in enumerate(records, start=1):
             if not isinstance(row, dict) or "text" not in row:
                 raise CalibrationError(f"{path}: record {i} has no 'text' field")
-        return [str(row["text"]) for row in records]
+        return _texts(path, records, "record")
     if name.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -173,7 +189,7 @@ def _read_text_file(path: Path) -> list[str]:
         table = pq.read_table(path)
         if "text" not in table.column_names:
             raise CalibrationError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-        return [str(t) for t in table.column("text").to_pylist()]
+        return _texts(path, [{"text": t} for t in table.column("text").to_pylist()], "row")
     if name.endswith((".txt", ".raw", ".md")):
         return [path.read_text(encoding="utf-8")]
     raise CalibrationError(

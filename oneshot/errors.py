@@ -42,6 +42,8 @@ def describe(exc: BaseException) -> str | None:
         where = exc.filename or "a file or folder"
         return f"permission denied: {where} ({exc.strerror or 'not allowed'})"
     if type(exc).__name__ == "SafetensorError":  # safetensors' own error type (not an OSError)
+        if "No space left" in str(exc):
+            return f"no space left on the device while writing safetensors ({_first_line(exc)})"
         return f"a safetensors file is corrupt or truncated: {_first_line(exc)}"
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()[:200]:
         return (

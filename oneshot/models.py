@@ -190,10 +190,18 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
     # the cache folder is ours: an incomplete one left by an interrupted conversion is replaced
     with reserve_output(target, overwrite=True, replaceable=lambda folder: None) as slot:
         assert slot.tmp is not None
-        tok = _load_tokenizer(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        try:
+            tok = _load_tokenizer(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # the gguf reader raises struct.error, ValueError, KeyError... on a bad file
+            raise ModelLoadError(
+                f"cannot read the GGUF file {gguf}: it is corrupt, truncated or of an unsupported architecture "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
         strip_quantization(model)
         model.save_pretrained(slot.tmp)
         tok.save_pretrained(slot.tmp)
@@ -519,6 +527,12 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
             raise ModelLoadError(f"cannot read {exc.filename or folder}: permission denied") from exc
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the model from {folder}: {_first_line(exc)}") from exc
+        except RuntimeError as exc:
+            if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+                raise
+            raise ModelLoadError(
+                f"{folder}: weights of the wrong shape for its config.json ({_first_line(exc)})"
+            ) from exc
         except Exception as exc:
             if type(exc).__name__ != "SafetensorError":
                 raise
@@ -556,6 +570,7 @@ def _base_model_of(folder: Path) -> str | None:
             data = json.loads(meta.read_text())
         except (OSError, ValueError):
             return None
-        base = data.get("source", {}).get("base_model")
+        source = data.get("source") if isinstance(data, dict) else None
+        base = source.get("base_model") if isinstance(source, dict) else None
         return str(base) if base else None
     return None

@@ -62,6 +62,14 @@ def _with_tensor(ws: Path, name: str, key: str, change: Callable[[torch.Tensor],
     save_file(tensors, ws / name / "model.safetensors", metadata={"format": "pt"})
 
 
+def _replace_tensor(folder: Path, key: str, value: torch.Tensor) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key] = value
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def _bert(ws: Path, name: str, cls: str) -> None:
     import transformers
 
@@ -341,6 +349,36 @@ CASES: dict[str, Case] = {
     "calibration-record-without-text": Case(
         "--calib notext.jsonl --out out", 2, ("notext.jsonl", "line 2", "no 'text' field"), _calib_files
     ),
+    "calibration-json-not-a-list": Case(
+        "--calib str.json --out out",
+        2,
+        ("str.json", "list of records"),
+        lambda ws: (ws / "str.json").write_text('"just a string"'),
+    ),
+    "calibration-null-text": Case(
+        "--calib null.jsonl --out out",
+        2,
+        ("null.jsonl", "line 1", "NoneType, not a string"),
+        lambda ws: (ws / "null.jsonl").write_text('{"text": null}\n{"text": "words"}\n'),
+    ),
+    "weights-of-the-wrong-shape": Case(
+        "--model shapew --out out",
+        2,
+        ("wrong shape", "shapew"),
+        lambda ws: (
+            _with_tensor(ws, "shapew", "model.layers.1.mlp.up_proj.weight", lambda t: None)
+            or _replace_tensor(ws / "shapew", "model.layers.1.mlp.up_proj.weight", torch.zeros(100, 64))
+        ),
+    ),
+    "corrupt-gguf": Case(
+        "--model bad.gguf --out out",
+        2,
+        ("cannot read the GGUF file", "bad.gguf"),
+        lambda ws: (ws / "bad.gguf").write_bytes(b"GGUF" + bytes(100)),
+    ),
+    "argument-of-the-wrong-type": Case("--nsamples abc --out out", 2, ("invalid int value: 'abc'",)),
+    "seed-out-of-range": Case("--seed 99999999999999999999999 --out out", 2, ("seed must be an integer in",)),
+    "empty-out": Case("--out ''", 2, ("--out is empty",)),
     "calibration-missing": Case("--calib nothere.txt --out out", 2, ("unknown calibration source",)),
     "calibration-folder": Case("--calib model --out out", 2, ("is a folder",)),
     "eval-seqlen-zero": Case("--eval-seqlen 0 --out out", 2, ("--eval-seqlen must be at least 2",)),

@@ -10,9 +10,11 @@ into one line ``oneshot: error: ...`` and its exit code, Ctrl-C into exit 130 wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from oneshot.cli import card, evaluate, prune, push, report
 from oneshot.errors import Interrupted
@@ -31,6 +33,14 @@ EXAMPLES = """examples:
   oneshot report runs/smollm2-2of4 --out report
   oneshot push runs/smollm2-2of4 --repo-id you/smollm2-2of4 --dry-run
 """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line ``oneshot: error: ...`` and exit 2, like every other error (the usage is
+    one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"oneshot: error: {self.prog.split()[-1]}: {message} (see {self.prog} --help)\n")
 
 
 class _TqdmHandler(logging.Handler):
@@ -63,14 +73,14 @@ def _setup_logging(quiet: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from oneshot import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="oneshot",
         description="One-shot pruning of causal LMs (magnitude, Wanda, SparseGPT), with honest evaluation.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"oneshot {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module in COMMANDS.values():
         module.add_parser(sub)
     return parser
@@ -87,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"oneshot: {exc.message}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `oneshot ... | head`: the reader left; nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("oneshot: interrupted", file=sys.stderr)
         return 130

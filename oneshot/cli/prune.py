@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oneshot.config import DTYPES, METHODS, PROPAGATE, UNCALIBRATED, PruneConfig, RunConfig
+from oneshot.config import DTYPES, METHODS, PROPAGATE, UNCALIBRATED, ConfigError, PruneConfig, RunConfig
 from oneshot.errors import Interrupted
 from oneshot.runfolder import RunRecord
 
@@ -165,6 +165,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from oneshot.jobs.prune import run_prune
 
     config, run_config = configs_from_args(args)
+    if args.out is not None and not str(args.out).strip():
+        raise ConfigError(
+            "--out is empty: give a folder name (or leave --out out for runs/<model>-<method>-...)"
+        )
     result = run_prune(
         config,
         run_config,
