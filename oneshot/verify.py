@@ -29,7 +29,15 @@ from typing import Any
 
 from oneshot.card import CARD_KEY
 from oneshot.errors import OneshotError
-from oneshot.runfolder import CARD_FILE, FORBIDDEN_CONFIG_KEYS, INDEX_FILE, RUN_FILE, RunRecord, sha256_of
+from oneshot.runfolder import (
+    CARD_FILE,
+    FORBIDDEN_CONFIG_KEYS,
+    INDEX_FILE,
+    RUN_FILE,
+    EvalRecord,
+    RunRecord,
+    sha256_of,
+)
 
 __all__ = [
     "SPARSITY_TOLERANCE",
@@ -312,6 +320,7 @@ def _measured_sparsity(run_dir: Path, layers: list[str], where: dict[str, str]) 
 def verify_run_folder(run_dir: Path, files: list[UploadFile]) -> Verified:
     """Every check of the module docstring, in order; raises `VerificationError` at the first failure."""
     record = _record(run_dir)
+    EvalRecord.load_optional(run_dir)  # an eval.json that is uploaded must be a valid record (RecordError)
     layers = [layer.name for layer in record.prune.layers]
     _check_configs(run_dir, files)
     _check_tokenizer(run_dir)

@@ -462,6 +462,7 @@ BAD_FOLDERS = {
         "tokenizer_config.json is missing: oneshot.json records it",
     ),
     "no-card": (lambda r: (r / "README.md").unlink(), "README.md (the model card) is missing"),
+    "eval-garbage": (lambda r: (r / "eval.json").write_text("garbage"), "eval.json is not valid JSON"),
 }
 
 
