@@ -63,6 +63,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oneshot.moe",
             "oneshot.pruner",
             "oneshot.checks",
+            "oneshot.structured",
             "oneshot.kernels",
             "oneshot.eval.perplexity",
             "oneshot.eval.corpora",

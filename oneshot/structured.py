@@ -1,0 +1,109 @@
+"""Structured pruning math: which input units (columns, or groups of columns) of a consumer layer to remove,
+and the least-squares re-fit of that layer on the units kept.
+
+A consumer layer ``W`` (out, n) reads ``n`` input units (MLP channels for ``down_proj``; the head_dim-wide
+column groups of the heads of a GQA group for ``o_proj``). With ``H = X^T X / tokens`` of its inputs:
+
+- `refit`: ``W' = W H[:, K] (H[K, K] + lam I)^-1`` minimises ``||W X^T - W' X_K^T||^2`` over the kept units
+  ``K`` (the damped normal equations, solved in float64 by default);
+- `obs_removal_order`: greedy optimal-brain-surgeon removal of one group at a time (ZipLM-style): the group
+  whose removal, with the best compensation of the remaining units, costs least goes first. Its weight
+  updates are exactly the re-fit on the remaining units, and the costs add up to the re-fit loss;
+- `activation_scores`: the cheap score ``||X_j|| * ||W[:, j]||`` per unit.
+
+Pure functions on tensors (no modules, no state); all losses are ``||dW X^T||^2 / tokens = tr(dW H dW^T)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["activation_scores", "obs_removal_order", "refit", "refit_loss"]
+
+
+def _damped(hessian: Tensor, damp: float) -> Tensor:
+    h = hessian.clone()
+    diag = h.diagonal()
+    scale = float(diag.mean()) if diag.numel() else 1.0
+    diag += damp * scale
+    return h
+
+
+def refit(
+    weight: Tensor, hessian: Tensor, keep: Tensor, *, damp: float = 0.0, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """The least-squares re-fit of ``weight`` (out, n) on the kept input units ``keep`` (k indices).
+
+    Returns the (out, k) weight minimising ``tr((W S - W') H' (W S - W')^T)`` in the sense above: ``W' =
+    W H[:, K] (H[K, K] + lam I)^-1`` with ``lam = damp * mean(diag H[K, K])``; in ``weight``'s dtype.
+    """
+    w = weight.to(dtype)
+    h = hessian.to(device=weight.device, dtype=dtype)
+    keep = keep.to(weight.device)
+    hkk = _damped(h[keep][:, keep], damp)  # (k, k)
+    rhs = w @ h[:, keep]  # (out, k)
+    solved = torch.linalg.solve(hkk, rhs.T).T  # (out, k): rhs hkk^-1 (hkk symmetric)
+    return solved.to(weight.dtype)
+
+
+def refit_loss(weight: Tensor, hessian: Tensor, keep: Tensor, new_weight: Tensor) -> float:
+    """``||W X^T - W' X_K^T||^2 / tokens`` of a re-fit: ``tr(D H D^T)`` with ``D = W - W' S^T`` in float64."""
+    w = weight.to(torch.float64)
+    full = torch.zeros_like(w)
+    full[:, keep.to(w.device)] = new_weight.to(torch.float64)
+    d = w - full  # (out, n)
+    return float(((d @ hessian.to(device=w.device, dtype=torch.float64)) * d).sum())
+
+
+def activation_scores(weight: Tensor, sq_norms: Tensor, group: int = 1) -> Tensor:
+    """``||X_j|| * ||W[:, j]||`` per unit, summed over each group of ``group`` consecutive columns -> (n / group,)."""
+    score = sq_norms.to(torch.float64).sqrt() * weight.to(torch.float64).norm(dim=0)  # (n,)
+    return score.reshape(-1, group).sum(dim=1)
+
+
+def obs_removal_order(
+    weight: Tensor, hessian: Tensor, *, remove: int, group: int = 1, damp: float = 0.01
+) -> tuple[list[int], list[float], Tensor]:
+    """Remove ``remove`` groups of ``group`` consecutive input columns greedily by OBS.
+
+    At each step the cost of removing group ``G`` with the best compensation of the other columns is
+    ``tr(W_G (Hinv_GG)^-1 W_G^T)`` (``Hinv = (H + lam I)^-1`` restricted to the columns still there); the
+    cheapest goes, ``W`` and ``Hinv`` are updated (``W -= W_G Hinv_GG^-1 Hinv_G:``, ``Hinv -= Hinv_:G
+    Hinv_GG^-1 Hinv_G:``). Float64 throughout.
+
+    Returns ``(removed group indices in order, their costs, the compensated (out, n) weight)``; the removed
+    columns of the weight are zero and the others equal `refit` on the columns kept (same damping).
+    """
+    w = weight.to(torch.float64).clone()  # (out, n)
+    n = w.shape[1]
+    if n % group != 0:
+        raise ValueError(f"{n} columns do not split into groups of {group}")
+    groups = n // group
+    if not 0 <= remove < groups:
+        raise ValueError(f"cannot remove {remove} of {groups} groups (at least one must stay)")
+    hinv = torch.linalg.inv(_damped(hessian.to(device=w.device, dtype=torch.float64), damp))  # (n, n)
+    alive = torch.ones(groups, dtype=torch.bool)
+    order: list[int] = []
+    costs: list[float] = []
+    cols = torch.arange(n, device=w.device).reshape(groups, group)  # (groups, group)
+    for _ in range(remove):
+        best, best_cost = -1, float("inf")
+        for g in torch.nonzero(alive).flatten().tolist():
+            idx = cols[g]
+            block_inv = torch.linalg.inv(hinv[idx][:, idx])  # (group, group)
+            wg = w[:, idx]  # (out, group)
+            cost = float(((wg @ block_inv) * wg).sum())
+            if cost < best_cost:
+                best, best_cost = g, cost
+        idx = cols[best]
+        block_inv = torch.linalg.inv(hinv[idx][:, idx])
+        w -= w[:, idx] @ block_inv @ hinv[idx, :]
+        hinv -= hinv[:, idx] @ block_inv @ hinv[idx, :]
+        w[:, idx] = 0.0
+        hinv[idx, :] = 0.0
+        hinv[:, idx] = 0.0
+        alive[best] = False
+        order.append(best)
+        costs.append(best_cost)
+    return order, costs, w.to(weight.dtype)
