@@ -8,7 +8,7 @@ safetensors file, out of memory) into a message; anything else is a bug and keep
 
 from __future__ import annotations
 
-__all__ = ["Interrupted", "OneshotError", "OutputError", "describe"]
+__all__ = ["Interrupted", "OneshotError", "OutputError", "describe", "first_line"]
 
 
 class OneshotError(Exception):
@@ -29,7 +29,8 @@ class Interrupted(KeyboardInterrupt):
         self.message = message
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -43,14 +44,14 @@ def describe(exc: BaseException) -> str | None:
         return f"permission denied: {where} ({exc.strerror or 'not allowed'})"
     if type(exc).__name__ == "SafetensorError":  # safetensors' own error type (not an OSError)
         if "No space left" in str(exc):
-            return f"no space left on the device while writing safetensors ({_first_line(exc)})"
-        return f"a safetensors file is corrupt or truncated: {_first_line(exc)}"
+            return f"no space left on the device while writing safetensors ({first_line(exc)})"
+        return f"a safetensors file is corrupt or truncated: {first_line(exc)}"
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()[:200]:
         return (
             "out of memory: lower --batch-size, --nsamples or --seqlen, use --device cpu, or free memory "
-            f"held by other processes ({_first_line(exc)})"
+            f"held by other processes ({first_line(exc)})"
         )
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror or _first_line(exc)}{where}"
+        return f"{exc.strerror or first_line(exc)}{where}"
     return None

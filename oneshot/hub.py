@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from oneshot.errors import OneshotError
+from oneshot.errors import OneshotError, first_line
 from oneshot.runfolder import RunRecord
 from oneshot.verify import UploadFile, Verified, collect_files, verify_run_folder
 
@@ -84,17 +84,17 @@ def _classify(exc: BaseException) -> tuple[str, str] | None:
     for e in chain:
         names = {c.__name__ for c in type(e).__mro__}
         if "LocalTokenNotFoundError" in names:
-            return "notoken", _first_line(e)
+            return "notoken", first_line(e)
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(status, int):
-            detail = f"HTTP {status}: {_first_line(e)}"
+            detail = f"HTTP {status}: {first_line(e)}"
             if status in (401, 403):
                 return "auth", detail
             return ("transient" if status in TRANSIENT_STATUS else "http"), detail
         if isinstance(e, ConnectionRefusedError | socket.gaierror) or names & _UNREACHABLE:
-            return "unreachable", _first_line(e)
+            return "unreachable", first_line(e)
         if isinstance(e, ConnectionError | TimeoutError) or names & _TRANSPORT:
-            return "transient", _first_line(e)
+            return "transient", first_line(e)
     for e in chain:
         if isinstance(e, ValueError | OSError):  # e.g. the Hub rejecting the card's metadata
             text = " ".join(str(e).split())
@@ -156,11 +156,6 @@ def _commit_message(run_dir: Path) -> str:
     return f"Upload {cfg.method} {cfg.pattern} pruned model (sparsity {sparsity:.4f}) with oneshot"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def push(
     run_dir: str | os.PathLike[str],
     repo_id: str,
@@ -189,7 +184,7 @@ def push(
     try:
         validate_repo_id(repo_id)
     except ValueError as exc:
-        raise PushError(f"--repo-id {repo_id!r} is not a valid repo id: {_first_line(exc)}") from exc
+        raise PushError(f"--repo-id {repo_id!r} is not a valid repo id: {first_line(exc)}") from exc
     if revision is not None and not revision.strip():
         raise PushError("--revision must name a branch")
     if commit_message is not None and not commit_message.strip():

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from oneshot.config import DTYPES, ConfigError
-from oneshot.errors import OneshotError
+from oneshot.errors import OneshotError, first_line
 
 __all__ = [
     "DEFAULT_GGUF_NAME",
@@ -200,7 +200,7 @@ def _convert_gguf(gguf: Path) -> tuple[Path, str]:
         except Exception as exc:  # the gguf reader raises struct.error, ValueError, KeyError... on a bad file
             raise ModelLoadError(
                 f"cannot read the GGUF file {gguf}: it is corrupt, truncated or of an unsupported architecture "
-                f"({type(exc).__name__}: {_first_line(exc)})"
+                f"({type(exc).__name__}: {first_line(exc)})"
             ) from exc
         strip_quantization(model)
         model.save_pretrained(slot.tmp)
@@ -497,7 +497,7 @@ def load_model_config(spec: str | None) -> Any:
         return AutoConfig.from_pretrained(str(where.folder))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"config {where.folder / 'config.json'} cannot be used: {_first_line(exc)}"
+            f"config {where.folder / 'config.json'} cannot be used: {first_line(exc)}"
         ) from exc
 
 
@@ -520,24 +520,24 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
         try:
             tok = _load_tokenizer(folder)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the tokenizer from {folder}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"could not load the tokenizer from {folder}: {first_line(exc)}") from exc
         try:
             model, info = _from_pretrained(str(folder), dtype=torch_dtype)
         except PermissionError as exc:
             raise ModelLoadError(f"cannot read {exc.filename or folder}: permission denied") from exc
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the model from {folder}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"could not load the model from {folder}: {first_line(exc)}") from exc
         except RuntimeError as exc:
             if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
                 raise
             raise ModelLoadError(
-                f"{folder}: weights of the wrong shape for its config.json ({_first_line(exc)})"
+                f"{folder}: weights of the wrong shape for its config.json ({first_line(exc)})"
             ) from exc
         except Exception as exc:
             if type(exc).__name__ != "SafetensorError":
                 raise
             raise ModelLoadError(
-                f"a weight file in {folder} is corrupt or truncated ({_first_line(exc)})"
+                f"a weight file in {folder} is corrupt or truncated ({first_line(exc)})"
             ) from exc
         label = str(where.source.get("path") or folder)
     _check_loading_info(info, label)
@@ -555,11 +555,6 @@ def _from_pretrained(where: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     loaded: Any = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
     model, info = loaded
     return model, dict(info)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _base_model_of(folder: Path) -> str | None:

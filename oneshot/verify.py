@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.card import CARD_KEY
-from oneshot.errors import OneshotError
+from oneshot.errors import OneshotError, first_line
 from oneshot.runfolder import (
     CARD_FILE,
     FORBIDDEN_CONFIG_KEYS,
@@ -104,16 +104,11 @@ def collect_files(run_dir: Path, include_compressed: bool = False) -> tuple[list
     return files, excluded
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VerificationError(f"{what} is not readable JSON ({_first_line(exc)})") from exc
+        raise VerificationError(f"{what} is not readable JSON ({first_line(exc)})") from exc
 
 
 def _record(run_dir: Path) -> RunRecord:
@@ -149,7 +144,7 @@ def _check_configs(run_dir: Path, files: list[UploadFile]) -> None:
         config = AutoConfig.from_pretrained(str(run_dir))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VerificationError(
-            f"config.json does not load with transformers' AutoConfig ({_first_line(exc)})"
+            f"config.json does not load with transformers' AutoConfig ({first_line(exc)})"
         ) from exc
     for key in FORBIDDEN_CONFIG_KEYS:
         if getattr(config, key, None) is not None:
@@ -163,7 +158,7 @@ def _check_tokenizer(run_dir: Path) -> None:
         AutoTokenizer.from_pretrained(str(run_dir))
     except Exception as exc:  # tokenizers raise many types (OSError, ValueError, Rust panics' Exception)
         raise VerificationError(
-            f"the tokenizer does not load with transformers' AutoTokenizer ({_first_line(exc)})"
+            f"the tokenizer does not load with transformers' AutoTokenizer ({first_line(exc)})"
         ) from exc
 
 
@@ -180,7 +175,7 @@ def _safetensors_keys(files: list[UploadFile]) -> dict[str, set[str]]:
                 out[f.path_in_repo] = set(fh.keys())
         except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError) on bad headers
             raise VerificationError(
-                f"{f.path_in_repo}: the safetensors header is unreadable ({_first_line(exc)})"
+                f"{f.path_in_repo}: the safetensors header is unreadable ({first_line(exc)})"
             ) from exc
     return out
 
@@ -251,7 +246,7 @@ def _stated_sparsity(run_dir: Path, key: str = "sparsity") -> float | None:
         card = ModelCard.load(path)
     except (ValueError, OSError) as exc:
         raise VerificationError(
-            f"{CARD_FILE}: the card's metadata does not parse ({_first_line(exc)})"
+            f"{CARD_FILE}: the card's metadata does not parse ({first_line(exc)})"
         ) from exc
     facts = card.data.to_dict().get(CARD_KEY)
     value = facts.get(key) if isinstance(facts, dict) else None
