@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from oneshot.errors import OneshotError
 from oneshot.eval.flags import task_deltas
@@ -28,6 +29,7 @@ from oneshot.eval.report_model import PerplexityRow, Report, ReportRun, RunSumma
 from oneshot.output import reserve_output
 from oneshot.runfolder import (
     EVAL_FILE,
+    BlockReport,
     EvalRecord,
     PerplexityRecord,
     RunRecord,
@@ -129,23 +131,42 @@ def _ppl_rows(run: LoadedRun, baseline: EvalRecord | None) -> list[PerplexityRow
 
 
 def _summary(run: LoadedRun) -> RunSummary:
-    rec, cfg, run_cfg, pr = run.run, run.run.config, run.run.run, run.run.prune
+    rec, run_cfg = run.run, run.run.run
     quick = rec.quick_eval.pruned is not None
+    if rec.kind == "shrink":  # removed share of the decoder-block parameters in the sparsity columns
+        scfg, srep = rec.shrunk
+        removed = 1.0 - srep.block_params_after / max(1, srep.block_params_before)
+        what: dict[str, Any] = dict(
+            method="shrink",
+            pattern=", ".join(f"{k} {v[0]}->{v[1]}" for k, v in srep.config_changes.items()) or "-",
+            target_sparsity=1.0 - scfg.params if scfg.params is not None else removed,
+            sparsity=removed,
+            pruned_params=srep.block_params_before,
+            prune_seconds=srep.total_seconds or None,
+            peak_memory_bytes=0,
+            peak_memory_kind="",
+            device=srep.device,
+        )
+    else:
+        cfg, pr = rec.pruned
+        what = dict(
+            method=cfg.method,
+            pattern=cfg.pattern,
+            target_sparsity=float(cfg.sparsity or 0.0),
+            sparsity=pr.sparsity,
+            pruned_params=pr.pruned_params,
+            prune_seconds=pr.total_seconds or None,
+            peak_memory_bytes=pr.peak_memory_bytes,
+            peak_memory_kind=pr.peak_memory_kind,
+            device=pr.device,
+        )
     return RunSummary(
         name=run.name,
         dir=str(run.dir),
         model=rec.source.base_model or rec.source.path or run_cfg.model or "default",
         model_type=rec.model_type,
-        method=cfg.method,
-        pattern=cfg.pattern,
-        target_sparsity=float(cfg.sparsity or 0.0),
-        sparsity=pr.sparsity,
-        pruned_params=pr.pruned_params,
         calibration=f"{run_cfg.calib}: {run_cfg.nsamples} x {run_cfg.seqlen} tokens, seed {run_cfg.seed}",
-        prune_seconds=pr.total_seconds or None,
-        peak_memory_bytes=pr.peak_memory_bytes,
-        peak_memory_kind=pr.peak_memory_kind,
-        device=pr.device,
+        **what,
         started=rec.started,
         command=" ".join(rec.command),
         has_eval=run.eval is not None,
@@ -173,6 +194,15 @@ def _tasks(run: LoadedRun, baseline: EvalRecord | None) -> TaskFlags | None:
     return from_dict(TaskFlags, task_deltas(pruned_dicts, dense_dicts))
 
 
+def _algorithm(record: RunRecord) -> dict[str, Any]:
+    algorithm = record.config if record.config is not None else record.shrink_config
+    return algorithm.to_dict() if algorithm is not None else {}
+
+
+def _shrink_blocks(record: RunRecord) -> list[BlockReport]:
+    return record.shrink.blocks if record.shrink is not None else []
+
+
 def build_report(
     runs: Sequence[LoadedRun], baseline: EvalRecord | None = None, baseline_path: str | None = None
 ) -> Report:
@@ -183,12 +213,12 @@ def build_report(
         runs=[
             ReportRun(
                 summary=_summary(run),
-                config={**run.run.config.to_dict(), **run.run.run.to_dict()},
+                config={**_algorithm(run.run), **run.run.run.to_dict()},
                 perplexity=_ppl_rows(run, baseline),
                 tasks=_tasks(run, baseline),
                 longtail=run.eval.longtail if run.eval is not None else None,
-                layers=run.run.prune.layers,
-                blocks=run.run.prune.blocks,
+                layers=run.run.prune.layers if run.run.prune is not None else [],
+                blocks=run.run.prune.blocks if run.run.prune is not None else _shrink_blocks(run.run),
             )
             for run in runs
         ],

@@ -117,9 +117,11 @@ def _base_model(record: RunRecord) -> str | None:
 
 
 def _model_name(record: RunRecord) -> str:
-    cfg = record.config
     base = _base_model(record)
     stem = base.rsplit("/", 1)[-1] if base else str(record.model_type or "model")
+    if record.kind == "shrink":
+        return f"{stem}-shrunk-{shrink_slug(record)}"
+    cfg, _ = record.pruned
     suffix = pattern_slug(cfg.pattern)
     if cfg.pattern == "unstructured":
         suffix += f"-{cfg.sparsity:g}"
@@ -191,13 +193,42 @@ def _eval_results(record: RunRecord, ev: EvalRecord | None) -> list[Any]:
 
 
 def _tags(record: RunRecord) -> list[str]:
-    return [
-        "pruned",
-        "sparse",
-        "oneshot",
-        record.config.method,
-        f"{pattern_slug(record.config.pattern)}-sparsity",
-    ]
+    if record.kind == "shrink":
+        return ["shrunk", "structured-pruning", "oneshot"]
+    cfg, _ = record.pruned
+    return ["pruned", "sparse", "oneshot", cfg.method, f"{pattern_slug(cfg.pattern)}-sparsity"]
+
+
+_SLUG_KEYS = {
+    "intermediate_size": "i",
+    "n_inner": "i",
+    "num_key_value_heads": "kv",
+    "num_hidden_layers": "l",
+    "num_local_experts": "e",
+    "num_experts": "e",
+    "n_routed_experts": "e",
+}
+
+
+def shrink_slug(record: RunRecord) -> str:
+    """``i1152-kv2-l24``: the changed config figures of a shrink run, short."""
+    _, rep = record.shrunk
+    parts = [f"{_SLUG_KEYS[k]}{v[1]}" for k, v in rep.config_changes.items() if k in _SLUG_KEYS]
+    return "-".join(parts) or "same"
+
+
+def _shrink_facts(record: RunRecord) -> dict[str, Any]:
+    cfg, rep = record.shrunk
+    return {
+        "format": CARD_FORMAT,
+        "kind": "shrink",
+        "params_before": rep.params_before,
+        "params_after": rep.params_after,  # `oneshot push` checks it against the checkpoint
+        "block_params_before": rep.block_params_before,
+        "block_params_after": rep.block_params_after,
+        "config_changes": {k: {"before": v[0], "after": v[1]} for k, v in rep.config_changes.items()},
+        "params_target": cfg.params,
+    }
 
 
 def card_metadata(
@@ -206,9 +237,24 @@ def card_metadata(
     """The `ModelCardData` of a run (``record``: its oneshot.json, ``eval_result``: eval.json or None)."""
     from huggingface_hub import ModelCardData
 
-    cfg, pr = record.config, record.prune
     results = _eval_results(record, eval_result)
-    facts = {
+    facts = _shrink_facts(record) if record.kind == "shrink" else _prune_facts(record)
+    extra: dict[str, Any] = {CARD_KEY: {k: v for k, v in facts.items() if v is not None}}
+    return ModelCardData(
+        base_model=_base_model(record),
+        library_name="transformers",
+        license=license,
+        pipeline_tag="text-generation",
+        tags=_tags(record),
+        model_name=_model_name(record) if results else None,
+        eval_results=results or None,
+        **extra,
+    )
+
+
+def _prune_facts(record: RunRecord) -> dict[str, Any]:
+    cfg, pr = record.pruned
+    return {
         "format": CARD_FORMAT,
         "method": cfg.method,
         "pattern": cfg.pattern,
@@ -222,17 +268,6 @@ def card_metadata(
         "block_sparsity": pr.block_sparsity if pr.matrix_params else None,
         "dense_matrices": len(pr.dense_matrices),
     }
-    extra: dict[str, Any] = {CARD_KEY: {k: v for k, v in facts.items() if v is not None}}
-    return ModelCardData(
-        base_model=_base_model(record),
-        library_name="transformers",
-        license=license,
-        pipeline_tag="text-generation",
-        tags=_tags(record),
-        model_name=_model_name(record) if results else None,
-        eval_results=results or None,
-        **extra,
-    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -258,7 +293,7 @@ def _source_text(record: RunRecord) -> str:
 
 
 def _settings_rows(record: RunRecord) -> list[list[str]]:
-    cfg, run, pr, calib = record.config, record.run, record.prune, record.calibration
+    (cfg, pr), run, calib = record.pruned, record.run, record.calibration
     corpus = f" (from {calib.corpus_tokens:,} tokens)" if calib and calib.corpus_tokens else ""
     rows = [
         ["method", f"`{cfg.method}`"],
@@ -309,7 +344,7 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
 def _pruning_section(record: RunRecord) -> list[str]:
     out = ["## Pruning", "", md_table(["setting", "value"], _settings_rows(record)), ""]
     kinds: dict[str, list[Any]] = {}
-    for layer in record.prune.layers:
+    for layer in record.pruned[1].layers:
         kinds.setdefault(layer_kind(layer.name), []).append(layer)
     if kinds:
         rows = []
@@ -335,20 +370,85 @@ def _pruning_section(record: RunRecord) -> list[str]:
     return out
 
 
+def _shrink_section(record: RunRecord) -> list[str]:
+    cfg, rep = record.shrunk
+    run, calib = record.run, record.calibration
+    changes = [[f"`{k}`", str(v[0]), str(v[1])] for k, v in rep.config_changes.items()]
+    changes.append(["parameters", f"{rep.params_before:,}", f"{rep.params_after:,}"])
+    changes.append(
+        ["decoder-block parameters", f"{rep.block_params_before:,}", f"{rep.block_params_after:,}"]
+    )
+    settings = [
+        [
+            "calibration",
+            f"`{calib.source if calib else run.calib}`: {run.nsamples} random windows x {run.seqlen} tokens, "
+            f"seed {run.seed}",
+        ],
+        ["MLP channel score", f"`{cfg.score}` (re-fit of the consumer by least squares, damping {cfg.damp})"],
+        ["dtype", f"`{run.dtype}` (statistics and solves in float64)"],
+        ["shrink time", f"{rep.total_seconds:.1f} s on {rep.device}"],
+    ]
+    if rep.choice is not None:
+        ch = rep.choice
+        settings.insert(
+            0,
+            [
+                "--params",
+                f"{ch.fraction:g} of the decoder-block parameters: chose intermediate size "
+                f"{ch.intermediate_size or 'unchanged'}, KV heads {ch.num_key_value_heads or 'unchanged'}, "
+                f"dropped blocks {ch.drop or 'none'} (summed relative residual error {ch.predicted_cost:.4g})",
+            ],
+        )
+    out = [
+        "## Shrinking",
+        "",
+        md_table(["config", "before", "after"], changes),
+        "",
+        md_table(["setting", "value"], settings),
+        "",
+    ]
+    kinds: dict[str, list[Any]] = {}
+    for r in rep.removals:
+        kinds.setdefault(r.kind, []).append(r)
+    rows = []
+    for kind, items in kinds.items():
+        losses = [r.loss for r in items if r.loss is not None]
+        rows.append(
+            [
+                kind,
+                str(len(items)),
+                str(sum(len(r.removed) for r in items)),
+                fixed(min(losses), 4) if losses else "-",
+                fixed(max(losses), 4) if losses else "-",
+            ]
+        )
+    if rows:
+        out += [
+            "What was removed (cost: the re-fit's reconstruction error per token for MLP channels and KV "
+            "groups, the removed share of the router-weighted output for experts, 1 - cos(input, output) for "
+            "blocks; per place in oneshot.json):",
+            "",
+            md_table(["removed", "places", "units", "min cost", "max cost"], rows),
+            "",
+        ]
+    return out
+
+
 def _quick_section(record: RunRecord) -> list[str]:
     dense, pruned = record.quick_eval.dense, record.quick_eval.pruned
     if pruned is None:
         return []
     d = dense.value if dense is not None else None
     dataset = pruned.dataset or "wikitext2"
+    label = "shrunk" if record.kind == "shrink" else "pruned"
     return [
-        "### Quick check (`oneshot prune`)",
+        f"### Quick check (`oneshot {record.kind}`)",
         "",
         f"Perplexity on the first {pruned.windows} windows of {pruned.seqlen} tokens of the {dataset} test "
-        "set, dense before and pruned after, in the same process. A quick check, not the full protocol.",
+        f"set, dense before and {label} after, in the same process. A quick check, not the full protocol.",
         "",
         md_table(
-            ["dataset", "windows x tokens", "dense", "pruned", "change"],
+            ["dataset", "windows x tokens", "dense", label, "change"],
             [
                 [
                     dataset,
@@ -473,9 +573,19 @@ def _eval_section(ev: EvalRecord | None) -> list[str]:
 
 
 def _runtime_section(record: RunRecord) -> list[str]:
+    if record.kind == "shrink":
+        return [
+            "## Runtimes and speed",
+            "",
+            "A smaller dense model with a standard config: every runtime that loads the base architecture "
+            "(plain `transformers`, vLLM, llama.cpp after conversion) runs it with fewer weights to read, so "
+            "it is smaller on disk and in memory and faster on CPUs and GPUs alike (how much faster: "
+            "`scripts/bench_shrink.py` in oneshot's BENCHMARKS.md).",
+            "",
+        ]
     fmt = (
         "`oneshot prune --export 2:4` (or `--export bitmask`)"
-        if record.config.pattern == "2:4"
+        if record.pruned[0].pattern == "2:4"
         else "`oneshot prune --export bitmask`"
     )
     out = [
@@ -523,14 +633,28 @@ def build_card(
     """
     data = card_metadata(record, eval_result, license=license)
     source = _source_text(record)
+    if record.kind == "shrink":
+        _, rep = record.shrunk
+        intro = (
+            f"{source[:1].upper()}{source[1:]}, shrunk by oneshot's structured pruning to a smaller dense model: "
+            f"{rep.params_after:,} parameters instead of {rep.params_before:,} "
+            f"({pct(rep.params_after / max(1, rep.params_before) - 1)}). It loads with plain `transformers`."
+        )
+        method = _shrink_section(record)
+    else:
+        cfg, pr = record.pruned
+        intro = (
+            f"{source[:1].upper()}{source[1:]}, pruned in one shot with {cfg.method} to "
+            f"{fixed(pr.sparsity, 4)} sparsity ({cfg.pattern}) by oneshot. It loads with plain "
+            "`transformers`; see below for where the zeros give a speedup."
+        )
+        method = _pruning_section(record)
     body = [
         f"# {_model_name(record)}",
         "",
-        f"{source[:1].upper()}{source[1:]}, pruned in one shot with {record.config.method} to "
-        f"{fixed(record.prune.sparsity, 4)} sparsity ({record.config.pattern}) by oneshot. It loads with plain "
-        "`transformers`; see below for where the zeros give a speedup.",
+        intro,
         "",
-        *_pruning_section(record),
+        *method,
         "## Evaluation",
         "",
         *_quick_section(record),

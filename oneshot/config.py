@@ -21,10 +21,12 @@ __all__ = [
     "EXPORT_FORMATS",
     "METHODS",
     "PROPAGATE",
+    "SHRINK_SCORES",
     "UNCALIBRATED",
     "ConfigError",
     "PruneConfig",
     "RunConfig",
+    "ShrinkConfig",
     "parse_pattern",
 ]
 
@@ -34,6 +36,7 @@ PROPAGATE = ("pruned", "dense")
 UNCALIBRATED = ("magnitude", "dense")
 EXPORT_FORMATS = ("2:4", "bitmask")
 DEVICES = ("auto", "cpu", "cuda")
+SHRINK_SCORES = ("auto", "obs", "activation")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -142,6 +145,88 @@ class PruneConfig:
         out = dataclasses.asdict(self)
         out["ignore"] = list(self.ignore)
         return out
+
+
+def _optional_positive_int(flag: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Structured pruning (`oneshot shrink`): the target shape and how units are chosen.
+
+    Targets are named as in the model's config; any combination, at least one. ``params`` keeps a fraction
+    of the decoder-block parameters with widths, KV heads and the layers to drop chosen from measured costs
+    (it may be combined only with ``num_experts``). ``score`` chooses the MLP channels: ``obs`` (greedy
+    optimal brain surgeon on the re-fit ``down_proj``), ``activation`` (``||X_j|| * ||W[:, j]||``) or
+    ``auto`` (both, per layer the one whose re-fit leaves the smaller reconstruction error).
+    """
+
+    intermediate_size: int | None = None
+    num_key_value_heads: int | None = None
+    drop_layers: int = 0
+    params: float | None = None
+    num_experts: int | None = None
+    score: str = "auto"
+    damp: float = 0.01  # of the re-fit and OBS normal equations, relative to mean(diag(H))
+
+    def __post_init__(self) -> None:
+        _optional_positive_int("--intermediate-size", self.intermediate_size)
+        _optional_positive_int("--num-key-value-heads", self.num_key_value_heads)
+        _optional_positive_int("--num-experts", self.num_experts)
+        if (
+            isinstance(self.drop_layers, bool)
+            or not isinstance(self.drop_layers, int)
+            or self.drop_layers < 0
+        ):
+            raise ConfigError(f"--drop-layers must be an integer >= 0, got {self.drop_layers!r}")
+        if self.params is not None:
+            try:
+                params = float(self.params)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--params must be a fraction in (0, 1), got {self.params!r}") from None
+            if not math.isfinite(params) or not 0.0 < params < 1.0:
+                raise ConfigError(f"--params must be a fraction in (0, 1), got {self.params!r}")
+            object.__setattr__(self, "params", params)
+            explicit = [
+                flag
+                for flag, value in (
+                    ("--intermediate-size", self.intermediate_size),
+                    ("--num-key-value-heads", self.num_key_value_heads),
+                    ("--drop-layers", self.drop_layers or None),
+                )
+                if value is not None
+            ]
+            if explicit:
+                raise ConfigError(
+                    f"--params chooses the widths and the layers itself: leave out {', '.join(explicit)} "
+                    "(or leave out --params)"
+                )
+        if (
+            self.intermediate_size is None
+            and self.num_key_value_heads is None
+            and not self.drop_layers
+            and self.params is None
+            and self.num_experts is None
+        ):
+            raise ConfigError(
+                "nothing to shrink: give at least one of --intermediate-size, --num-key-value-heads, "
+                "--drop-layers, --params, --num-experts"
+            )
+        if self.score not in SHRINK_SCORES:
+            raise ConfigError(f"unknown score {self.score!r}: choose one of {', '.join(SHRINK_SCORES)}")
+        if not math.isfinite(float(self.damp)) or float(self.damp) < 0:
+            raise ConfigError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        object.__setattr__(self, "damp", float(self.damp))
+
+    def replace(self, **changes: Any) -> ShrinkConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

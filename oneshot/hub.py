@@ -152,8 +152,11 @@ class _Hub:
 
 def _commit_message(run_dir: Path) -> str:
     record = RunRecord.load(run_dir)
-    cfg, sparsity = record.config, record.prune.sparsity
-    return f"Upload {cfg.method} {cfg.pattern} pruned model (sparsity {sparsity:.4f}) with oneshot"
+    if record.kind == "shrink":
+        _, rep = record.shrunk
+        return f"Upload shrunk model ({rep.params_after:,} of {rep.params_before:,} parameters) with oneshot"
+    cfg, pr = record.pruned
+    return f"Upload {cfg.method} {cfg.pattern} pruned model (sparsity {pr.sparsity:.4f}) with oneshot"
 
 
 def push(

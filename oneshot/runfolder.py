@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oneshot.config import PruneConfig, RunConfig
+from oneshot.config import PruneConfig, RunConfig, ShrinkConfig
 from oneshot.errors import OneshotError
 
 __all__ = [
@@ -51,12 +51,15 @@ __all__ = [
     "QuickEval",
     "RecordError",
     "RunRecord",
+    "ShrinkChoice",
+    "ShrinkReport",
     "SkippedSlice",
     "SliceRecord",
     "Source",
     "TaskDelta",
     "TaskFlags",
     "TaskRecord",
+    "UnitRemoval",
     "atomic_write_text",
     "file_hashes",
     "from_dict",
@@ -69,7 +72,7 @@ EVAL_FILE = "eval.json"
 CARD_FILE = "README.md"
 REPORT_DIR = "report"
 INDEX_FILE = "model.safetensors.index.json"
-RUN_FORMAT, RUN_SCHEMA = "oneshot-run", 2
+RUN_FORMAT, RUN_SCHEMA = "oneshot-run", 3  # 3: shrink runs (config/prune null, shrink set)
 EVAL_FORMAT, EVAL_SCHEMA = "oneshot-eval", 1
 # keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
 FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
@@ -325,6 +328,61 @@ class PruneReport:
 
 
 @dataclass
+class UnitRemoval:
+    """What `oneshot shrink` removed from one place of the model (a block's MLP, its attention, its experts,
+    or a whole block) and what it cost."""
+
+    name: str  # the module, qualified (its index before any block was dropped for kind "block")
+    kind: str  # "mlp channels" | "kv groups" | "experts" | "block"
+    before: int  # units before (channels, KV groups, experts; 1 for a block)
+    after: int
+    removed: list[int]  # indices of the removed units (of the original numbering)
+    score: str | None  # how they were chosen
+    # mlp / attention: the consumer's re-fit reconstruction error ||W X^T - W' X_K^T||^2 / tokens;
+    # experts: removed share of the router-weighted output norm; block: 1 - cos(input, output)
+    loss: float | None
+    losses: dict[str, float] = field(default_factory=dict)  # the same for every score compared
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShrinkChoice:
+    """What ``--params`` chose from the measured costs."""
+
+    intermediate_size: int | None  # None: unchanged
+    num_key_value_heads: int | None
+    drop: list[int]
+    predicted_cost: float  # sum of the relative residual errors of the choices (measured on the dense model)
+    block_params: int
+    block_params_before: int
+    fraction: float
+
+
+@dataclass
+class ShrinkReport:
+    """What `oneshot.shrink` did: every removal with its cost, dropped blocks and their scores, the config
+    changes and the parameter counts."""
+
+    removals: list[UnitRemoval] = field(default_factory=list)
+    blocks: list[BlockReport] = field(default_factory=list)  # per kept block: output error vs. unshrunk
+    dropped_layers: list[int] = field(default_factory=list)
+    layer_scores: list[float] = field(default_factory=list)  # per original block: 1 - cos(input, output)
+    layer_errors: list[float] = field(default_factory=list)  # per original block: ||out - in||^2 / ||out||^2
+    choice: ShrinkChoice | None = None
+    config_changes: dict[str, list[Any]] = field(default_factory=dict)  # key -> [before, after]
+    params_before: int = 0
+    params_after: int = 0
+    block_params_before: int = 0
+    block_params_after: int = 0
+    layers_before: int = 0
+    layers_after: int = 0
+    total_seconds: float = 0.0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PerplexityRecord:
     """A perplexity measurement: exp of the mean token NLL over ``windows`` non-overlapping windows."""
 
@@ -390,10 +448,10 @@ class FileHash:
 class RunRecord:
     """``oneshot.json``: everything needed to understand, check and repeat a run."""
 
-    config: PruneConfig
+    config: PruneConfig | None  # None for a shrink run
     run: RunConfig
     source: Source
-    prune: PruneReport
+    prune: PruneReport | None  # None for a shrink run
     command: list[str] = field(default_factory=list)
     started: str | None = None
     model_type: str | None = None
@@ -403,6 +461,8 @@ class RunRecord:
     total_seconds: float | None = None
     files: dict[str, FileHash] | None = None  # None in records of versions before the hashes
     export: ExportRecord | None = None
+    shrink_config: ShrinkConfig | None = None  # `oneshot shrink` runs
+    shrink: ShrinkReport | None = None
     schema: int = RUN_SCHEMA  # the version read (records are always written as the newest)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -440,6 +500,25 @@ class RunRecord:
     @property
     def base_model(self) -> str | None:
         return self.source.base_model
+
+    @property
+    def kind(self) -> str:
+        """ "shrink" for an `oneshot shrink` run, else "prune"."""
+        return "shrink" if self.shrink is not None else "prune"
+
+    @property
+    def pruned(self) -> tuple[PruneConfig, PruneReport]:
+        """(config, report) of a prune run; `RecordError` for a shrink run (which has neither)."""
+        if self.config is None or self.prune is None:
+            raise RecordError(f"this is a record of an `oneshot {self.kind}` run, not of `oneshot prune`")
+        return self.config, self.prune
+
+    @property
+    def shrunk(self) -> tuple[ShrinkConfig, ShrinkReport]:
+        """(config, report) of a shrink run; `RecordError` for a prune run."""
+        if self.shrink_config is None or self.shrink is None:
+            raise RecordError(f"this is a record of an `oneshot {self.kind}` run, not of `oneshot shrink`")
+        return self.shrink_config, self.shrink
 
 
 def _fields(cls: type) -> list[str]:

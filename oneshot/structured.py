@@ -87,19 +87,20 @@ def obs_removal_order(
     order: list[int] = []
     costs: list[float] = []
     cols = torch.arange(n, device=w.device).reshape(groups, group)  # (groups, group)
+    if group == 1:  # the same steps with scalar pivots: no batched inverses
+        return _obs_single_columns(w, hinv, remove, weight.dtype)
     for _ in range(remove):
-        best, best_cost = -1, float("inf")
-        for g in torch.nonzero(alive).flatten().tolist():
-            idx = cols[g]
-            block_inv = torch.linalg.inv(hinv[idx][:, idx])  # (group, group)
-            wg = w[:, idx]  # (out, group)
-            cost = float(((wg @ block_inv) * wg).sum())
-            if cost < best_cost:
-                best, best_cost = g, cost
-        idx = cols[best]
-        block_inv = torch.linalg.inv(hinv[idx][:, idx])
-        w -= w[:, idx] @ block_inv @ hinv[idx, :]
-        hinv -= hinv[:, idx] @ block_inv @ hinv[idx, :]
+        live = torch.nonzero(alive).flatten()  # (G,)
+        idx = cols[live]  # (G, group)
+        blocks = hinv[idx[:, :, None], idx[:, None, :]]  # (G, group, group)
+        block_inv = torch.linalg.inv(blocks)  # (G, group, group)
+        wg = w[:, idx]  # (out, G, group)
+        cost = torch.einsum("ogi,gij,ogj->g", wg, block_inv, wg)  # (G,)
+        pick = int(torch.argmin(cost))
+        best, best_cost = int(live[pick]), float(cost[pick])
+        idx, inv = idx[pick], block_inv[pick]
+        w -= w[:, idx] @ inv @ hinv[idx, :]
+        hinv -= hinv[:, idx] @ inv @ hinv[idx, :]
         w[:, idx] = 0.0
         hinv[idx, :] = 0.0
         hinv[:, idx] = 0.0
@@ -107,3 +108,31 @@ def obs_removal_order(
         order.append(best)
         costs.append(best_cost)
     return order, costs, w.to(weight.dtype)
+
+
+def _obs_single_columns(
+    w: Tensor, hinv: Tensor, remove: int, dtype: torch.dtype
+) -> tuple[list[int], list[float], Tensor]:
+    """`obs_removal_order` for ``group == 1``: cost ``||W[:, j]||^2 / Hinv[j, j]``, rank-1 updates."""
+    n = w.shape[1]
+    sq = (w * w).sum(dim=0)  # (n,) column norms, kept up to date
+    dead = torch.zeros(n, dtype=torch.bool, device=w.device)
+    order: list[int] = []
+    costs: list[float] = []
+    for _ in range(remove):
+        cost = torch.where(dead, torch.inf, sq / hinv.diagonal())  # (n,)
+        j = int(torch.argmin(cost))
+        row = hinv[j, :] / hinv[j, j]  # (n,)
+        col = w[:, j].clone()  # (out,)
+        # ||W[:, k] - col row_k||^2 = sq_k - 2 row_k (col . W[:, k]) + row_k^2 ||col||^2
+        sq += row * (row * float(col @ col) - 2.0 * (col @ w))
+        w.addr_(col, row, alpha=-1.0)
+        hinv.addr_(hinv[:, j].clone(), row, alpha=-1.0)
+        w[:, j] = 0.0
+        hinv[j, :] = 0.0
+        hinv[:, j] = 0.0
+        hinv[j, j] = 1.0  # keeps the division above finite; the column is dead
+        dead[j] = True
+        order.append(j)
+        costs.append(float(cost[j]))
+    return order, costs, w.to(dtype)

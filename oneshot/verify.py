@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class Verified:
     layers: int  # pruned layers measured
     safetensors_files: int  # headers read
     block_sparsity: float | None = None  # the card's, checked against every weight matrix of the blocks
+    params: int | None = None  # shrink runs: the parameter count the card and record state, measured
 
 
 def collect_files(run_dir: Path, include_compressed: bool = False) -> tuple[list[UploadFile], list[str]]:
@@ -118,7 +120,9 @@ def _record(run_dir: Path) -> RunRecord:
             "by `oneshot prune`)"
         )
     record = RunRecord.load(run_dir)  # RecordError (one line, naming the file) when broken
-    if not record.prune.layers:
+    if record.kind == "shrink":
+        return record
+    if not record.pruned[1].layers:
         raise VerificationError(
             f"{RUN_FILE} lists no pruned layers (prune.layers): not an `oneshot prune` record"
         )
@@ -312,16 +316,45 @@ def _measured_sparsity(run_dir: Path, layers: list[str], where: dict[str, str]) 
     return zeros / total if total else 0.0
 
 
+def _verify_shrunk(run_dir: Path, record: RunRecord, where: dict[str, str], headers: int) -> Verified:
+    """A shrink run: config.json has the shrunk figures of the record, and the checkpoint holds exactly the
+    parameter count the record and the card state."""
+    from safetensors import safe_open
+
+    _, rep = record.shrunk
+    config = _read_json(run_dir / "config.json", "config.json")
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    for key, (_, after) in rep.config_changes.items():
+        if text.get(key) != after:
+            raise VerificationError(
+                f"config.json has {key} = {text.get(key)!r} but {RUN_FILE} records the shrunk model's {after!r}"
+            )
+    total = 0
+    for name, shard in where.items():
+        with safe_open(str(run_dir / shard), framework="pt") as fh:
+            shape = fh.get_slice(name).get_shape()
+        total += int(math.prod(shape))
+    stated = _stated_sparsity(run_dir, "params_after")
+    if total != rep.params_after or stated != rep.params_after:
+        raise VerificationError(
+            f"the checkpoint holds {total:,} parameters; {RUN_FILE} states {rep.params_after:,} and {CARD_FILE} "
+            f"{'none' if stated is None else f'{stated:,.0f}'}: the files do not describe the same model"
+        )
+    return Verified(0.0, None, 0, headers, None, params=total)
+
+
 def verify_run_folder(run_dir: Path, files: list[UploadFile]) -> Verified:
     """Every check of the module docstring, in order; raises `VerificationError` at the first failure."""
     record = _record(run_dir)
     EvalRecord.load_optional(run_dir)  # an eval.json that is uploaded must be a valid record (RecordError)
-    layers = [layer.name for layer in record.prune.layers]
     _check_configs(run_dir, files)
     _check_tokenizer(run_dir)
     keys = _safetensors_keys(files)
     where = _weight_locations(run_dir, keys)
     _check_contents(run_dir, record, keys)
+    if record.kind == "shrink":
+        return _verify_shrunk(run_dir, record, where, len(keys))
+    layers = [layer.name for layer in record.pruned[1].layers]
     stated = _stated_sparsity(run_dir)
     assert stated is not None
     measured = _measured_sparsity(run_dir, layers, where)

@@ -150,6 +150,29 @@ class Case:
 
 
 BASE = "prune --model model --calib calib.txt --nsamples 2 --seqlen 16 --eval-windows 0 -q"
+SHRINK = (
+    "shrink --model model --calib calib.txt --nsamples 2 --seqlen 16 --eval-windows 0 -q --data-dir {data}"
+)
+
+
+def _tiny_mixtral(folder: Path) -> None:
+    import transformers as tf
+
+    config = tf.MixtralConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+    )
+    tf.MixtralForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder.parent / "model" / name, folder / name)
+
 
 CASES: dict[str, Case] = {
     # --- data loss: --out and --overwrite
@@ -406,6 +429,40 @@ CASES: dict[str, Case] = {
         "--model some-org/not-cached --out out", 2, ("cannot reach the Hugging Face Hub",)
     ),
     "eval-windows-negative": Case("--eval-windows -1 --out out", 2, ("--eval-windows must be",)),
+    # --- oneshot shrink: bad targets are one line, exit 2, nothing written
+    "shrink-no-target": Case(f"{SHRINK} --out out", 2, ("nothing to shrink",), base=False),
+    "shrink-wider-than-the-model": Case(
+        f"{SHRINK} --intermediate-size 500 --out out",
+        2,
+        ("--intermediate-size 500 is not smaller", "128"),
+        base=False,
+    ),
+    "shrink-kv-heads-not-fewer": Case(
+        f"{SHRINK} --num-key-value-heads 2 --out out",
+        2,
+        ("not smaller than the model's 2 KV heads",),
+        base=False,
+    ),
+    "shrink-drop-every-layer": Case(
+        f"{SHRINK} --drop-layers 2 --out out", 2, ("would remove all 2 decoder blocks",), base=False
+    ),
+    "shrink-params-with-a-width": Case(
+        f"{SHRINK} --params 0.5 --intermediate-size 64 --out out", 2, ("--params chooses",), base=False
+    ),
+    "shrink-params-out-of-range": Case(
+        f"{SHRINK} --params 1.5 --out out", 2, ("--params must be",), base=False
+    ),
+    "shrink-experts-of-a-dense-model": Case(
+        f"{SHRINK} --num-experts 2 --out out", 2, ("no mixture-of-experts layers",), base=False
+    ),
+    "shrink-experts-below-top-k": Case(
+        f"{SHRINK} --model moe --num-experts 1 --out out",
+        2,
+        ("below the 2 experts each token is routed to",),
+        lambda ws: _tiny_mixtral(ws / "moe"),
+        base=False,
+    ),
+    "shrink-help": Case("shrink --help", 0, ("examples:", "--intermediate-size", "--params"), base=False),
     # --- the command itself
     "version": Case("--version", 0, ("oneshot 0.1.0",), base=False),
     "help-has-examples": Case(
@@ -504,12 +561,12 @@ def test_ctrl_c_during_the_compute_writes_nothing(
 def test_ctrl_c_after_the_final_rename_says_the_output_is_complete(
     workspace: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import oneshot.cli.prune
+    import oneshot.eval.report
 
-    def interrupted(run_dir: Path) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(oneshot.cli.prune, "_write_run_report", interrupted)
+    monkeypatch.setattr(oneshot.eval.report, "write_report", interrupted)
     code = main(_argv(Case("--out out", 130, ()), data_dir))
     err = capsys.readouterr().err
     assert code == 130 and f"the output {workspace / 'out'} is complete" in err, err

@@ -50,7 +50,10 @@ def test_the_wheel_claims_only_the_oneshot_import_name(tmp_path: Path) -> None:
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the foundation: errors, the two configs, the run-folder contract, formatting (no torch, no models)
-    ("base", ("oneshot.errors", "oneshot.config", "oneshot.runfolder", "oneshot.output", "oneshot.formatting")),
+    (
+        "base",
+        ("oneshot.errors", "oneshot.config", "oneshot.runfolder", "oneshot.output", "oneshot.formatting"),
+    ),
     # the core: models, data, the walker and solvers, the kernels and the evaluation primitives
     (
         "core",
@@ -64,6 +67,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oneshot.pruner",
             "oneshot.checks",
             "oneshot.structured",
+            "oneshot.shrink",
             "oneshot.kernels",
             "oneshot.eval.perplexity",
             "oneshot.eval.corpora",

@@ -9,6 +9,7 @@ import pytest
 
 from oneshot.config import PruneConfig, RunConfig
 from oneshot.runfolder import (
+    RUN_SCHEMA,
     EvalRecord,
     LayerReport,
     PruneReport,
@@ -77,8 +78,8 @@ def test_a_schema_1_record_loads_split_into_the_two_configs(tmp_path: Path) -> N
     # written back, it is the newest schema and loads to the same record
     record.save(tmp_path)
     again = RunRecord.load(tmp_path)
-    assert json.loads((tmp_path / "oneshot.json").read_text())["format"] == "oneshot-run/2"
-    assert again.schema == 2 and again.config == record.config and again.run == record.run
+    assert json.loads((tmp_path / "oneshot.json").read_text())["format"] == f"oneshot-run/{RUN_SCHEMA}"
+    assert again.schema == RUN_SCHEMA and again.config == record.config and again.run == record.run
     assert again.prune == record.prune and again.extra == record.extra
 
 

@@ -37,11 +37,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         epilog=PRUNE_EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="local folder, Hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct",
-    )
+    add_model_argument(p)
     p.add_argument("--method", default="sparsegpt", help=f"one of {', '.join(METHODS)}")
     p.add_argument(
         "--sparsity",
@@ -53,26 +49,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default="unstructured",
         help="'unstructured' or N:M (N zeros in every M consecutive input weights, e.g. 2:4, 4:8)",
     )
-    p.add_argument(
-        "--calib",
-        default="c4",
-        help="c4, wikitext2, self, a .txt/.jsonl/.jsonl.gz/.parquet file, or hf:DATASET_ID",
-    )
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the calibration window draw (and of 'self' text)"
-    )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)",
-    )
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT damping, relative to mean(diag(H))")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (columns)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     p.add_argument(
         "--ignore",
         action="append",
@@ -92,6 +70,44 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="magnitude/Wanda: skip the Hessians that give the exact per-layer reconstruction loss",
     )
+    add_run_arguments(p, out_help="output folder (default: runs/<model>-<method>-<pattern>)")
+    p.add_argument(
+        "--export",
+        default=None,
+        choices=["2:4", "bitmask"],
+        help="also write the compressed form for the sparse kernels into <out>/compressed-<format>/",
+    )
+    return p
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local folder, Hub id or .gguf file; default: the embedded SmolLM2-135M-Instruct",
+    )
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, out_help: str) -> None:
+    """The data and execution options every model-changing command shares (`RunConfig` and the output)."""
+    p.add_argument(
+        "--calib",
+        default="c4",
+        help="c4, wikitext2, self, a .txt/.jsonl/.jsonl.gz/.parquet file, or hf:DATASET_ID",
+    )
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration window draw (and of 'self' text)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="offline data directory (default: $ONESHOT_DATA_DIR, ./data, ../shared/data)",
+    )
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     p.add_argument(
         "--eval-windows",
         type=int,
@@ -101,20 +117,31 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-seqlen", type=int, default=None, help="quick evaluation window length (default: --seqlen)"
     )
-    p.add_argument(
-        "--export",
-        default=None,
-        choices=["2:4", "bitmask"],
-        help="also write the compressed form for the sparse kernels into <out>/compressed-<format>/",
-    )
-    p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<method>-<pattern>)")
+    p.add_argument("--out", default=None, help=out_help)
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --out when it is an earlier oneshot output (never any other folder)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-block lines")
-    return p
+
+
+def run_config_from_args(args: argparse.Namespace, export: str | None = None) -> RunConfig:
+    """`RunConfig` of the shared options (validated)."""
+    return RunConfig(
+        model=args.model,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        eval_windows=args.eval_windows,
+        eval_seqlen=args.eval_seqlen,
+        export=export,
+    )
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]:
@@ -130,34 +157,25 @@ def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]
         layer_loss=not args.no_layer_loss,
         uncalibrated=args.uncalibrated,
     )
-    run = RunConfig(
-        model=args.model,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
-        dtype=args.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        eval_windows=args.eval_windows,
-        eval_seqlen=args.eval_seqlen,
-        export=args.export,
-    )
-    return config, run
+    return config, run_config_from_args(args, args.export)
 
 
 def default_out(config: PruneConfig, run: RunConfig) -> str:
     """``runs/<model>-<method>-<pattern>[-<sparsity>]``."""
+    pattern = config.pattern.replace(":", "of")
+    suffix = f"-{config.sparsity:g}" if config.pattern == "unstructured" else ""
+    return os.path.join("runs", f"{model_stem(run)}-{config.method}-{pattern}{suffix}")
+
+
+def model_stem(run: RunConfig) -> str:
+    """A short name of the run's model for default output folders."""
     if run.model is None:
         name = "smollm2-135m"
     elif Path(str(run.model)).expanduser().exists():
         name = Path(str(run.model)).expanduser().resolve().name.removesuffix(".gguf")
     else:
         name = str(run.model).rstrip("/").split("/")[-1]
-    pattern = config.pattern.replace(":", "of")
-    suffix = f"-{config.sparsity:g}" if config.pattern == "unstructured" else ""
-    return os.path.join("runs", f"{name}-{config.method}-{pattern}{suffix}")
+    return name
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -165,10 +183,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from oneshot.jobs.prune import run_prune
 
     config, run_config = configs_from_args(args)
-    if args.out is not None and not str(args.out).strip():
-        raise ConfigError(
-            "--out is empty: give a folder name (or leave --out out for runs/<model>-<method>-...)"
-        )
+    check_out(args.out)
     result = run_prune(
         config,
         run_config,
@@ -178,23 +193,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         argv=["oneshot", *argv],
         finish=[write_card],  # the card is part of the atomic folder
     )
-    try:
-        _write_run_report(result.out)
-    except KeyboardInterrupt as exc:
-        raise Interrupted(
-            f"interrupted; the output {result.out} is complete (its report/ may be missing)"
-        ) from exc
+    write_run_report(result.out)
     print(summary(result.record, result.out))
     return 0
 
 
-def _write_run_report(run_dir: Path) -> None:
+def check_out(out: str | None) -> None:
+    if out is not None and not str(out).strip():
+        raise ConfigError("--out is empty: give a folder name (or leave --out out for a folder under runs/)")
+
+
+def write_run_report(run_dir: Path) -> None:
     """The run's own report (report.md/json/html in ``<run>/report``); the checkpoint is complete without it,
     so a failure here is a warning, not an error."""
     from oneshot.eval.report import write_report
 
     try:
         write_report([run_dir], out=run_dir / "report")
+    except KeyboardInterrupt as exc:
+        raise Interrupted(
+            f"interrupted; the output {run_dir} is complete (its report/ may be missing)"
+        ) from exc
     except Exception as exc:  # the report is an extra: never lose a finished checkpoint over it
         logger.warning("could not write the report into %s: %s", run_dir / "report", exc)
 
@@ -207,7 +226,7 @@ def summary(record: RunRecord, out: Path) -> str:
     """The lines `oneshot prune` prints at the end."""
     from oneshot.pruner import dense_summary
 
-    rep, cfg, run_cfg = record.prune, record.config, record.run
+    (cfg, rep), run_cfg = record.pruned, record.run
     rows = [
         ("method", cfg.method),
         ("pattern", cfg.pattern),

@@ -49,7 +49,9 @@ def _human(n: int) -> str:
 def format_result(result: PushResult) -> str:
     """The lines `oneshot push` prints: files (dry run) or where the commit went."""
     v = result.verified
-    if v.measured_sparsity is not None:
+    if v.params is not None:
+        check = f"card and record state {v.params:,} parameters = the checkpoint's"
+    elif v.measured_sparsity is not None:
         check = f"card sparsity {v.stated_sparsity:.6f} = measured {v.measured_sparsity:.6f} over {v.layers} pruned layers"
     else:  # fused experts saved under per-expert names: only the whole-block figure can be measured
         check = f"card sparsity {v.stated_sparsity:.6f} (pruned layers not stored under their names: not measured)"

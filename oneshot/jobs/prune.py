@@ -40,7 +40,16 @@ from oneshot.runfolder import (
     library_versions,
 )
 
-__all__ = ["RunError", "RunResult", "export_folder", "run_prune", "save_pruned", "write_run_folder"]
+__all__ = [
+    "RunError",
+    "RunResult",
+    "export_folder",
+    "quick_perplexity",
+    "run_job",
+    "run_prune",
+    "save_pruned",
+    "write_run_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +172,7 @@ def quick_perplexity(
             + (
                 "model overflows in this dtype (try --dtype float32) or its weights are corrupt"
                 if label == "dense"
-                else "pruned model is broken; nothing was written"
+                else f"{label} model is broken; nothing was written"
             )
         )
     return PerplexityRecord(
@@ -205,13 +214,59 @@ def run_prune(
     and `Interrupted` on Ctrl-C, saying what is on disk.
     """
     run.check_against(config)
+
+    def operate(model: Any, calib: Any) -> dict[str, Any]:
+        report = prune(model, calib, config, device=run.device, batch_size=run.batch_size, progress=progress)
+        return {"config": config, "prune": report}
+
+    return run_job(
+        run,
+        out,
+        check=lambda spec: check_prunable(config, spec),
+        check_loaded=lambda model: check_layers(model, config),
+        operate=operate,
+        label="pruned",
+        overwrite=overwrite,
+        progress=progress,
+        argv=argv,
+        finish=finish,
+    )
+
+
+def run_job(
+    run: RunConfig,
+    out: str | os.PathLike[str],
+    *,
+    check: Callable[[str | None], tuple[int | None, bool]],
+    check_loaded: Callable[[Any], None],
+    operate: Callable[[Any, Any], dict[str, Any]],
+    label: str,
+    overwrite: bool,
+    progress: bool,
+    argv: list[str] | None,
+    finish: Sequence[Finish],
+) -> RunResult:
+    """The frame every model-changing job shares: take the output, read the data, ``check`` the model spec
+    (its config and a weightless skeleton: returns the context length and whether the layer checks ran),
+    load, ``check_loaded`` when they did not, calibrate, quick dense perplexity, ``operate(model,
+    calibration)`` (returns the algorithm's `RunRecord` fields), quick perplexity again, save atomically."""
     resolve_device(run.device)  # a device this machine does not have fails now
     try:
         slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run))
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted; nothing was written to {out}") from exc
     try:
-        return _run_in_slot(slot, config, run, progress=progress, argv=argv, finish=finish)
+        return _run_in_slot(
+            slot,
+            run,
+            check=check,
+            check_loaded=check_loaded,
+            operate=operate,
+            label=label,
+            progress=progress,
+            argv=argv,
+            finish=finish,
+        )
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted; {slot.state()}") from exc
     finally:
@@ -220,9 +275,12 @@ def run_prune(
 
 def _run_in_slot(
     slot: OutputSlot,
-    config: PruneConfig,
     run: RunConfig,
     *,
+    check: Callable[[str | None], tuple[int | None, bool]],
+    check_loaded: Callable[[Any], None],
+    operate: Callable[[Any, Any], dict[str, Any]],
+    label: str,
     progress: bool,
     argv: list[str] | None,
     finish: Sequence[Finish],
@@ -232,7 +290,7 @@ def _run_in_slot(
     documents = None
     if str(run.calib).strip().lower() != "self":
         documents = load_text_source(run.calib, run.data_dir)  # unreadable data fails before the model
-    max_pos, checked = check_prunable(config, run.model)  # the model's config and a weightless skeleton
+    max_pos, checked = check(run.model)  # the model's config and a weightless skeleton
     if max_pos is not None and run.seqlen > max_pos:
         raise RunError(f"--seqlen {run.seqlen} exceeds the model's context of {max_pos} tokens")
     if run.eval_seqlen is not None and max_pos is not None and run.eval_seqlen > max_pos:
@@ -242,7 +300,7 @@ def _run_in_slot(
     loaded = load_model(run.model, dtype=run.dtype)
     model, tok = loaded.model, loaded.tokenizer
     if not checked:  # no meta skeleton for this model: the same checks on the loaded one
-        check_layers(model, config)
+        check_loaded(model)
     calib, calib_info = calibration_windows(
         run.calib,
         tok,
@@ -257,25 +315,26 @@ def _run_in_slot(
     quick = QuickEval()
     if run.eval_windows > 0:
         quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
-    report = prune(model, calib, config, device=run.device, batch_size=run.batch_size, progress=progress)
+    fields = operate(model, calib)
     if run.eval_windows > 0 and quick.dense is not None:
-        quick.pruned = quick_perplexity(model, tok, run, eval_seq, label="pruned", progress=progress)
+        quick.pruned = quick_perplexity(model, tok, run, eval_seq, label=label, progress=progress)
 
     record = RunRecord(
-        config=config,
+        config=fields.pop("config", None),
         run=run,
         source=from_dict(Source, loaded.source),
-        prune=report,
+        prune=fields.pop("prune", None),
         command=list(argv if argv is not None else sys.argv),
         started=started,
         model_type=getattr(model.config, "model_type", None),
         calibration=from_dict(Calibration, calib_info),
         versions=library_versions(),
         quick_eval=quick,
+        **fields,
     )
     record.total_seconds = time.perf_counter() - t0
     assert slot.tmp is not None
-    check_finite(model, "the pruned model")  # never save NaN, whatever the quick check did or skipped
+    check_finite(model, f"the {label} model")  # never save NaN, whatever the quick check did or skipped
     logger.info("writing %s", slot.out)
     write_run_folder(model, tok, slot.tmp, record)
     for step in finish:

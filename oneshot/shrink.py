@@ -1,0 +1,919 @@
+"""`shrink(model, calibration, config) -> ShrinkReport`: structured pruning to a smaller dense model.
+
+Whole units leave the model, so what remains is an ordinary dense checkpoint with a standard config:
+
+- **MLP channels** (``--intermediate-size``): per layer the channels of the consumer (``down_proj``,
+  GPT-2's ``c_proj``) are chosen by `oneshot.structured` scores on its calibration inputs (greedy OBS, or
+  activation x weight norm, or per layer the better of both), the producers' rows and the consumer's
+  columns are removed, and the consumer is re-fitted by least squares on the kept inputs;
+- **GQA groups** (``--num-key-value-heads``): one KV head with its query heads; chosen by group OBS on
+  ``o_proj`` (whose kept columns are re-fitted), ``head_dim`` unchanged;
+- **blocks** (``--drop-layers``): the blocks that change their input least (1 - cosine of block input and
+  output on the calibration tokens, measured on the dense model) are removed; per-layer config lists
+  (``layer_types``) follow and the layer indices are renumbered;
+- **experts** (``--num-experts``): the experts with the smallest router-weighted output norm on the tokens
+  routed to them are removed with their router rows;
+- **a parameter budget** (``--params F``): the cost of every width and of dropping each block is measured
+  on the dense model as the squared error each choice adds to the residual stream, relative to the
+  block's output; the uniform widths and the dropped blocks with the smallest summed cost whose
+  decoder-block parameters fit ``F`` of the original are chosen.
+
+Where the consumer has a bias, the re-fit is solved on centred inputs and the removed units' mean
+contribution moves into the bias. Statistics are accumulated in float64 and solved in float64. Blocks are
+shrunk in order, each calibrated on the outputs of the blocks already shrunk (as `oneshot.prune` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from oneshot.config import ShrinkConfig
+from oneshot.errors import OneshotError
+from oneshot.models import max_positions, resolve_device
+from oneshot.moe import (
+    expert_forward,
+    is_supported_experts,
+    num_experts,
+    routed_tokens,
+    routing_inputs,
+)
+from oneshot.runfolder import BlockReport, ShrinkChoice, ShrinkReport, UnitRemoval
+from oneshot.structured import activation_scores, obs_removal_order, refit, refit_loss
+from oneshot.walker import capture_block_calls, find_blocks, get_weight, move_non_block_modules, run_block
+
+__all__ = ["ShrinkError", "block_sites", "check_shrink", "shrink"]
+
+logger = logging.getLogger(__name__)
+
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "top_k")
+
+
+class ShrinkError(OneshotError, ValueError):
+    """A shrink target that does not fit the model, or a model this cannot shrink (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# What can be removed in a block
+
+
+@dataclass
+class MlpSite:
+    name: str
+    producers: list[nn.Module]  # Linears / Conv1Ds writing the channels (gate_proj, up_proj; c_fc)
+    consumer: nn.Module  # the Linear / Conv1D reading them (down_proj; c_proj)
+    width: int
+
+
+@dataclass
+class AttnSite:
+    name: str
+    module: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass
+class MoeSite:
+    name: str
+    experts: nn.Module
+    routers: list[nn.Module]  # siblings whose weight has one row per expert
+    parent: nn.Module
+
+
+@dataclass
+class BlockSites:
+    mlp: MlpSite | None = None
+    attn: AttnSite | None = None
+    moe: list[MoeSite] = field(default_factory=list)
+
+
+def _out_in(layer: nn.Module) -> tuple[int, int]:
+    w = get_weight(layer)
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, nn.Linear | Conv1D)
+
+
+def text_config(model: nn.Module) -> Any:
+    config: Any = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _width_key(config: Any) -> str | None:
+    for key in ("intermediate_size", "n_inner"):
+        if hasattr(config, key):
+            return key
+    return None
+
+
+def intermediate_width(config: Any) -> int | None:
+    key = _width_key(config)
+    if key is None:
+        return None
+    value = getattr(config, key)
+    if value is None and key == "n_inner":  # GPT-2: 4 x hidden
+        return 4 * int(config.hidden_size)
+    return int(value) if isinstance(value, int) else None
+
+
+def head_geometry(config: Any) -> tuple[int, int, int] | None:
+    """(attention heads, KV heads, head_dim) from a config, or None when it does not say."""
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        return None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    return heads, int(kv), int(head_dim)
+
+
+def block_sites(block: nn.Module, prefix: str, config: Any) -> BlockSites:
+    """The MLP, attention and MoE units of one block that `shrink` knows how to remove (shapes only: works
+    on a weightless meta skeleton)."""
+    sites = BlockSites()
+    for rel, parent in block.named_modules():
+        children = dict(parent.named_children())
+        experts = [c for c in children.values() if is_supported_experts(c)]
+        for ex in experts:
+            rows = num_experts(ex)
+            routers = [
+                sib
+                for sib in children.values()
+                if sib is not ex
+                and isinstance(sib._parameters.get("weight"), Tensor)
+                and cast(Tensor, sib._parameters["weight"]).dim() == 2
+                and cast(Tensor, sib._parameters["weight"]).shape[0] == rows
+            ]
+            name = ".".join(p for p in (prefix, rel) if p)
+            sites.moe.append(MoeSite(name, ex, routers, parent))
+    geometry = head_geometry(config)
+    for rel, mod in block.named_modules():
+        kids = dict(mod.named_children())
+        if geometry is not None and all(
+            k in kids and _is_linear(kids[k]) for k in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ):
+            heads, kv, hd = geometry
+            q, k, v, o = (kids[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            if _out_in(q)[0] == heads * hd and _out_in(k)[0] == kv * hd and _out_in(o)[1] == heads * hd:
+                sites.attn = AttnSite(f"{prefix}.{rel}", mod, q, k, v, o, heads, kv, hd)
+                break
+    width = intermediate_width(config)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    if width is not None and not sites.moe:
+        for rel, mod in block.named_modules():
+            linears = [c for c in mod.children() if _is_linear(c)]
+            producers = [c for c in linears if _out_in(c) == (width, hidden)]
+            consumers = [c for c in linears if _out_in(c) == (hidden, width)]
+            if producers and len(consumers) == 1 and len(producers) + 1 == len(linears):
+                sites.mlp = MlpSite(f"{prefix}.{rel}", producers, consumers[0], width)
+                break
+    return sites
+
+
+def _top_k(config: Any) -> int | None:
+    for key in _TOP_K_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_shrink(config: ShrinkConfig, model: nn.Module) -> None:
+    """Every target fits ``model`` (built with weights or on the meta device); `ShrinkError` otherwise."""
+    cfg = text_config(model)
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError as exc:
+        raise ShrinkError(str(exc)) from exc
+    sites = [block_sites(b, f"layer {i}", cfg) for i, b in enumerate(blocks)]
+    n = len(blocks)
+    arch = getattr(cfg, "model_type", type(model).__name__)
+    if config.drop_layers and config.drop_layers >= n:
+        raise ShrinkError(
+            f"--drop-layers {config.drop_layers} would remove all {n} decoder blocks: at most {n - 1}"
+        )
+    if config.intermediate_size is not None or config.params is not None:
+        width = intermediate_width(cfg)
+        if any(s.moe for s in sites) and config.intermediate_size is not None:
+            raise ShrinkError(
+                f"--intermediate-size: {arch} is a mixture-of-experts model; shrink whole experts with --num-experts"
+            )
+        if config.intermediate_size is not None:
+            if width is None or not all(s.mlp is not None for s in sites):
+                raise ShrinkError(
+                    f"--intermediate-size: no MLP of the shape (hidden -> {width} -> hidden) found in every "
+                    f"block of {arch}; this architecture's MLP width cannot be shrunk"
+                )
+            if config.intermediate_size >= width:
+                raise ShrinkError(
+                    f"--intermediate-size {config.intermediate_size} is not smaller than the model's {width}: "
+                    f"give a width in [1, {width - 1}]"
+                )
+    if config.num_key_value_heads is not None:
+        if not all(s.attn is not None for s in sites):
+            raise ShrinkError(
+                f"--num-key-value-heads: {arch} has no separate q_proj/k_proj/v_proj/o_proj attention in every "
+                "block; its heads cannot be removed"
+            )
+        first = cast(AttnSite, sites[0].attn)
+        if config.num_key_value_heads >= first.kv_heads:
+            raise ShrinkError(
+                f"--num-key-value-heads {config.num_key_value_heads} is not smaller than the model's "
+                f"{first.kv_heads} KV heads: give a count in [1, {first.kv_heads - 1}]"
+            )
+    if config.num_experts is not None:
+        moe = [m for s in sites for m in s.moe]
+        if not moe:
+            raise ShrinkError(f"--num-experts: {arch} has no mixture-of-experts layers")
+        have = num_experts(moe[0].experts)
+        top_k = _top_k(cfg)
+        if config.num_experts >= have:
+            raise ShrinkError(
+                f"--num-experts {config.num_experts} is not smaller than the model's {have} experts per layer"
+            )
+        if top_k is not None and config.num_experts < top_k:
+            raise ShrinkError(
+                f"--num-experts {config.num_experts} is below the {top_k} experts each token is routed to "
+                f"(top-k): keep at least {top_k}"
+            )
+    if config.params is not None and not any(s.mlp or s.attn for s in sites) and n < 2:
+        raise ShrinkError(f"--params: nothing in {arch} can be shrunk")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics of a consumer's inputs
+
+
+class _Moments:
+    """``sum x x^T``, ``sum x`` and the token count of one layer's inputs, in float64."""
+
+    def __init__(self, cols: int, device: torch.device) -> None:
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float64, device=device)
+        self.xsum = torch.zeros(cols, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device)
+        x32 = x if x.dtype == torch.float64 else x.float()  # products in float32 (float64 for float64 models)
+        part = (x32.T @ x32).double()
+        if not bool(torch.isfinite(part).all()):
+            raise ShrinkError("non-finite activations in the calibration inputs (try --dtype float32)")
+        self.xtx += part
+        self.xsum += x32.sum(dim=0).double()
+        self.n += x.shape[0]
+
+    def hessian(self, centred: bool) -> Tensor:
+        h = self.xtx / self.n
+        if centred:
+            mu = self.mean
+            h = h - torch.outer(mu, mu)
+        return h
+
+    @property
+    def mean(self) -> Tensor:
+        return self.xsum / self.n
+
+
+@contextlib.contextmanager
+def _input_hook(layer: nn.Module, moments: _Moments) -> Iterator[None]:
+    handle = layer.register_forward_pre_hook(lambda _m, args: moments.add(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _bias(layer: nn.Module) -> Tensor | None:
+    b = getattr(layer, "bias", None)
+    return b if isinstance(b, Tensor) else None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Slicing modules in place
+
+
+def _set_param(module: nn.Module, name: str, value: Tensor) -> None:
+    old = cast(nn.Parameter, getattr(module, name))
+    module._parameters[name] = nn.Parameter(value.contiguous().to(old.dtype), requires_grad=old.requires_grad)
+
+
+def _keep_outputs(layer: nn.Module, keep: Tensor) -> None:
+    """Keep only the output units ``keep`` of a Linear / Conv1D (rows of its (out, in) weight)."""
+    w = get_weight(layer)[keep]  # (k, in)
+    _write_weight(layer, w)
+    b = _bias(layer)
+    if b is not None:
+        _set_param(layer, "bias", b.data[keep])
+
+
+def _write_weight(layer: nn.Module, w: Tensor) -> None:
+    """Replace the weight by an (out, in) tensor of any shape, in the layer's own layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):
+        _set_param(layer, "weight", w.t())
+        layer.nf = w.shape[0]
+        layer.nx = w.shape[1]
+    else:
+        _set_param(layer, "weight", w)
+        cast(Any, layer).out_features, cast(Any, layer).in_features = int(w.shape[0]), int(w.shape[1])
+
+
+def _refit_consumer(layer: nn.Module, moments: _Moments, keep: Tensor, damp: float) -> tuple[Tensor, float]:
+    """The re-fitted (out, k) weight on the kept inputs, and its reconstruction loss (per token, in the
+    units of the consumer's output). With a bias: solved on centred inputs, the mean moves into the bias."""
+    w = get_weight(layer).double()
+    has_bias = _bias(layer) is not None
+    h = moments.hessian(centred=has_bias)
+    new = refit(w, h, keep, damp=damp)
+    loss = refit_loss(w, h, keep, new)
+    if has_bias:
+        mu = moments.mean.to(w.device)
+        b = cast(Tensor, _bias(layer)).data.double()
+        _set_param(layer, "bias", b + w @ mu - new @ mu[keep])
+    return new, loss
+
+
+def _sorted(idx: list[int] | Tensor) -> Tensor:
+    return torch.as_tensor(sorted(int(i) for i in idx), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------
+# One kind of unit at a time
+
+
+def _shrink_mlp(site: MlpSite, moments: _Moments, width: int, config: ShrinkConfig) -> UnitRemoval:
+    t0 = time.perf_counter()
+    w = get_weight(site.consumer).double()  # (out, I)
+    has_bias = _bias(site.consumer) is not None
+    h = moments.hessian(centred=has_bias)
+    remove = site.width - width
+    candidates: dict[str, Tensor] = {}
+    if config.score in ("auto", "obs"):
+        order, _, _ = obs_removal_order(w, h, remove=remove, damp=config.damp)
+        candidates["obs"] = _sorted(sorted(set(range(site.width)) - set(order)))
+    if config.score in ("auto", "activation"):
+        scores = activation_scores(w, torch.diagonal(h))
+        candidates["activation"] = _sorted(torch.topk(scores, width).indices)
+    losses = {}
+    for name, keep in candidates.items():
+        new = refit(w, h, keep, damp=config.damp)
+        losses[name] = refit_loss(w, h, keep, new)
+    chosen = min(losses, key=lambda k: losses[k])
+    keep = candidates[chosen]
+    new, loss = _refit_consumer(site.consumer, moments, keep, config.damp)
+    _write_weight(site.consumer, new)
+    for p in site.producers:
+        _keep_outputs(p, keep)
+    removed = sorted(set(range(site.width)) - set(keep.tolist()))
+    return UnitRemoval(
+        name=site.name,
+        kind="mlp channels",
+        before=site.width,
+        after=width,
+        removed=removed,
+        score=chosen,
+        loss=loss,
+        losses=losses,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _shrink_attention(site: AttnSite, moments: _Moments, kv_heads: int, config: ShrinkConfig) -> UnitRemoval:
+    t0 = time.perf_counter()
+    group_cols = site.per_group * site.head_dim
+    w = get_weight(site.o).double()  # (out, heads * head_dim)
+    has_bias = _bias(site.o) is not None
+    h = moments.hessian(centred=has_bias)
+    order, _costs, _ = obs_removal_order(
+        w, h, remove=site.kv_heads - kv_heads, group=group_cols, damp=config.damp
+    )
+    kept_groups = [g for g in range(site.kv_heads) if g not in order]
+    q_heads = [g * site.per_group + j for g in kept_groups for j in range(site.per_group)]
+    q_rows = _sorted([hh * site.head_dim + d for hh in q_heads for d in range(site.head_dim)])
+    kv_rows = _sorted([g * site.head_dim + d for g in kept_groups for d in range(site.head_dim)])
+    new, loss = _refit_consumer(site.o, moments, q_rows, config.damp)
+    _write_weight(site.o, new)
+    _keep_outputs(site.q, q_rows)
+    _keep_outputs(site.k, kv_rows)
+    _keep_outputs(site.v, kv_rows)
+    heads_kept = torch.as_tensor(q_heads, dtype=torch.long)
+    for pname, p in list(site.module._parameters.items()):  # per-head parameters such as GPT-OSS's sinks
+        if p is not None and p.dim() == 1 and p.shape[0] == site.heads:
+            _set_param(site.module, pname, p.data[heads_kept])
+    for attr in ("num_heads", "num_attention_heads"):
+        if getattr(site.module, attr, None) == site.heads:
+            setattr(site.module, attr, len(q_heads))
+    for attr in ("num_key_value_heads", "num_kv_heads"):
+        if getattr(site.module, attr, None) == site.kv_heads:
+            setattr(site.module, attr, kv_heads)
+    return UnitRemoval(
+        name=site.name,
+        kind="kv groups",
+        before=site.kv_heads,
+        after=kv_heads,
+        removed=sorted(order),
+        score="obs",
+        loss=loss,
+        losses={"obs": loss},
+        seconds=time.perf_counter() - t0,
+    )
+
+
+class _ExpertScores:
+    """Router-weighted output norms per expert: ``sum_t g(t, e) * ||E_e(x_t)||`` over routed tokens."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        self.experts = experts
+        self.score = torch.zeros(num_experts(experts), dtype=torch.float64)
+        self.tokens = torch.zeros(num_experts(experts), dtype=torch.long)
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden, index = routing_inputs(module, args, kwargs)
+        weights = _routing_weights(module, args, kwargs).reshape(index.shape)  # (tokens, k)
+        for e in range(num_experts(module)):
+            tokens, slots = routed_tokens(index, e)
+            if tokens.numel():
+                y = expert_forward(module, e, hidden[tokens])  # (n, out)
+                g = weights[tokens, slots].double()
+                self.score[e] += float((g.abs() * y.double().norm(dim=-1)).sum())
+                self.tokens[e] += tokens.numel()
+
+
+def _routing_weights(experts: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    import inspect
+
+    signature = inspect.signature(experts.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    return cast(Tensor, bound[list(signature.parameters)[2]])
+
+
+def _shrink_experts(site: MoeSite, scores: _ExpertScores, keep_n: int) -> UnitRemoval:
+    t0 = time.perf_counter()
+    before = num_experts(site.experts)
+    keep = _sorted(torch.topk(scores.score, keep_n).indices)
+    for pname, p in list(site.experts._parameters.items()):
+        if p is not None and p.dim() >= 1 and p.shape[0] == before:
+            _set_param(site.experts, pname, p.data[keep])
+    for router in site.routers:
+        for pname, p in list(router._parameters.items()):
+            if p is not None and p.shape[0] == before:
+                _set_param(router, pname, p.data[keep])
+        if isinstance(router, nn.Linear):
+            router.out_features = keep_n
+    for mod in (site.experts, site.parent, *site.routers):
+        for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if getattr(mod, attr, None) == before:
+                setattr(mod, attr, keep_n)
+    removed = sorted(set(range(before)) - set(keep.tolist()))
+    return UnitRemoval(
+        name=f"{site.name}.{_child_name(site.parent, site.experts)}",
+        kind="experts",
+        before=before,
+        after=keep_n,
+        removed=removed,
+        score="router-weighted output norm",
+        loss=float(scores.score[removed].sum() / max(1.0, float(scores.score.sum()))),
+        losses={},
+        seconds=time.perf_counter() - t0,
+        extra={"tokens_per_expert": scores.tokens.tolist()},
+    )
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(n for n, c in parent.named_children() if c is child)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measured costs for --drop-layers and --params
+
+
+@dataclass
+class _Survey:
+    drop_cost: list[float]  # 1 - cosine(block input, block output), mean over tokens
+    drop_error: list[float]  # ||out - in||^2 / ||out||^2 (relative residual error of skipping the block)
+    out_norm: list[float]  # mean ||out||^2 per token
+    mlp_curve: list[list[float]]  # per block: relative cost of removing 0, 1, ... channels (cumulative)
+    attn_curve: list[list[float]]  # per block: relative cost of removing 0, 1, ... KV groups
+
+
+def _survey(
+    blocks: nn.ModuleList,
+    sites: list[BlockSites],
+    hidden: list[Tensor],
+    calls: list[list[Any]],
+    device: torch.device,
+    curves: bool,
+    damp: float,
+    progress: bool,
+) -> _Survey:
+    from tqdm.auto import tqdm
+
+    survey = _Survey([], [], [], [], [])
+    for i in tqdm(range(len(blocks)), desc="measuring", unit="block", disable=not progress, leave=False):
+        block = blocks[i]
+        block.to(device)
+        site = sites[i]
+        mlp_m = _Moments(site.mlp.width, device) if curves and site.mlp else None
+        attn_m = _Moments(site.attn.heads * site.attn.head_dim, device) if curves and site.attn else None
+        cos_sum, err, norm, tokens = 0.0, 0.0, 0.0, 0
+        new_hidden = []
+        with contextlib.ExitStack() as stack:
+            if mlp_m is not None and site.mlp is not None:
+                stack.enter_context(_input_hook(site.mlp.consumer, mlp_m))
+            if attn_m is not None and site.attn is not None:
+                stack.enter_context(_input_hook(site.attn.o, attn_m))
+            for b, h in enumerate(hidden):
+                out = _finite(run_block(block, h, calls[i][b], device), i)
+                x, y = h.to(device).float().flatten(0, -2), out.float().flatten(0, -2)
+                cos_sum += float(torch.nn.functional.cosine_similarity(x, y, dim=-1).sum())
+                err += float((y - x).pow(2).sum())
+                norm += float(y.pow(2).sum())
+                tokens += x.shape[0]
+                new_hidden.append(out.to(h.device))
+        hidden[:] = new_hidden
+        out_norm = norm / tokens
+        survey.drop_cost.append(1.0 - cos_sum / tokens)
+        survey.drop_error.append(err / max(norm, 1e-30))
+        survey.out_norm.append(out_norm)
+        if mlp_m is not None and site.mlp is not None:
+            w = get_weight(site.mlp.consumer)
+            h_ = mlp_m.hessian(centred=_bias(site.mlp.consumer) is not None)
+            # the curve up to three quarters of the channels: narrower MLPs are never worth it
+            _, costs, _ = obs_removal_order(w, h_, remove=(3 * site.mlp.width) // 4, damp=damp)
+            survey.mlp_curve.append([0.0, *(float(c) / out_norm for c in _cumsum(costs))])
+        else:
+            survey.mlp_curve.append([0.0])
+        if attn_m is not None and site.attn is not None:
+            a = site.attn
+            w = get_weight(a.o)
+            h_ = attn_m.hessian(centred=_bias(a.o) is not None)
+            _, costs, _ = obs_removal_order(
+                w, h_, remove=a.kv_heads - 1, group=a.per_group * a.head_dim, damp=damp
+            )
+            survey.attn_curve.append([0.0, *(float(c) / out_norm for c in _cumsum(costs))])
+        else:
+            survey.attn_curve.append([0.0])
+        if device.type != "cpu":
+            block.to("cpu")
+    return survey
+
+
+def _at(curve: list[float], removed: int) -> float:
+    """The cost of removing ``removed`` units; beyond the measured curve, infinite (never chosen)."""
+    return curve[removed] if removed < len(curve) else math.inf
+
+
+def _cumsum(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def _block_params(sites: BlockSites, block: nn.Module, width: int | None, kv: int | None) -> int:
+    """Parameters of one block with the MLP at ``width`` channels and ``kv`` KV groups."""
+    total = sum(p.numel() for p in block.parameters())
+    if sites.mlp is not None and width is not None:
+        per_channel = sum(_out_in(p)[1] + (1 if _bias(p) is not None else 0) for p in sites.mlp.producers)
+        per_channel += _out_in(sites.mlp.consumer)[0]
+        total -= (sites.mlp.width - width) * per_channel
+    if sites.attn is not None and kv is not None:
+        a = sites.attn
+        rows_q, rows_kv = a.per_group * a.head_dim, a.head_dim
+        per_group = rows_q * (_out_in(a.q)[1] + (_bias(a.q) is not None))
+        per_group += rows_kv * (_out_in(a.k)[1] + (_bias(a.k) is not None))
+        per_group += rows_kv * (_out_in(a.v)[1] + (_bias(a.v) is not None))
+        per_group += rows_q * _out_in(a.o)[0]
+        per_group += sum(
+            a.per_group
+            for p in a.module._parameters.values()
+            if p is not None and p.dim() == 1 and p.shape[0] == a.heads
+        )
+        total -= (a.kv_heads - kv) * per_group
+    return total
+
+
+def _width_step(width: int) -> int:
+    for step in (32, 16, 8, 4, 2):
+        if width % step == 0 and width // step >= 16:
+            return step
+    return 1
+
+
+def choose_budget(
+    survey: _Survey, sites: list[BlockSites], blocks: nn.ModuleList, fraction: float
+) -> ShrinkChoice:
+    """The uniform MLP width, KV-group count and dropped blocks of smallest summed measured cost whose
+    decoder-block parameters are at most ``fraction`` of the original's."""
+    n = len(blocks)
+    base = sum(_block_params(s, b, None, None) for s, b in zip(sites, blocks, strict=False))
+    budget = fraction * base
+    mlps = [s.mlp for s in sites if s.mlp is not None]
+    attns = [s.attn for s in sites if s.attn is not None]
+    mlp0 = mlps[0].width if len(mlps) == n else None
+    kv0 = attns[0].kv_heads if len(attns) == n else None
+    widths: list[int | None] = [None]
+    if mlp0 is not None:
+        step = _width_step(mlp0)
+        widths = [w for w in range(mlp0, 0, -step)]
+    kvs: list[int | None] = [None] if kv0 is None else list(range(kv0, 0, -1))
+    best: ShrinkChoice | None = None
+    for width in widths:
+        for kv in kvs:
+            per_block = [_block_params(s, b, width, kv) for s, b in zip(sites, blocks, strict=False)]
+            keep_cost = [
+                (_at(survey.mlp_curve[i], mlp0 - width) if width is not None and mlp0 is not None else 0.0)
+                + (survey.attn_curve[i][kv0 - kv] if kv is not None and kv0 is not None else 0.0)
+                for i in range(n)
+            ]
+            # drop first the blocks whose dropping costs least beyond what their shrinking costs anyway
+            order = sorted(range(n), key=lambda i: survey.drop_error[i] - keep_cost[i])
+            total_cost, params = sum(keep_cost), sum(per_block)
+            for d in range(n):
+                if d:
+                    j = order[d - 1]
+                    total_cost += survey.drop_error[j] - keep_cost[j]
+                    params -= per_block[j]
+                if params <= budget:
+                    if best is None or total_cost < best.predicted_cost:
+                        best = ShrinkChoice(
+                            intermediate_size=width if width != mlp0 else None,
+                            num_key_value_heads=kv if kv != kv0 else None,
+                            drop=sorted(order[:d]),
+                            predicted_cost=total_cost,
+                            block_params=int(params),
+                            block_params_before=int(base),
+                            fraction=fraction,
+                        )
+                    break
+    if best is None:
+        raise ShrinkError(
+            f"--params {fraction:g}: no choice of widths and dropped blocks reaches {fraction:.0%} of the "
+            "decoder-block parameters"
+        )
+    return best
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model-level edits
+
+
+def _drop_blocks(model: nn.Module, blocks: nn.ModuleList, drop: list[int]) -> None:
+    cfg = text_config(model)
+    n = len(blocks)
+    kept = [i for i in range(n) if i not in set(drop)]
+    survivors = [blocks[i] for i in kept]
+    for _ in range(n):
+        del blocks[len(blocks) - 1]
+    for b in survivors:
+        blocks.append(b)
+    for new_idx, block in enumerate(blocks):
+        for mod in block.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                cast(Any, mod).layer_idx = new_idx
+    for key, value in list(vars(cfg).items()):
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(cfg, key, [value[i] for i in kept])
+    cfg.num_hidden_layers = len(kept)
+
+
+def _set_config(cfg: Any, key: str, value: Any, changes: dict[str, list[Any]]) -> None:
+    before = getattr(cfg, key, None)
+    if before != value:
+        changes.setdefault(key, [before, value])
+        changes[key][1] = value
+        setattr(cfg, key, value)
+
+
+def _finite(out: Tensor, block: int) -> Tensor:
+    if not torch.isfinite(out).all():
+        raise ShrinkError(
+            f"block {block} produced NaN/Inf activations: the model overflows in this dtype "
+            "(try --dtype float32) or its weights are corrupt"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The job on an in-memory model
+
+
+@torch.no_grad()
+def shrink(
+    model: nn.Module,
+    calibration: Tensor,
+    config: ShrinkConfig,
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ShrinkReport:
+    """Shrink ``model`` in place to the targets of ``config`` (see the module docstring); its config is
+    updated so that ``save_pretrained`` writes a checkpoint plain transformers loads.
+
+    ``calibration``: (nsamples, seqlen) int64 token ids. Returns a `ShrinkReport`: every removal with its
+    measured cost, the blocks dropped and their scores, the config changes, parameters before and after.
+    """
+    from tqdm.auto import tqdm
+
+    if calibration.ndim != 2 or calibration.shape[0] < 1:
+        raise ShrinkError(
+            f"calibration must be (nsamples, seqlen) token ids, got shape {tuple(calibration.shape)}"
+        )
+    max_pos = max_positions(model.config)
+    if max_pos is not None and calibration.shape[1] > max_pos:
+        raise ShrinkError(f"seqlen {calibration.shape[1]} exceeds the model's context of {max_pos} tokens")
+    check_shrink(config, model)
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    cfg = text_config(model)
+    blocks_name, blocks = find_blocks(model)
+    report = ShrinkReport(
+        device=str(dev),
+        params_before=sum(p.numel() for p in model.parameters()),
+        block_params_before=sum(p.numel() for p in blocks.parameters()),
+        layers_before=len(blocks),
+    )
+    sites = [block_sites(b, f"{blocks_name}.{i}", cfg) for i, b in enumerate(blocks)]
+    model_config: Any = model.config
+    prev_cache = getattr(model_config, "use_cache", None)
+    was_training = model.training
+    model.eval()
+    if hasattr(model_config, "use_cache"):
+        model_config.use_cache = False
+    try:
+        move_non_block_modules(model, blocks, dev)
+        batches = list(calibration.split(batch_size))
+        hidden, calls = capture_block_calls(model, blocks, batches, dev, dev, progress=progress)
+        move_non_block_modules(model, blocks, torch.device("cpu"))
+
+        target_width, target_kv, drop = config.intermediate_size, config.num_key_value_heads, []
+        if config.drop_layers or config.params is not None:
+            survey = _survey(
+                blocks,
+                sites,
+                [h.clone() for h in hidden],
+                calls,
+                dev,
+                curves=config.params is not None,
+                damp=config.damp,
+                progress=progress,
+            )
+            report.layer_scores = survey.drop_cost
+            report.layer_errors = survey.drop_error
+            if config.params is not None:
+                choice = choose_budget(survey, sites, blocks, config.params)
+                report.choice = choice
+                target_width, target_kv, drop = (
+                    choice.intermediate_size,
+                    choice.num_key_value_heads,
+                    choice.drop,
+                )
+                logger.info(
+                    "--params %g: intermediate_size %s, num_key_value_heads %s, dropping blocks %s "
+                    "(predicted relative residual error %.4g)",
+                    config.params,
+                    target_width or "unchanged",
+                    target_kv or "unchanged",
+                    drop or "none",
+                    choice.predicted_cost,
+                )
+            else:
+                drop = sorted(
+                    sorted(range(len(blocks)), key=lambda i: survey.drop_cost[i])[: config.drop_layers]
+                )
+        changes: dict[str, list[Any]] = {}
+        if drop:
+            report.dropped_layers = drop
+            for i in drop:
+                report.removals.append(
+                    UnitRemoval(
+                        name=f"{blocks_name}.{i}",
+                        kind="block",
+                        before=1,
+                        after=0,
+                        removed=[i],
+                        score="1 - cos(input, output)",
+                        loss=report.layer_scores[i] if report.layer_scores else None,
+                        losses={},
+                        seconds=0.0,
+                    )
+                )
+            before_layers = len(blocks)
+            kept_idx = [i for i in range(len(blocks)) if i not in set(drop)]
+            _drop_blocks(model, blocks, drop)
+            changes["num_hidden_layers"] = [before_layers, len(blocks)]
+            # a dropped block is skipped: the first kept block reads what block 0 read (the embeddings)
+            calls = [calls[i] for i in kept_idx]
+            sites = [sites[i] for i in kept_idx]
+            for i, s in enumerate(sites):
+                for site in (s.mlp, s.attn, *s.moe):
+                    if site is not None:
+                        site.name = site.name.replace(
+                            f"{blocks_name}.{kept_idx[i]}.", f"{blocks_name}.{i}.", 1
+                        )
+
+        bar = tqdm(
+            range(len(blocks)), desc="shrinking", unit="block", disable=not progress, dynamic_ncols=True
+        )
+        for i in bar:
+            t_block = time.perf_counter()
+            block = blocks[i]
+            block.to(dev)
+            s = sites[i]
+            dense_out: list[Tensor] | None = None
+
+            def run_all(block: nn.Module = block, i: int = i, hidden: list[Tensor] = hidden) -> list[Tensor]:
+                return [_finite(run_block(block, h, calls[i][b], dev), i) for b, h in enumerate(hidden)]
+
+            if target_kv is not None and s.attn is not None:
+                m = _Moments(s.attn.heads * s.attn.head_dim, dev)
+                with _input_hook(s.attn.o, m):
+                    dense_out = run_all()
+                report.removals.append(_shrink_attention(s.attn, m, target_kv, config))
+            if config.num_experts is not None and s.moe:
+                collectors = [_ExpertScores(site.experts) for site in s.moe]
+                with contextlib.ExitStack() as stack:
+                    for site, col in zip(s.moe, collectors, strict=False):
+                        handle = site.experts.register_forward_pre_hook(col.hook, with_kwargs=True)
+                        stack.callback(handle.remove)
+                    out = run_all()
+                    dense_out = dense_out or out
+                for site, col in zip(s.moe, collectors, strict=False):
+                    report.removals.append(_shrink_experts(site, col, config.num_experts))
+            if target_width is not None and s.mlp is not None:
+                m = _Moments(s.mlp.width, dev)
+                with _input_hook(s.mlp.consumer, m):
+                    out = run_all()
+                    dense_out = dense_out or out
+                report.removals.append(_shrink_mlp(s.mlp, m, target_width, config))
+            new_hidden = run_all()
+            error = None
+            if dense_out is not None:
+                num = sum(
+                    float((d.float() - o.float()).pow(2).sum())
+                    for d, o in zip(dense_out, new_hidden, strict=False)
+                )
+                den = sum(float(d.float().pow(2).sum()) for d in dense_out)
+                error = num / den if den > 0 else None
+            hidden = new_hidden
+            if dev.type != "cpu":
+                block.to("cpu")
+            report.blocks.append(BlockReport(i, time.perf_counter() - t_block, error))
+        bar.close()
+        if target_width is not None:
+            key = cast(str, _width_key(cfg))
+            _set_config(cfg, key, target_width, changes)
+        if target_kv is not None:
+            per_group = cast(AttnSite, sites[0].attn).per_group
+            head_dim = cast(AttnSite, sites[0].attn).head_dim
+            _set_config(cfg, "head_dim", head_dim, changes)  # explicit: hidden / heads no longer gives it
+            _set_config(cfg, "num_attention_heads", target_kv * per_group, changes)
+            _set_config(cfg, "num_key_value_heads", target_kv, changes)
+        if config.num_experts is not None:
+            for key in _EXPERT_COUNT_KEYS:
+                if isinstance(getattr(cfg, key, None), int):
+                    _set_config(cfg, key, config.num_experts, changes)
+                    break
+        report.config_changes = changes
+    except torch.OutOfMemoryError as exc:
+        raise ShrinkError(
+            f"out of memory while shrinking: lower --batch-size (now {batch_size}), --nsamples or --seqlen, "
+            "or use --device cpu"
+        ) from exc
+    finally:
+        move_non_block_modules(model, blocks, torch.device("cpu"))
+        if prev_cache is not None:
+            model_config.use_cache = prev_cache
+        model.train(was_training)
+    report.params_after = sum(p.numel() for p in model.parameters())
+    report.block_params_after = sum(p.numel() for p in blocks.parameters())
+    report.layers_after = len(blocks)
+    report.total_seconds = time.perf_counter() - start
+    if not math.isfinite(report.total_seconds):  # pragma: no cover
+        report.total_seconds = 0.0
+    return report
