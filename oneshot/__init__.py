@@ -1,4 +1,4 @@
-"""oneshot: one-shot pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT).
+"""oneshot: one-shot pruning of Hugging Face causal LMs (magnitude, Wanda, SparseGPT; structured shrinking).
 
 The public names are imported on first use, so ``import oneshot`` (and the CLI's start) stays light: torch
 and transformers load only when something needs them, inside the CLI's error handling.
@@ -13,11 +13,14 @@ __all__ = [
     "PruneConfig",
     "PruneReport",
     "RunConfig",
+    "ShrinkConfig",
+    "ShrinkReport",
     "calibration_windows",
     "load_model",
     "parse_pattern",
     "prune",
     "run_prune",
+    "run_shrink",
 ]
 __version__ = "0.1.0"
 
@@ -25,6 +28,9 @@ _HOME = {
     "PruneConfig": "oneshot.config",
     "RunConfig": "oneshot.config",
     "run_prune": "oneshot.jobs.prune",
+    "ShrinkConfig": "oneshot.config",
+    "ShrinkReport": "oneshot.runfolder",
+    "run_shrink": "oneshot.jobs.shrink",  # the in-memory function is oneshot.shrink.shrink
     "parse_pattern": "oneshot.config",
     "calibration_windows": "oneshot.data",
     "load_model": "oneshot.models",

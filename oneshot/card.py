@@ -370,6 +370,12 @@ def _pruning_section(record: RunRecord) -> list[str]:
     return out
 
 
+_REFIT_TEXT = {
+    "dense": "unshrunk model's block output",
+    "layer": "layer's own output on its current inputs",
+}
+
+
 def _shrink_section(record: RunRecord) -> list[str]:
     cfg, rep = record.shrunk
     run, calib = record.run, record.calibration
@@ -384,7 +390,11 @@ def _shrink_section(record: RunRecord) -> list[str]:
             f"`{calib.source if calib else run.calib}`: {run.nsamples} random windows x {run.seqlen} tokens, "
             f"seed {run.seed}",
         ],
-        ["MLP channel score", f"`{cfg.score}` (re-fit of the consumer by least squares, damping {cfg.damp})"],
+        [
+            "MLP channels",
+            f"score `{cfg.score}`; `down_proj` re-fitted by least squares to the {_REFIT_TEXT[cfg.refit_target]} "
+            f"(damping {cfg.damp})",
+        ],
         ["dtype", f"`{run.dtype}` (statistics and solves in float64)"],
         ["shrink time", f"{rep.total_seconds:.1f} s on {rep.device}"],
     ]

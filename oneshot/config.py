@@ -21,6 +21,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "METHODS",
     "PROPAGATE",
+    "REFIT_TARGETS",
     "SHRINK_SCORES",
     "UNCALIBRATED",
     "ConfigError",
@@ -37,6 +38,7 @@ UNCALIBRATED = ("magnitude", "dense")
 EXPORT_FORMATS = ("2:4", "bitmask")
 DEVICES = ("auto", "cpu", "cuda")
 SHRINK_SCORES = ("auto", "obs", "activation")
+REFIT_TARGETS = ("dense", "layer")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -170,6 +172,9 @@ class ShrinkConfig:
     num_experts: int | None = None
     score: str = "auto"
     damp: float = 0.01  # of the re-fit and OBS normal equations, relative to mean(diag(H))
+    # the MLP re-fit's target: "layer" = the layer's own output on its current inputs; "dense" = that plus the
+    # block's deviation from the unshrunk model's block output (earlier blocks' errors included)
+    refit_target: str = "layer"
 
     def __post_init__(self) -> None:
         _optional_positive_int("--intermediate-size", self.intermediate_size)
@@ -213,6 +218,10 @@ class ShrinkConfig:
             raise ConfigError(
                 "nothing to shrink: give at least one of --intermediate-size, --num-key-value-heads, "
                 "--drop-layers, --params, --num-experts"
+            )
+        if self.refit_target not in REFIT_TARGETS:
+            raise ConfigError(
+                f"unknown refit target {self.refit_target!r}: choose one of {', '.join(REFIT_TARGETS)}"
             )
         if self.score not in SHRINK_SCORES:
             raise ConfigError(f"unknown score {self.score!r}: choose one of {', '.join(SHRINK_SCORES)}")

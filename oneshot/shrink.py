@@ -47,7 +47,7 @@ from oneshot.moe import (
     routing_inputs,
 )
 from oneshot.runfolder import BlockReport, ShrinkChoice, ShrinkReport, UnitRemoval
-from oneshot.structured import activation_scores, obs_removal_order, refit, refit_loss
+from oneshot.structured import activation_scores, nested_refit_losses, obs_removal_order, refit, refit_loss
 from oneshot.walker import capture_block_calls, find_blocks, get_weight, move_non_block_modules, run_block
 
 __all__ = ["ShrinkError", "block_sites", "check_shrink", "shrink"]
@@ -296,6 +296,34 @@ class _Moments:
         return self.xsum / self.n
 
 
+class _Cross:
+    """``sum e x^T`` and ``sum e`` of a correction ``e`` (tokens, out) the consumer should add to its output,
+    against its inputs ``x`` (tokens, n), in float64."""
+
+    def __init__(self, out: int, cols: int, device: torch.device) -> None:
+        self.ext = torch.zeros(out, cols, dtype=torch.float64, device=device)
+        self.esum = torch.zeros(out, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, e: Tensor, x: Tensor) -> None:
+        e2 = e.reshape(-1, e.shape[-1]).to(self.ext.device)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.ext.device)
+        e32 = e2 if e2.dtype == torch.float64 else e2.float()
+        x32 = x2 if x2.dtype == torch.float64 else x2.float()
+        self.ext += (e32.T @ x32).double()
+        self.esum += e32.sum(dim=0).double()
+        self.n += e2.shape[0]
+
+    def term(self, moments: _Moments, centred: bool) -> Tensor:
+        """``E^T X / tokens`` (centred: minus ``mean(e) mean(x)^T``), the ``cross`` of `refit`."""
+        c = self.ext / self.n
+        return c - torch.outer(self.mean, moments.mean) if centred else c
+
+    @property
+    def mean(self) -> Tensor:
+        return self.esum / self.n
+
+
 @contextlib.contextmanager
 def _input_hook(layer: nn.Module, moments: _Moments) -> Iterator[None]:
     handle = layer.register_forward_pre_hook(lambda _m, args: moments.add(args[0]))
@@ -341,18 +369,34 @@ def _write_weight(layer: nn.Module, w: Tensor) -> None:
         cast(Any, layer).out_features, cast(Any, layer).in_features = int(w.shape[0]), int(w.shape[1])
 
 
-def _refit_consumer(layer: nn.Module, moments: _Moments, keep: Tensor, damp: float) -> tuple[Tensor, float]:
-    """The re-fitted (out, k) weight on the kept inputs, and its reconstruction loss (per token, in the
-    units of the consumer's output). With a bias: solved on centred inputs, the mean moves into the bias."""
+def _target_weight(
+    w: Tensor, h: Tensor, moments: _Moments, cross: _Cross | None, centred: bool, damp: float
+) -> Tensor:
+    """The full-width weight that best produces the re-fit's target: ``W`` itself, or with a correction
+    ``W + C (H + lam I)^-1``. Choosing and re-fitting units against it does so against the target (the
+    losses differ from the target's by a constant)."""
+    if cross is None:
+        return w
+    hd = h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return w + torch.linalg.solve(hd, cross.term(moments, centred=centred).T).T
+
+
+def _refit_consumer(
+    layer: nn.Module, moments: _Moments, keep: Tensor, damp: float, cross: _Cross | None = None
+) -> tuple[Tensor, float]:
+    """The re-fitted (out, k) weight on the kept inputs, and its reconstruction loss per token against the
+    target (`_target_weight`). With a bias: solved on centred inputs, the mean moves into the bias."""
     w = get_weight(layer).double()
     has_bias = _bias(layer) is not None
     h = moments.hessian(centred=has_bias)
-    new = refit(w, h, keep, damp=damp)
-    loss = refit_loss(w, h, keep, new)
+    target = _target_weight(w, h, moments, cross, has_bias, damp)
+    new = refit(target, h, keep, damp=damp)
+    loss = refit_loss(target, h, keep, new)
     if has_bias:
         mu = moments.mean.to(w.device)
         b = cast(Tensor, _bias(layer)).data.double()
-        _set_param(layer, "bias", b + w @ mu - new @ mu[keep])
+        shift = cross.mean if cross is not None else 0.0
+        _set_param(layer, "bias", b + w @ mu + shift - new @ mu[keep])
     return new, loss
 
 
@@ -364,11 +408,20 @@ def _sorted(idx: list[int] | Tensor) -> Tensor:
 # One kind of unit at a time
 
 
-def _shrink_mlp(site: MlpSite, moments: _Moments, width: int, config: ShrinkConfig) -> UnitRemoval:
+def _shrink_mlp(
+    site: MlpSite, moments: _Moments, width: int, config: ShrinkConfig, cross: _Cross | None = None
+) -> UnitRemoval:
     t0 = time.perf_counter()
     w = get_weight(site.consumer).double()  # (out, I)
     has_bias = _bias(site.consumer) is not None
     h = moments.hessian(centred=has_bias)
+    if cross is not None:
+        # the full-width weight that best produces the target, W + C (H + lam I)^-1: choosing units against it
+        # chooses them against the target (the loss differs from the target's by a constant)
+        hd = h + config.damp * float(torch.diagonal(h).mean()) * torch.eye(
+            h.shape[0], dtype=h.dtype, device=h.device
+        )
+        w = w + torch.linalg.solve(hd, cross.term(moments, centred=has_bias).T).T
     remove = site.width - width
     candidates: dict[str, Tensor] = {}
     if config.score in ("auto", "obs"):
@@ -383,7 +436,7 @@ def _shrink_mlp(site: MlpSite, moments: _Moments, width: int, config: ShrinkConf
         losses[name] = refit_loss(w, h, keep, new)
     chosen = min(losses, key=lambda k: losses[k])
     keep = candidates[chosen]
-    new, loss = _refit_consumer(site.consumer, moments, keep, config.damp)
+    new, loss = _refit_consumer(site.consumer, moments, keep, config.damp, cross)
     _write_weight(site.consumer, new)
     for p in site.producers:
         _keep_outputs(p, keep)
@@ -561,9 +614,10 @@ def _survey(
         if mlp_m is not None and site.mlp is not None:
             w = get_weight(site.mlp.consumer)
             h_ = mlp_m.hessian(centred=_bias(site.mlp.consumer) is not None)
-            # the curve up to three quarters of the channels: narrower MLPs are never worth it
-            _, costs, _ = obs_removal_order(w, h_, remove=(3 * site.mlp.width) // 4, damp=damp)
-            survey.mlp_curve.append([0.0, *(float(c) / out_norm for c in _cumsum(costs))])
+            # costs of every width at once: the prefixes of the activation-score order, re-fitted
+            order = torch.argsort(activation_scores(w, torch.diagonal(h_)), descending=True)
+            losses = nested_refit_losses(w, h_, order, damp=damp)  # (width + 1,) by units kept
+            survey.mlp_curve.append([float(v) / out_norm for v in losses.flip(0)])  # by units removed
         else:
             survey.mlp_curve.append([0.0])
         if attn_m is not None and site.attn is not None:
@@ -579,11 +633,6 @@ def _survey(
         if device.type != "cpu":
             block.to("cpu")
     return survey
-
-
-def _at(curve: list[float], removed: int) -> float:
-    """The cost of removing ``removed`` units; beyond the measured curve, infinite (never chosen)."""
-    return curve[removed] if removed < len(curve) else math.inf
 
 
 def _cumsum(values: list[float]) -> list[float]:
@@ -646,7 +695,7 @@ def choose_budget(
         for kv in kvs:
             per_block = [_block_params(s, b, width, kv) for s, b in zip(sites, blocks, strict=False)]
             keep_cost = [
-                (_at(survey.mlp_curve[i], mlp0 - width) if width is not None and mlp0 is not None else 0.0)
+                (survey.mlp_curve[i][mlp0 - width] if width is not None and mlp0 is not None else 0.0)
                 + (survey.attn_curve[i][kv0 - kv] if kv is not None and kv0 is not None else 0.0)
                 for i in range(n)
             ]
@@ -825,6 +874,8 @@ def shrink(
                 )
             before_layers = len(blocks)
             kept_idx = [i for i in range(len(blocks)) if i not in set(drop)]
+            dropped_blocks = {i: blocks[i] for i in drop}
+            dropped_calls = {i: calls[i] for i in drop}
             _drop_blocks(model, blocks, drop)
             changes["num_hidden_layers"] = [before_layers, len(blocks)]
             # a dropped block is skipped: the first kept block reads what block 0 read (the embeddings)
@@ -836,9 +887,28 @@ def shrink(
                         site.name = site.name.replace(
                             f"{blocks_name}.{kept_idx[i]}.", f"{blocks_name}.{i}.", 1
                         )
+        else:
+            kept_idx, dropped_blocks, dropped_calls = list(range(len(blocks))), {}, {}
+        # the unshrunk model's hidden states, for re-fits that pull each block back towards them
+        reference = [h.clone() for h in hidden] if config.refit_target == "dense" and target_width else None
+        position = 0  # original index of the next block the reference stream enters
 
+        def advance(
+            reference: list[Tensor], block: nn.Module, block_calls: list[Any], i: int
+        ) -> list[Tensor]:
+            block.to(dev)
+            out = [_finite(run_block(block, h, block_calls[b], dev), i) for b, h in enumerate(reference)]
+            if dev.type != "cpu":
+                block.to("cpu")
+            return out
+
+        widths_to_do = target_width is not None or target_kv is not None or config.num_experts is not None
         bar = tqdm(
-            range(len(blocks)), desc="shrinking", unit="block", disable=not progress, dynamic_ncols=True
+            range(len(blocks) if widths_to_do else 0),  # only blocks dropped: nothing to run
+            desc="shrinking",
+            unit="block",
+            disable=not progress,
+            dynamic_ncols=True,
         )
         for i in bar:
             t_block = time.perf_counter()
@@ -846,6 +916,16 @@ def shrink(
             block.to(dev)
             s = sites[i]
             dense_out: list[Tensor] | None = None
+            if reference is not None:  # through the dropped blocks before this one, then this one unshrunk
+                while position < kept_idx[i]:
+                    reference = advance(
+                        reference, dropped_blocks[position], dropped_calls[position], position
+                    )
+                    position += 1
+                reference_out = [
+                    _finite(run_block(block, h, calls[i][b], dev), i) for b, h in enumerate(reference)
+                ]
+                position += 1
 
             def run_all(block: nn.Module = block, i: int = i, hidden: list[Tensor] = hidden) -> list[Tensor]:
                 return [_finite(run_block(block, h, calls[i][b], dev), i) for b, h in enumerate(hidden)]
@@ -867,10 +947,30 @@ def shrink(
                     report.removals.append(_shrink_experts(site, col, config.num_experts))
             if target_width is not None and s.mlp is not None:
                 m = _Moments(s.mlp.width, dev)
-                with _input_hook(s.mlp.consumer, m):
-                    out = run_all()
-                    dense_out = dense_out or out
-                report.removals.append(_shrink_mlp(s.mlp, m, target_width, config))
+                cross = None
+                if (
+                    reference is not None
+                ):  # the consumer also absorbs the block's deviation from the reference
+                    cross = _Cross(_out_in(s.mlp.consumer)[0], s.mlp.width, dev)
+                    seen: list[Tensor] = []
+                    handle = s.mlp.consumer.register_forward_pre_hook(
+                        lambda _m, a, seen=seen: seen.append(a[0])
+                    )
+                    try:
+                        out = []
+                        for b, h in enumerate(hidden):
+                            seen.clear()
+                            y = _finite(run_block(block, h, calls[i][b], dev), i)
+                            m.add(seen[0])
+                            cross.add(reference_out[b].to(y.device) - y, seen[0])
+                            out.append(y)
+                    finally:
+                        handle.remove()
+                else:
+                    with _input_hook(s.mlp.consumer, m):
+                        out = run_all()
+                dense_out = dense_out or out
+                report.removals.append(_shrink_mlp(s.mlp, m, target_width, config, cross))
             new_hidden = run_all()
             error = None
             if dense_out is not None:
@@ -881,6 +981,8 @@ def shrink(
                 den = sum(float(d.float().pow(2).sum()) for d in dense_out)
                 error = num / den if den > 0 else None
             hidden = new_hidden
+            if reference is not None:
+                reference = reference_out
             if dev.type != "cpu":
                 block.to("cpu")
             report.blocks.append(BlockReport(i, time.perf_counter() - t_block, error))

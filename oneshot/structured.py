@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["activation_scores", "obs_removal_order", "refit", "refit_loss"]
+__all__ = ["activation_scores", "nested_refit_losses", "obs_removal_order", "refit", "refit_loss"]
 
 
 def _damped(hessian: Tensor, damp: float) -> Tensor:
@@ -31,18 +31,28 @@ def _damped(hessian: Tensor, damp: float) -> Tensor:
 
 
 def refit(
-    weight: Tensor, hessian: Tensor, keep: Tensor, *, damp: float = 0.0, dtype: torch.dtype = torch.float64
+    weight: Tensor,
+    hessian: Tensor,
+    keep: Tensor,
+    *,
+    damp: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+    cross: Tensor | None = None,
 ) -> Tensor:
     """The least-squares re-fit of ``weight`` (out, n) on the kept input units ``keep`` (k indices).
 
     Returns the (out, k) weight minimising ``tr((W S - W') H' (W S - W')^T)`` in the sense above: ``W' =
     W H[:, K] (H[K, K] + lam I)^-1`` with ``lam = damp * mean(diag H[K, K])``; in ``weight``'s dtype.
+    ``cross`` (out, n) = ``E^T X / tokens`` re-fits to the shifted target ``X W^T + E`` instead (a
+    correction ``E`` (tokens, out) the layer should add): ``W' = (W H[:, K] + cross[:, K]) (H[K, K] + lam I)^-1``.
     """
     w = weight.to(dtype)
     h = hessian.to(device=weight.device, dtype=dtype)
     keep = keep.to(weight.device)
     hkk = _damped(h[keep][:, keep], damp)  # (k, k)
     rhs = w @ h[:, keep]  # (out, k)
+    if cross is not None:
+        rhs = rhs + cross.to(device=weight.device, dtype=dtype)[:, keep]
     solved = torch.linalg.solve(hkk, rhs.T).T  # (out, k): rhs hkk^-1 (hkk symmetric)
     return solved.to(weight.dtype)
 
@@ -54,6 +64,27 @@ def refit_loss(weight: Tensor, hessian: Tensor, keep: Tensor, new_weight: Tensor
     full[:, keep.to(w.device)] = new_weight.to(torch.float64)
     d = w - full  # (out, n)
     return float(((d @ hessian.to(device=w.device, dtype=torch.float64)) * d).sum())
+
+
+def nested_refit_losses(weight: Tensor, hessian: Tensor, order: Tensor, *, damp: float = 0.0) -> Tensor:
+    """The re-fit loss of keeping the first ``k`` units of ``order`` (most important first), for every ``k``
+    from 0 to n at once -> (n + 1,) float64.
+
+    With ``P`` the permutation, ``L L^T = P^T (H + lam I) P`` (Cholesky) and ``Z = L^-1 (W H P)^T``, the loss of
+    the prefix ``K = order[:k]`` is ``tr(W H W^T) - sum_{i < k} ||Z_i||^2``: forward substitution gives every
+    prefix's solution in one triangular solve. ``lam = damp * mean(diag H)`` for every ``k`` (`refit` damps
+    with the mean over the kept units; the two agree at ``damp = 0``).
+    """
+    w = weight.to(torch.float64)
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    idx = order.to(w.device)
+    hp = _damped(h, damp)[idx][:, idx]  # (n, n)
+    chol = torch.linalg.cholesky(hp)
+    b = (w @ h[:, idx]).T  # (n, out)
+    z = torch.linalg.solve_triangular(chol, b, upper=False)  # (n, out)
+    explained = torch.cat([z.new_zeros(1), torch.cumsum(z.pow(2).sum(dim=1), dim=0)])  # (n + 1,)
+    total = ((w @ h) * w).sum()
+    return (total - explained).clamp_min(0.0)
 
 
 def activation_scores(weight: Tensor, sq_norms: Tensor, group: int = 1) -> Tensor:

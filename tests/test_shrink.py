@@ -209,7 +209,7 @@ def test_mlp_refit_is_the_float64_least_squares_solution() -> None:
     ids = _ids()
     last = find_blocks(model)[1][-1]
     # inputs of the last down_proj as the shrink sees them: the earlier blocks are shrunk first
-    config = ShrinkConfig(intermediate_size=40, damp=0.0, score="activation")
+    config = ShrinkConfig(intermediate_size=40, damp=0.0, score="activation", refit_target="layer")
     w0 = last.mlp.down_proj.weight.detach().clone()
     b0 = last.mlp.down_proj.bias.detach().clone()
     captured: list[torch.Tensor] = []
@@ -233,6 +233,19 @@ def test_mlp_refit_is_the_float64_least_squares_solution() -> None:
     # the reported loss is the residual of that fit per token
     resid = target - design @ sol
     assert removal.loss == pytest.approx(float(resid.pow(2).sum() / x.shape[0]), rel=1e-6)
+
+
+def test_dense_target_pulls_the_block_back_to_the_unshrunk_output() -> None:
+    """The first block (whose input is the unshrunk model's), KV groups and MLP channels removed: re-fitting down_proj to the unshrunk block's output
+    (the default) leaves a smaller block output error than re-fitting it to its own output, which cannot
+    undo the attention's error (a mutation that drops the correction term fails here)."""
+    errors = {}
+    for target in ("dense", "layer"):
+        model = _model("llama")
+        config = ShrinkConfig(intermediate_size=48, num_key_value_heads=2, damp=0.0, refit_target=target)
+        report = shrink(model, _ids(8, 32), config, device="cpu", progress=False)
+        errors[target] = report.blocks[0].output_error
+    assert errors["dense"] < 0.9 * errors["layer"]
 
 
 def test_auto_score_keeps_the_better_of_both() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oneshot.structured import activation_scores, obs_removal_order, refit, refit_loss
+from oneshot.structured import activation_scores, nested_refit_losses, obs_removal_order, refit, refit_loss
 
 F64 = torch.float64
 
@@ -63,3 +63,25 @@ def test_activation_scores_and_bad_arguments() -> None:
         obs_removal_order(w, h, remove=1, group=5)
     with pytest.raises(ValueError, match="at least one must stay"):
         obs_removal_order(w, h, remove=24)
+
+
+def test_nested_losses_equal_each_prefix_refit() -> None:
+    _, w, h = _data()
+    order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(3))
+    losses = nested_refit_losses(w, h, order)
+    assert losses.shape == (w.shape[1] + 1,)
+    assert losses[0] == pytest.approx(float(((w @ h) * w).sum()), rel=1e-10)  # nothing kept
+    assert losses[-1] == pytest.approx(0.0, abs=1e-8)  # everything kept
+    for k in (1, 5, 9, 17):
+        keep = order[:k]
+        assert losses[k] == pytest.approx(refit_loss(w, h, keep, refit(w, h, keep)), rel=1e-8)
+    assert bool((losses[1:] <= losses[:-1] + 1e-9).all())  # more units kept never costs more
+
+
+def test_refit_to_a_shifted_target_is_its_least_squares_solution() -> None:
+    x, w, h = _data()
+    e = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    keep = torch.tensor([1, 4, 5, 9, 10, 16, 22])
+    new = refit(w, h, keep, cross=e.T @ x / x.shape[0])
+    expected = torch.linalg.lstsq(x[:, keep], x @ w.T + e).solution.T
+    torch.testing.assert_close(new, expected, rtol=1e-9, atol=1e-9)

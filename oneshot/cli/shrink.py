@@ -16,7 +16,7 @@ from oneshot.cli.prune import (
     run_config_from_args,
     write_run_report,
 )
-from oneshot.config import SHRINK_SCORES, RunConfig, ShrinkConfig
+from oneshot.config import REFIT_TARGETS, SHRINK_SCORES, RunConfig, ShrinkConfig
 from oneshot.runfolder import RunRecord
 
 __all__ = ["add_parser", "run"]
@@ -70,6 +70,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "auto (per layer the one whose re-fit leaves the smaller error)",
     )
     p.add_argument(
+        "--refit-target",
+        default="layer",
+        choices=REFIT_TARGETS,
+        help="what the MLP's down projection is re-fitted to: its own output on its current inputs (layer), or "
+        "the unshrunk model's block output (dense: also absorbs the errors of earlier blocks and removed heads; "
+        "measured worse on SmolLM2, see BENCHMARKS.md)",
+    )
+    p.add_argument(
         "--damp", type=float, default=0.01, help="damping of the re-fit, relative to mean(diag(H))"
     )
     add_run_arguments(p, out_help="output folder (default: runs/<model>-shrunk-<targets>)")
@@ -86,6 +94,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ShrinkConfig, RunConfig
         num_experts=args.num_experts,
         score=args.score,
         damp=args.damp,
+        refit_target=args.refit_target,
     )
     return config, run_config_from_args(args)
 
