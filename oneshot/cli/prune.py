@@ -256,12 +256,17 @@ def summary(record: RunRecord, out: Path) -> str:
         ("prune time", f"{rep.total_seconds:.1f} s on {rep.device}"),
         ("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_kind})"),
     ]
-    dense, pruned = record.quick_eval.dense, record.quick_eval.pruned
-    if dense is not None and pruned is not None:
+    return summary_tail(rows, record, out, "pruned")
+
+
+def summary_tail(rows: list[tuple[str, str]], record: RunRecord, out: Path, label: str) -> str:
+    """The end every job summary shares (the quick perplexity, the output) and the aligned text of all rows."""
+    dense, after = record.quick_eval.dense, record.quick_eval.pruned
+    if dense is not None and after is not None:
         rows.append(
             (
                 "wikitext2 ppl (quick)",
-                f"dense {dense.value:.3f} -> pruned {pruned.value:.3f} ({dense.windows} windows x {dense.seqlen} "
+                f"dense {dense.value:.3f} -> {label} {after.value:.3f} ({dense.windows} windows x {dense.seqlen} "
                 "tokens, not the full protocol)",
             )
         )

@@ -14,6 +14,7 @@ from oneshot.cli.prune import (
     check_out,
     model_stem,
     run_config_from_args,
+    summary_tail,
     write_run_report,
 )
 from oneshot.config import REFIT_TARGETS, SHRINK_SCORES, RunConfig, ShrinkConfig
@@ -165,15 +166,4 @@ def summary(record: RunRecord, out: Path) -> str:
         ),
         ("shrink time", f"{rep.total_seconds:.1f} s on {rep.device}"),
     ]
-    dense, shrunk = record.quick_eval.dense, record.quick_eval.pruned
-    if dense is not None and shrunk is not None:
-        rows.append(
-            (
-                "wikitext2 ppl (quick)",
-                f"dense {dense.value:.3f} -> shrunk {shrunk.value:.3f} ({dense.windows} windows x {dense.seqlen} "
-                "tokens, not the full protocol)",
-            )
-        )
-    rows.append(("output", str(out)))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return summary_tail(rows, record, out, "shrunk")
