@@ -353,7 +353,8 @@ class ShrinkChoice:
     intermediate_size: int | None  # None: unchanged
     num_key_value_heads: int | None
     drop: list[int]
-    predicted_cost: float  # sum of the relative residual errors of the choices (measured on the dense model)
+    predicted_cost: float  # sum of the relative residual errors of the choices (measured on the dense model;
+    # a run of adjacent dropped blocks counts once, with the error of skipping the whole run)
     block_params: int
     block_params_before: int
     fraction: float

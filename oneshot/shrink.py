@@ -13,10 +13,12 @@ Whole units leave the model, so what remains is an ordinary dense checkpoint wit
   (``layer_types``) follow and the layer indices are renumbered;
 - **experts** (``--num-experts``): the experts with the smallest router-weighted output norm on the tokens
   routed to them are removed with their router rows;
-- **a parameter budget** (``--params F``): the cost of every width and of dropping each block is measured
-  on the dense model as the squared error each choice adds to the residual stream, relative to the
-  block's output; the uniform widths and the dropped blocks with the smallest summed cost whose
-  decoder-block parameters fit ``F`` of the original are chosen.
+- **a parameter budget** (``--params F``): the cost of every width and of dropping any run of adjacent
+  blocks is measured on the dense model as the squared error each choice adds to the residual stream,
+  relative to the stream (a run of dropped blocks costs what skipping the whole run does, which is far more
+  than the sum of skipping each alone); the uniform widths and the dropped blocks with the smallest summed
+  cost whose decoder-block parameters fit ``F`` of the original are chosen (`best_drop_sets`: a dynamic
+  program over the blocks for every count of dropped blocks).
 
 Where the consumer has a bias, the re-fit is solved on centred inputs and the removed units' mean
 contribution moves into the bias. Statistics are accumulated in float64 and solved in float64. Blocks are
@@ -29,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -50,7 +52,7 @@ from oneshot.runfolder import BlockReport, ShrinkChoice, ShrinkReport, UnitRemov
 from oneshot.structured import activation_scores, nested_refit_losses, obs_removal_order, refit, refit_loss
 from oneshot.walker import capture_block_calls, find_blocks, get_weight, move_non_block_modules, run_block
 
-__all__ = ["ShrinkError", "block_sites", "check_shrink", "shrink"]
+__all__ = ["ShrinkError", "best_drop_sets", "block_sites", "check_shrink", "shrink"]
 
 logger = logging.getLogger(__name__)
 
@@ -267,33 +269,37 @@ def check_shrink(config: ShrinkConfig, model: nn.Module) -> None:
 
 
 class _Moments:
-    """``sum x x^T``, ``sum x`` and the token count of one layer's inputs, in float64."""
+    """``sum w x x^T``, ``sum w x``, ``sum w`` and the token count of one layer's inputs ``x`` with per-token
+    weights ``w`` (1 unless given), in float64."""
 
     def __init__(self, cols: int, device: torch.device) -> None:
         self.xtx = torch.zeros(cols, cols, dtype=torch.float64, device=device)
         self.xsum = torch.zeros(cols, dtype=torch.float64, device=device)
+        self.wsum = 0.0
         self.n = 0
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, weight: Tensor | None = None) -> None:
+        """Add the tokens ``x`` (..., cols), each with its ``weight`` (...) when given (else 1): the
+        losses of `hessian` are then ``sum_t weight_t ||e_t||^2 / tokens``."""
         x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device)
         x32 = x if x.dtype == torch.float64 else x.float()  # products in float32 (float64 for float64 models)
-        part = (x32.T @ x32).double()
+        wx = x32 if weight is None else x32 * weight.reshape(-1, 1).to(x32)
+        part = (wx.T @ x32).double()
         if not bool(torch.isfinite(part).all()):
             raise ShrinkError("non-finite activations in the calibration inputs (try --dtype float32)")
         self.xtx += part
-        self.xsum += x32.sum(dim=0).double()
+        self.xsum += wx.sum(dim=0).double()
+        self.wsum += x.shape[0] if weight is None else float(weight.double().sum())
         self.n += x.shape[0]
 
     def hessian(self, centred: bool) -> Tensor:
-        h = self.xtx / self.n
-        if centred:
-            mu = self.mean
-            h = h - torch.outer(mu, mu)
-        return h
+        if centred:  # about the (weighted) mean
+            return (self.xtx - torch.outer(self.xsum, self.xsum) / self.wsum) / self.n
+        return self.xtx / self.n
 
     @property
     def mean(self) -> Tensor:
-        return self.xsum / self.n
+        return self.xsum / self.wsum
 
 
 class _Cross:
@@ -324,13 +330,36 @@ class _Cross:
         return self.esum / self.n
 
 
-@contextlib.contextmanager
-def _input_hook(layer: nn.Module, moments: _Moments) -> Iterator[None]:
-    handle = layer.register_forward_pre_hook(lambda _m, args: moments.add(args[0]))
+def _run_collecting(
+    block: nn.Module,
+    hidden: list[Tensor],
+    block_calls: list[Any],
+    device: torch.device,
+    index: int,
+    layer: nn.Module,
+    moments: _Moments,
+    cross: _Cross | None = None,
+    reference_out: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """Run ``block`` on every batch, adding ``layer``'s inputs to ``moments``; with ``cross``, also the
+    deviation ``reference_out - output`` of the block's output against those inputs. Returns the outputs."""
+    deferred = cross is not None and reference_out is not None  # the deviation needs the block's output
+    seen: list[Tensor] = []
+    handle = layer.register_forward_pre_hook(
+        lambda _m, a: seen.append(a[0]) if deferred else moments.add(a[0])
+    )
+    outs = []
     try:
-        yield
+        for b, h in enumerate(hidden):
+            seen.clear()
+            y = _finite(run_block(block, h, block_calls[b], device), index)
+            for x in seen:
+                moments.add(x)
+                cast(_Cross, cross).add(cast(list[Tensor], reference_out)[b].to(y.device) - y, x)
+            outs.append(y)
     finally:
         handle.remove()
+    return outs
 
 
 def _bias(layer: nn.Module) -> Tensor | None:
@@ -398,6 +427,50 @@ def _refit_consumer(
         shift = cross.mean if cross is not None else 0.0
         _set_param(layer, "bias", b + w @ mu + shift - new @ mu[keep])
     return new, loss
+
+
+def _switches_on_mlp_bias(model: nn.Module, sites: list[BlockSites], config: ShrinkConfig) -> bool:
+    """Whether shrinking the MLPs switches on the config's ``mlp_bias`` (Llama, Granite), so that the removed
+    channels' mean contribution can move into ``down_proj``'s bias: ``--mlp-bias auto``, the switch exists
+    and is off, every MLP is made of plain Linears, and the architecture really builds those biases when
+    the switch is on (checked on a weightless skeleton, so that no saved bias is dropped at load)."""
+    import copy
+
+    from oneshot.checks import model_skeleton
+
+    cfg = text_config(model)
+    mlps = [s.mlp for s in sites if s.mlp is not None]
+    no_width_cut = config.intermediate_size is None and config.params is None
+    if config.mlp_bias != "auto" or no_width_cut or getattr(cfg, "mlp_bias", None) is not False or not mlps:
+        return False
+    if not all(isinstance(x, nn.Linear) and x.bias is None for m in mlps for x in (*m.producers, m.consumer)):
+        return False
+    switched: Any = copy.deepcopy(model.config)
+    (switched.get_text_config() if hasattr(switched, "get_text_config") else switched).mlp_bias = True
+    skeleton = model_skeleton(switched)
+    if skeleton is not None:
+        try:
+            _, skeleton_blocks = find_blocks(skeleton)
+            built = [block_sites(b, "", text_config(skeleton)).mlp for b in skeleton_blocks]
+            if all(
+                m is not None and all(_bias(x) is not None for x in (*m.producers, m.consumer)) for m in built
+            ):
+                return True
+        except ValueError:
+            pass
+    logger.warning(
+        "--mlp-bias auto: %s does not build MLP biases from mlp_bias=True; kept as it is",
+        type(model).__name__,
+    )
+    return False
+
+
+def _add_zero_biases(site: MlpSite) -> None:
+    """Give every Linear of the MLP a zero bias (what ``mlp_bias=True`` builds); the re-fit sets the
+    consumer's."""
+    for layer in (*site.producers, site.consumer):
+        w = get_weight(layer)
+        cast(nn.Linear, layer).bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
 
 
 def _sorted(idx: list[int] | Tensor) -> Tensor:
@@ -567,9 +640,12 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
 class _Survey:
     drop_cost: list[float]  # 1 - cosine(block input, block output), mean over tokens
     drop_error: list[float]  # ||out - in||^2 / ||out||^2 (relative residual error of skipping the block)
-    out_norm: list[float]  # mean ||out||^2 per token
-    mlp_curve: list[list[float]]  # per block: relative cost of removing 0, 1, ... channels (cumulative)
-    attn_curve: list[list[float]]  # per block: relative cost of removing 0, 1, ... KV groups
+    # the costs the --params chooser adds up, each the mean over tokens of ||error_t||^2 / ||stream_t||^2:
+    mlp_curve: list[list[float]]  # per block: of removing 0, 1, ... channels (re-fitted, cumulative)
+    attn_curve: list[list[float]]  # per block: of removing 0, 1, ... KV groups
+    # [i][j] (i < j): of the stream h_j after block j - 1 replaced by h_i, the stream before block i (blocks
+    # i .. j - 1 skipped), on a fixed sample of the calibration tokens
+    span_error: list[list[float]]
 
 
 def _survey(
@@ -581,10 +657,15 @@ def _survey(
     curves: bool,
     damp: float,
     progress: bool,
+    new_bias: bool = False,
 ) -> _Survey:
     from tqdm.auto import tqdm
 
     survey = _Survey([], [], [], [], [])
+    n = len(blocks)
+    sample = _token_sample(hidden, _SPAN_TOKENS)
+    states = [sample(hidden)] if curves else []  # the sampled stream before block 0, 1, ...
+    survey.span_error = [[0.0] * (n + 1) for _ in range(n + 1)]
     for i in tqdm(range(len(blocks)), desc="measuring", unit="block", disable=not progress, leave=False):
         block = blocks[i]
         block.to(device)
@@ -593,11 +674,15 @@ def _survey(
         attn_m = _Moments(site.attn.heads * site.attn.head_dim, device) if curves and site.attn else None
         cos_sum, err, norm, tokens = 0.0, 0.0, 0.0, 0
         new_hidden = []
+        watched: list[tuple[nn.Module, _Moments, list[Tensor]]] = [
+            (layer, m, [])
+            for layer, m in ((site.mlp and site.mlp.consumer, mlp_m), (site.attn and site.attn.o, attn_m))
+            if layer is not None and m is not None
+        ]
         with contextlib.ExitStack() as stack:
-            if mlp_m is not None and site.mlp is not None:
-                stack.enter_context(_input_hook(site.mlp.consumer, mlp_m))
-            if attn_m is not None and site.attn is not None:
-                stack.enter_context(_input_hook(site.attn.o, attn_m))
+            for layer, _, got in watched:
+                handle = layer.register_forward_pre_hook(lambda _m, a, got=got: got.append(a[0]))
+                stack.callback(handle.remove)
             for b, h in enumerate(hidden):
                 out = _finite(run_block(block, h, calls[i][b], device), i)
                 x, y = h.to(device).float().flatten(0, -2), out.float().flatten(0, -2)
@@ -605,19 +690,30 @@ def _survey(
                 err += float((y - x).pow(2).sum())
                 norm += float(y.pow(2).sum())
                 tokens += x.shape[0]
+                # errors relative to each token's own stream (the next norm divides by it), not summed
+                # over tokens, where the few tokens with massive activations would outweigh the rest
+                weight = 1.0 / y.pow(2).sum(dim=-1).clamp_min(1e-30)
+                for _, m, got in watched:
+                    for inputs in got:
+                        m.add(inputs, weight)
+                    got.clear()
                 new_hidden.append(out.to(h.device))
         hidden[:] = new_hidden
-        out_norm = norm / tokens
+        if curves:
+            state = sample(hidden)
+            per_token = state.pow(2).sum(dim=-1).clamp_min(1e-30)
+            for j, earlier in enumerate(states):
+                survey.span_error[j][i + 1] = float(((state - earlier).pow(2).sum(dim=-1) / per_token).mean())
+            states.append(state)
         survey.drop_cost.append(1.0 - cos_sum / tokens)
         survey.drop_error.append(err / max(norm, 1e-30))
-        survey.out_norm.append(out_norm)
         if mlp_m is not None and site.mlp is not None:
             w = get_weight(site.mlp.consumer)
-            h_ = mlp_m.hessian(centred=_bias(site.mlp.consumer) is not None)
+            h_ = mlp_m.hessian(centred=new_bias or _bias(site.mlp.consumer) is not None)
             # costs of every width at once: the prefixes of the activation-score order, re-fitted
             order = torch.argsort(activation_scores(w, torch.diagonal(h_)), descending=True)
             losses = nested_refit_losses(w, h_, order, damp=damp)  # (width + 1,) by units kept
-            survey.mlp_curve.append([float(v) / out_norm for v in losses.flip(0)])  # by units removed
+            survey.mlp_curve.append([float(v) for v in losses.flip(0)])  # by units removed
         else:
             survey.mlp_curve.append([0.0])
         if attn_m is not None and site.attn is not None:
@@ -627,12 +723,39 @@ def _survey(
             _, costs, _ = obs_removal_order(
                 w, h_, remove=a.kv_heads - 1, group=a.per_group * a.head_dim, damp=damp
             )
-            survey.attn_curve.append([0.0, *(float(c) / out_norm for c in _cumsum(costs))])
+            survey.attn_curve.append([0.0, *(float(c) for c in _cumsum(costs))])
         else:
             survey.attn_curve.append([0.0])
         if device.type != "cpu":
             block.to("cpu")
     return survey
+
+
+# tokens of the calibration stream kept per block for the costs of dropping runs of blocks
+_SPAN_TOKENS = 2048
+_MAX_WIDTHS = 64  # MLP widths the --params chooser tries at most (evenly spaced)
+
+
+def _token_sample(hidden: list[Tensor], count: int) -> Callable[[list[Tensor]], Tensor]:
+    """A function taking the per-batch hidden states to the same fixed random sample of about ``count``
+    tokens of them, (tokens, hidden) float32 on the CPU (seeded: the same tokens every call)."""
+    g = torch.Generator().manual_seed(0)
+    total = sum(h[..., 0].numel() for h in hidden)
+    picks = []
+    for h in hidden:
+        t = h[..., 0].numel()
+        k = min(t, max(1, math.ceil(t * count / max(total, 1))))
+        picks.append(torch.sort(torch.randperm(t, generator=g)[:k]).values)
+
+    def sample(states: list[Tensor]) -> Tensor:
+        return torch.cat(
+            [
+                h.reshape(-1, h.shape[-1])[idx.to(h.device)].float().cpu()
+                for h, idx in zip(states, picks, strict=True)
+            ]
+        )
+
+    return sample
 
 
 def _cumsum(values: list[float]) -> list[float]:
@@ -643,13 +766,18 @@ def _cumsum(values: list[float]) -> list[float]:
     return out
 
 
-def _block_params(sites: BlockSites, block: nn.Module, width: int | None, kv: int | None) -> int:
-    """Parameters of one block with the MLP at ``width`` channels and ``kv`` KV groups."""
+def _block_params(
+    sites: BlockSites, block: nn.Module, width: int | None, kv: int | None, new_bias: bool = False
+) -> int:
+    """Parameters of one block with the MLP at ``width`` channels and ``kv`` KV groups (``new_bias``: the
+    MLP's Linears gain biases when its width shrinks)."""
     total = sum(p.numel() for p in block.parameters())
     if sites.mlp is not None and width is not None:
         per_channel = sum(_out_in(p)[1] + (1 if _bias(p) is not None else 0) for p in sites.mlp.producers)
         per_channel += _out_in(sites.mlp.consumer)[0]
         total -= (sites.mlp.width - width) * per_channel
+        if new_bias and width != sites.mlp.width:
+            total += width * len(sites.mlp.producers) + _out_in(sites.mlp.consumer)[0]
     if sites.attn is not None and kv is not None:
         a = sites.attn
         rows_q, rows_kv = a.per_group * a.head_dim, a.head_dim
@@ -673,11 +801,60 @@ def _width_step(width: int) -> int:
     return 1
 
 
+def best_drop_sets(span: list[list[float]], keep_cost: list[float]) -> list[tuple[float, list[int]]]:
+    """For every number ``d`` of dropped blocks (index ``d``, 0 to n - 1), the drop set of least cost and
+    that cost: the summed ``keep_cost`` of the blocks kept plus, for every maximal run of dropped blocks
+    ``i .. j - 1``, ``span[i][j]`` (the cost of the stream after block ``j - 1`` being replaced by the
+    stream before block ``i``). Dynamic programming over the blocks, O(n^3)."""
+    n = len(keep_cost)
+    inf = math.inf
+    # cost[j][d]: least cost of deciding blocks 0 .. j - 1 with block j - 1 kept (or j == 0), d dropped
+    cost = [[inf] * (n + 1) for _ in range(n + 1)]
+    came: dict[tuple[int, int], tuple[int, int, int]] = {}  # (j, d) -> (previous j, previous d, run start)
+    cost[0][0] = 0.0
+    best: list[tuple[float, list[int]]] = [(inf, []) for _ in range(n)]
+
+    def drops_to(j: int, d: int) -> list[int]:
+        out: list[int] = []
+        while (j, d) in came:
+            pj, pd, start = came[(j, d)]
+            out.extend(range(start, start + (d - pd)))
+            j, d = pj, pd
+        return sorted(out)
+
+    for j in range(n + 1):
+        for d in range(j + 1):
+            c = cost[j][d]
+            if c == inf:
+                continue
+            if j == n:
+                if d < n and c < best[d][0]:
+                    best[d] = (c, drops_to(j, d))
+                continue
+            if c + keep_cost[j] < cost[j + 1][d]:  # keep block j
+                cost[j + 1][d] = c + keep_cost[j]
+                came[(j + 1, d)] = (j, d, j)
+            for k in range(j + 1, n + 1):  # drop blocks j .. k - 1
+                dd = d + k - j
+                if k == n:
+                    if dd < n and c + span[j][n] < best[dd][0]:
+                        best[dd] = (c + span[j][n], sorted(drops_to(j, d) + list(range(j, n))))
+                elif c + span[j][k] + keep_cost[k] < cost[k + 1][dd]:
+                    cost[k + 1][dd] = c + span[j][k] + keep_cost[k]
+                    came[(k + 1, dd)] = (j, d, j)
+    return best
+
+
 def choose_budget(
-    survey: _Survey, sites: list[BlockSites], blocks: nn.ModuleList, fraction: float
+    survey: _Survey, sites: list[BlockSites], blocks: nn.ModuleList, fraction: float, new_bias: bool = False
 ) -> ShrinkChoice:
-    """The uniform MLP width, KV-group count and dropped blocks of smallest summed measured cost whose
-    decoder-block parameters are at most ``fraction`` of the original's."""
+    """The uniform MLP width, KV-group count and dropped blocks of smallest summed measured cost (kept
+    blocks: their width costs; each run of dropped blocks: its span cost) whose decoder-block parameters
+    are at most ``fraction`` of the original's.
+
+    For each width and KV count, `best_drop_sets` gives the cheapest set per number of dropped blocks; that is
+    the cheapest within the budget when the blocks are of one size (every standard config), and may miss a
+    cheaper set of blocks of unequal sizes."""
     n = len(blocks)
     base = sum(_block_params(s, b, None, None) for s, b in zip(sites, blocks, strict=False))
     budget = fraction * base
@@ -689,36 +866,36 @@ def choose_budget(
     if mlp0 is not None:
         step = _width_step(mlp0)
         widths = [w for w in range(mlp0, 0, -step)]
+        if len(widths) > _MAX_WIDTHS:  # a coarser grid keeps the dynamic programs few on wide models
+            stride = math.ceil(len(widths) / _MAX_WIDTHS)
+            widths = widths[::stride]
     kvs: list[int | None] = [None] if kv0 is None else list(range(kv0, 0, -1))
     best: ShrinkChoice | None = None
     for width in widths:
         for kv in kvs:
-            per_block = [_block_params(s, b, width, kv) for s, b in zip(sites, blocks, strict=False)]
+            per_block = [
+                _block_params(s, b, width, kv, new_bias) for s, b in zip(sites, blocks, strict=False)
+            ]
             keep_cost = [
                 (survey.mlp_curve[i][mlp0 - width] if width is not None and mlp0 is not None else 0.0)
                 + (survey.attn_curve[i][kv0 - kv] if kv is not None and kv0 is not None else 0.0)
                 for i in range(n)
             ]
-            # drop first the blocks whose dropping costs least beyond what their shrinking costs anyway
-            order = sorted(range(n), key=lambda i: survey.drop_error[i] - keep_cost[i])
-            total_cost, params = sum(keep_cost), sum(per_block)
-            for d in range(n):
-                if d:
-                    j = order[d - 1]
-                    total_cost += survey.drop_error[j] - keep_cost[j]
-                    params -= per_block[j]
-                if params <= budget:
-                    if best is None or total_cost < best.predicted_cost:
-                        best = ShrinkChoice(
-                            intermediate_size=width if width != mlp0 else None,
-                            num_key_value_heads=kv if kv != kv0 else None,
-                            drop=sorted(order[:d]),
-                            predicted_cost=total_cost,
-                            block_params=int(params),
-                            block_params_before=int(base),
-                            fraction=fraction,
-                        )
-                    break
+            # for every count of dropped blocks the cheapest set, a run of adjacent blocks costing what
+            # skipping the whole run measured (not the sum of skipping each alone)
+            for total_cost, drop in best_drop_sets(survey.span_error, keep_cost):
+                dropped = set(drop)
+                params = sum(p for i, p in enumerate(per_block) if i not in dropped)
+                if params <= budget and (best is None or total_cost < best.predicted_cost):
+                    best = ShrinkChoice(
+                        intermediate_size=width if width != mlp0 else None,
+                        num_key_value_heads=kv if kv != kv0 else None,
+                        drop=drop,
+                        predicted_cost=total_cost,
+                        block_params=int(params),
+                        block_params_before=int(base),
+                        fraction=fraction,
+                    )
     if best is None:
         raise ShrinkError(
             f"--params {fraction:g}: no choice of widths and dropped blocks reaches {fraction:.0%} of the "
@@ -821,6 +998,8 @@ def shrink(
         move_non_block_modules(model, blocks, torch.device("cpu"))
 
         target_width, target_kv, drop = config.intermediate_size, config.num_key_value_heads, []
+        # whether a width cut switches on the config's mlp_bias (decided before --params counts parameters)
+        new_bias = _switches_on_mlp_bias(model, sites, config)
         if config.drop_layers or config.params is not None:
             survey = _survey(
                 blocks,
@@ -829,13 +1008,14 @@ def shrink(
                 calls,
                 dev,
                 curves=config.params is not None,
+                new_bias=new_bias,
                 damp=config.damp,
                 progress=progress,
             )
             report.layer_scores = survey.drop_cost
             report.layer_errors = survey.drop_error
             if config.params is not None:
-                choice = choose_budget(survey, sites, blocks, config.params)
+                choice = choose_budget(survey, sites, blocks, config.params, new_bias)
                 report.choice = choice
                 target_width, target_kv, drop = (
                     choice.intermediate_size,
@@ -916,6 +1096,7 @@ def shrink(
             block.to(dev)
             s = sites[i]
             dense_out: list[Tensor] | None = None
+            reference_out: list[Tensor] | None = None
             if reference is not None:  # through the dropped blocks before this one, then this one unshrunk
                 while position < kept_idx[i]:
                     reference = advance(
@@ -932,8 +1113,7 @@ def shrink(
 
             if target_kv is not None and s.attn is not None:
                 m = _Moments(s.attn.heads * s.attn.head_dim, dev)
-                with _input_hook(s.attn.o, m):
-                    dense_out = run_all()
+                dense_out = _run_collecting(block, hidden, calls[i], dev, i, s.attn.o, m)
                 report.removals.append(_shrink_attention(s.attn, m, target_kv, config))
             if config.num_experts is not None and s.moe:
                 collectors = [_ExpertScores(site.experts) for site in s.moe]
@@ -948,28 +1128,14 @@ def shrink(
             if target_width is not None and s.mlp is not None:
                 m = _Moments(s.mlp.width, dev)
                 cross = None
-                if (
-                    reference is not None
-                ):  # the consumer also absorbs the block's deviation from the reference
+                if reference is not None:  # the consumer also absorbs the block's deviation from it
                     cross = _Cross(_out_in(s.mlp.consumer)[0], s.mlp.width, dev)
-                    seen: list[Tensor] = []
-                    handle = s.mlp.consumer.register_forward_pre_hook(
-                        lambda _m, a, seen=seen: seen.append(a[0])
-                    )
-                    try:
-                        out = []
-                        for b, h in enumerate(hidden):
-                            seen.clear()
-                            y = _finite(run_block(block, h, calls[i][b], dev), i)
-                            m.add(seen[0])
-                            cross.add(reference_out[b].to(y.device) - y, seen[0])
-                            out.append(y)
-                    finally:
-                        handle.remove()
-                else:
-                    with _input_hook(s.mlp.consumer, m):
-                        out = run_all()
+                out = _run_collecting(
+                    block, hidden, calls[i], dev, i, s.mlp.consumer, m, cross, reference_out
+                )
                 dense_out = dense_out or out
+                if new_bias:
+                    _add_zero_biases(s.mlp)
                 report.removals.append(_shrink_mlp(s.mlp, m, target_width, config, cross))
             new_hidden = run_all()
             error = None
@@ -990,6 +1156,8 @@ def shrink(
         if target_width is not None:
             key = cast(str, _width_key(cfg))
             _set_config(cfg, key, target_width, changes)
+            if new_bias:
+                _set_config(cfg, "mlp_bias", True, changes)
         if target_kv is not None:
             per_group = cast(AttnSite, sites[0].attn).per_group
             head_dim = cast(AttnSite, sites[0].attn).head_dim

@@ -13,6 +13,12 @@ its saved model is evaluated here on the same windows.
 
     python scripts/bench_shrink.py                     # the full protocol (about 50 min on 2 cores)
     python scripts/bench_shrink.py --nsamples 2 --seqlen 256 --eval-windows 2 --repeats 1 --no-peer  # smoke
+    python scripts/bench_shrink.py --targets a --no-peer --damp 0.0001   # another damping
+    python scripts/bench_shrink.py --reuse   # keep the results already in --out, compute the missing ones
+
+``--reuse`` takes a dense or target result already in ``--out`` when it was made with the same options and
+the same code (commit and uncommitted changes to the library) and computes the others; the peer's results
+are taken as they are (delete a file to have it computed again); the speed table is always measured anew.
 
 Each shrink and each evaluation runs in its own subprocess; results go to ``--out`` (default runs/bench-shrink).
 """
@@ -20,6 +26,7 @@ Each shrink and each evaluation runs in its own subprocess; results go to ``--ou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -77,6 +84,8 @@ def _shrink_one(args: argparse.Namespace) -> dict:
     )
     torch.save(calib, Path(args.out) / "calib.pt")  # the peer prunes on exactly these token ids
     _, kwargs = TARGETS[args.target]
+    if args.damp is not None:
+        kwargs = {**kwargs, "damp": args.damp}
     report = shrink(model, calib, ShrinkConfig(**kwargs), device="cpu", batch_size=8, progress=False)
     folder = Path(args.out) / f"target-{args.target}"
     model.save_pretrained(folder)
@@ -183,8 +192,33 @@ def _sub(args: argparse.Namespace, extra: list[str], result: Path, python: str =
     ]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
+    if args.damp is not None:
+        cmd += ["--damp", str(args.damp)]
+    recipe = [*cmd[1:], *_code_version()]  # what the result depends on (not the interpreter's path)
+    if args.reuse and result.exists():
+        old = json.loads(result.read_text())
+        if old.get("bench_recipe") == recipe:
+            print(f"[bench_shrink] reusing {result}", file=sys.stderr, flush=True)
+            return old
+        print(f"[bench_shrink] {result} was made with other options or code: recomputing", file=sys.stderr)
     subprocess.run(cmd, check=True, env=_env())
-    return json.loads(result.read_text())
+    res = json.loads(result.read_text())
+    res["bench_recipe"] = recipe
+    result.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _code_version() -> list[str]:
+    """The git commit and whether the working tree differs from it (a result of other code is not reused)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "diff", "HEAD", "--", "oneshot", "kernels", "eval"], capture_output=True
+        )
+        digest = hashlib.sha256(dirty.stdout).hexdigest()[:16]
+        return [head.stdout.strip(), digest]
+    except OSError:
+        return ["unknown"]
 
 
 def _gib(n: float) -> str:
@@ -203,6 +237,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="speed measurements per model (median)")
     parser.add_argument("--targets", default="a,b,c")
     parser.add_argument("--no-peer", action="store_true", help="skip torch-pruning")
+    parser.add_argument("--damp", type=float, default=None, help="shrink damping (default: ShrinkConfig's)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the dense and per-target results already in --out (same options) instead of recomputing "
+        "them; speed is always measured anew",
+    )
     parser.add_argument("--data-dir", default=os.environ.get("ONESHOT_DATA_DIR"))
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-shrink"))
     parser.add_argument("--target", default=None, help=argparse.SUPPRESS)
@@ -261,13 +302,15 @@ def main() -> int:
                 "--json",
                 str(out / f"peer-{importance}-prune.json"),
             ]
-            subprocess.run(cmd, check=True, env=_env())
+            if not (args.reuse and (out / f"peer-{importance}-prune.json").exists()):
+                subprocess.run(cmd, check=True, env=_env())
             peer = json.loads((out / f"peer-{importance}-prune.json").read_text())
             peer.update(_sub(args, ["--eval-folder", str(folder)], out / f"peer-{importance}.json"))
             peers[importance] = peer
             log(f"torch-pruning {importance}: ppl {peer['ppl']:.3f}")
     results["peer"] = peers
     log("speed (alternating, one process) ...")
+    (out / "speed.json").unlink(missing_ok=True)  # measured anew, also with --reuse
     results["speed"] = _sub(args, ["--speed-folders", *folders], out / "speed.json")
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -202,16 +202,29 @@ def test_experts_removed_are_the_least_used() -> None:
     assert all(sum(r.extra["tokens_per_expert"]) == 6 * 24 * 2 for r in removals)  # every token, top-2
 
 
-def test_mlp_refit_is_the_float64_least_squares_solution() -> None:
+@pytest.mark.parametrize(
+    ("arch", "mlp_bias", "damp"),
+    [
+        ("llama_bias", "auto", 0.0),
+        ("llama_bias", "auto", 0.05),
+        ("llama", "auto", 0.05),
+        ("llama", "keep", 0.05),
+    ],
+)
+def test_mlp_refit_is_the_float64_least_squares_solution(arch: str, mlp_bias: str, damp: float) -> None:
     """Last block's down_proj (its inputs do not depend on other shrunk layers' re-fits once the block's own
-    producers are sliced): the re-fitted weight solves min ||X W^T - X_K W'^T|| (centred, with the bias)."""
-    model = _model("llama_bias").double()
+    producers are sliced): the re-fitted weight solves min ||X W^T - X_K W'^T||^2 + lam tokens ||W'||^2, with
+    lam = damp * mean of the kept inputs' second moments. With a bias (the model's own, or the one that
+    ``mlp_bias="auto"`` switches on for a Llama without): centred, an unpenalised intercept; ``keep``: none."""
+    model = _model(arch).double()
     ids = _ids()
     last = find_blocks(model)[1][-1]
     # inputs of the last down_proj as the shrink sees them: the earlier blocks are shrunk first
-    config = ShrinkConfig(intermediate_size=40, damp=0.0, score="activation", refit_target="layer")
+    config = ShrinkConfig(
+        intermediate_size=40, damp=damp, score="activation", refit_target="layer", mlp_bias=mlp_bias
+    )
     w0 = last.mlp.down_proj.weight.detach().clone()
-    b0 = last.mlp.down_proj.bias.detach().clone()
+    b0 = last.mlp.down_proj.bias.detach().clone() if last.mlp.down_proj.bias is not None else 0.0
     captured: list[torch.Tensor] = []
     handle = last.mlp.down_proj.register_forward_pre_hook(
         lambda _m, a: captured.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
@@ -224,15 +237,29 @@ def test_mlp_refit_is_the_float64_least_squares_solution() -> None:
     assert x.shape[1] == 96
     removal = [r for r in report.removals if r.kind == "mlp channels"][-1]
     keep = torch.tensor(sorted(set(range(96)) - set(removal.removed)))
-    # reference: lstsq with an intercept column, float64
+    with_bias = arch == "llama_bias" or mlp_bias == "auto"
+    assert model.config.mlp_bias is with_bias
+    assert ("mlp_bias" in report.config_changes) is (arch == "llama" and mlp_bias == "auto")
+    # reference: ridge lstsq (ridge rows appended), float64; with an unpenalised intercept on centred data
     target = x @ w0.T + b0  # (tokens, out)
-    design = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    sol = torch.linalg.lstsq(design, target).solution  # (k + 1, out)
-    torch.testing.assert_close(last.mlp.down_proj.weight.detach(), sol[:-1].T, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(last.mlp.down_proj.bias.detach(), sol[-1], rtol=1e-6, atol=1e-8)
+    xk = x[:, keep]
+    xc, tc = (xk - xk.mean(dim=0), target - target.mean(dim=0)) if with_bias else (xk, target)
+    lam = damp * float(xc.pow(2).mean(dim=0).mean())
+    k, tokens = len(keep), x.shape[0]
+    design = torch.cat([xc, (lam * tokens) ** 0.5 * torch.eye(k, dtype=x.dtype)])
+    rhs = torch.cat([tc, torch.zeros(k, target.shape[1], dtype=x.dtype)])
+    weight = torch.linalg.lstsq(design, rhs).solution.T  # (out, k)
+    torch.testing.assert_close(last.mlp.down_proj.weight.detach(), weight, rtol=1e-6, atol=1e-8)
+    bias = target.mean(dim=0) - weight @ xk.mean(dim=0) if with_bias else torch.zeros(target.shape[1])
+    if with_bias:
+        torch.testing.assert_close(last.mlp.down_proj.bias.detach(), bias, rtol=1e-6, atol=1e-8)
+        assert last.mlp.up_proj.bias.shape == (40,)
+        assert arch == "llama_bias" or not last.mlp.up_proj.bias.any()  # switched on: zero producer biases
+    else:
+        assert last.mlp.down_proj.bias is None
     # the reported loss is the residual of that fit per token
-    resid = target - design @ sol
-    assert removal.loss == pytest.approx(float(resid.pow(2).sum() / x.shape[0]), rel=1e-6)
+    resid = target - xk @ weight.T - bias
+    assert removal.loss == pytest.approx(float(resid.pow(2).sum() / tokens), rel=1e-6)
 
 
 def test_dense_target_pulls_the_block_back_to_the_unshrunk_output() -> None:
@@ -286,6 +313,67 @@ def test_params_budget_is_met_and_reported(tmp_path) -> None:
     assert report.block_params_after <= 0.6 * report.block_params_before
     assert report.block_params_after == report.choice.block_params
     _reload_equal(model, tmp_path, _ids(2, 16, seed=5))
+
+
+@pytest.mark.parametrize("mlp_bias", ["keep", "auto"])
+def test_params_budget_counts_the_biases_a_width_cut_adds(mlp_bias: str, tmp_path) -> None:
+    """One block (nothing to drop): the budget is met by narrower widths, and with ``mlp_bias="auto"`` the
+    biases that the cut switches on are counted in the budget and the record."""
+    torch.manual_seed(0)
+    config = _config("llama")
+    config.num_hidden_layers = 1
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    report = shrink(model, _ids(), ShrinkConfig(params=0.7, mlp_bias=mlp_bias), device="cpu", progress=False)
+    choice = report.choice
+    assert choice is not None and choice.drop == [] and choice.intermediate_size is not None
+    assert report.block_params_after == choice.block_params <= 0.7 * report.block_params_before
+    assert model.config.mlp_bias is (mlp_bias == "auto")
+    _reload_equal(model, tmp_path, _ids(2, 16, seed=5))
+
+
+def test_chooser_prices_a_run_of_dropped_blocks_by_skipping_it_whole() -> None:
+    """Synthetic costs: two adjacent blocks are each cheap to skip alone but expensive together; a budget that
+    needs two blocks gone then drops two apart, and the predicted cost is the kept blocks' width costs plus
+    each dropped run's span cost (a chooser that sums single-block costs drops the neighbours)."""
+    from oneshot.shrink import _Survey, block_sites, choose_budget
+
+    model = _model("llama")
+    blocks = find_blocks(model)[1]
+    sites = [block_sites(b, f"layers.{i}", model.config) for i, b in enumerate(blocks)]
+    n = len(blocks)
+    span = [[1.0 * (j - i) if j > i else 0.0 for j in range(n + 1)] for i in range(n + 1)]
+    span[1][2] = span[2][3] = 0.1  # blocks 1 and 2 alone: cheap
+    span[1][3] = 5.0  # both together: expensive
+    span[0][1], span[3][4] = 0.5, 0.6
+    expensive_width = [[0.0] + [100.0] * 200 for _ in range(n)]  # any width cut costs more than any drop
+    survey = _Survey(
+        drop_cost=[0.0] * n,
+        drop_error=[span[i][i + 1] for i in range(n)],
+        mlp_curve=expensive_width,
+        attn_curve=[[0.0] + [100.0] * 4 for _ in range(n)],
+        span_error=span,
+    )
+    choice = choose_budget(survey, sites, blocks, fraction=0.5)
+    assert choice.intermediate_size is None and choice.num_key_value_heads is None
+    # {0, 2}: 0.5 + 0.1 beats {1, 3}: 0.1 + 0.6 and the neighbours {1, 2}, 0.1 + 0.1 alone but 5.0 together
+    assert choice.drop == [0, 2] and choice.predicted_cost == pytest.approx(0.6)
+
+
+def test_mlp_bias_option_is_parsed_and_checked() -> None:
+    import argparse
+
+    from oneshot.cli.shrink import add_parser, configs_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    config, _ = configs_from_args(
+        parser.parse_args(["shrink", "--intermediate-size", "8", "--mlp-bias", "auto"])
+    )
+    assert config.mlp_bias == "auto"
+    config, _ = configs_from_args(parser.parse_args(["shrink", "--intermediate-size", "8"]))
+    assert config.mlp_bias == "keep" and config.damp == 0.001
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        ShrinkConfig(intermediate_size=8, mlp_bias="on")
 
 
 @pytest.mark.parametrize(
@@ -345,6 +433,8 @@ def test_cli_writes_a_run_folder_that_loads_verifies_and_reports(
         "1",
         "--drop-layers",
         "1",
+        "--mlp-bias",
+        "auto",
         "--eval-windows",
         "1",
         "--data-dir",
@@ -365,8 +455,10 @@ def test_cli_writes_a_run_folder_that_loads_verifies_and_reports(
         "intermediate_size": [128, 64],
         "num_attention_heads": [4, 2],
         "num_key_value_heads": [2, 1],
+        "mlp_bias": [False, True],  # switched on: the removed channels' mean is in down_proj's bias
     }
     model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.mlp_bias is True and model.model.layers[0].mlp.down_proj.bias is not None
     assert model.config.intermediate_size == 64 and model.config.num_hidden_layers == 1
     assert model.config.num_key_value_heads == 1
     assert sum(p.numel() for p in model.parameters()) == rep.params_after < rep.params_before
@@ -384,3 +476,55 @@ def test_cli_writes_a_run_folder_that_loads_verifies_and_reports(
     (out / "oneshot.json").write_text(json.dumps(data))
     assert main(["push", str(out), "--repo-id", "me/x", "--dry-run"]) == 2
     assert "the files do not describe the same model" in capsys.readouterr().err
+
+
+def test_best_drop_sets_match_brute_force() -> None:
+    """The dynamic program over blocks finds, for every number of dropped blocks, the cheapest set: kept
+    blocks' costs plus one span cost per maximal run of dropped blocks (checked against every subset)."""
+    import itertools
+    import random
+
+    from oneshot.shrink import best_drop_sets
+
+    rng = random.Random(0)
+    n = 7
+    span = [
+        [rng.uniform(0.1, 1.0) * (j - i) ** 1.5 if j > i else 0.0 for j in range(n + 1)] for i in range(n + 1)
+    ]
+    keep = [rng.uniform(0.0, 0.5) for _ in range(n)]
+
+    def cost(drop: tuple[int, ...]) -> float:
+        total = sum(keep[k] for k in range(n) if k not in drop)
+        runs: list[list[int]] = []
+        for k in drop:
+            if runs and runs[-1][-1] == k - 1:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        return total + sum(span[r[0]][r[-1] + 1] for r in runs)
+
+    best = best_drop_sets(span, keep)
+    assert len(best) == n
+    for d in range(n):
+        expected = min(cost(c) for c in itertools.combinations(range(n), d))
+        assert best[d][0] == pytest.approx(expected, rel=1e-12)
+        assert len(best[d][1]) == d and cost(tuple(best[d][1])) == pytest.approx(expected, rel=1e-12)
+
+
+def test_weighted_moments_give_weighted_least_squares_losses() -> None:
+    """With per-token weights (the --params chooser's 1 / ||stream_t||^2), the statistics give every re-fit
+    the loss sum_t w_t ||D (x_t - mean_w)||^2 / tokens, centred about the weighted mean (float64 check)."""
+    from oneshot.shrink import _Moments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64) + 3.0
+    w = torch.rand(50, generator=g, dtype=torch.float64) + 0.1
+    m = _Moments(6, torch.device("cpu"))
+    m.add(x[:20], w[:20])
+    m.add(x[20:], w[20:])
+    mean = (w[:, None] * x).sum(dim=0) / w.sum()
+    torch.testing.assert_close(m.mean, mean)
+    d = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    for centred, xs in ((False, x), (True, x - mean)):
+        expected = float((w * (xs @ d.T).pow(2).sum(dim=1)).sum() / 50)
+        assert float(((d @ m.hessian(centred)) * d).sum()) == pytest.approx(expected, rel=1e-10)

@@ -17,7 +17,7 @@ from oneshot.cli.prune import (
     summary_tail,
     write_run_report,
 )
-from oneshot.config import REFIT_TARGETS, SHRINK_SCORES, RunConfig, ShrinkConfig
+from oneshot.config import MLP_BIAS_CHOICES, REFIT_TARGETS, SHRINK_SCORES, RunConfig, ShrinkConfig
 from oneshot.runfolder import RunRecord
 
 __all__ = ["add_parser", "run"]
@@ -79,7 +79,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "measured worse on SmolLM2, see BENCHMARKS.md)",
     )
     p.add_argument(
-        "--damp", type=float, default=0.01, help="damping of the re-fit, relative to mean(diag(H))"
+        "--mlp-bias",
+        default=ShrinkConfig.mlp_bias,
+        choices=MLP_BIAS_CHOICES,
+        help="auto: where the config has an mlp_bias switch that is off (Llama), shrinking the MLP width switches "
+        "it on and the removed channels' mean moves into down_proj's bias; keep: leave the config as it is "
+        "(auto measured no better on SmolLM2, see BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--damp",
+        type=float,
+        default=ShrinkConfig.damp,
+        help="damping of the re-fit and OBS normal equations, relative to mean(diag(H)); 0.001 measured better "
+        "than 0.01 on SmolLM2 (see BENCHMARKS.md)",
     )
     add_run_arguments(p, out_help="output folder (default: runs/<model>-shrunk-<targets>)")
     p.set_defaults(nsamples=32)
@@ -96,6 +108,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ShrinkConfig, RunConfig
         score=args.score,
         damp=args.damp,
         refit_target=args.refit_target,
+        mlp_bias=args.mlp_bias,
     )
     return config, run_config_from_args(args)
 
