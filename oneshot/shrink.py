@@ -661,11 +661,10 @@ def _survey(
 ) -> _Survey:
     from tqdm.auto import tqdm
 
-    survey = _Survey([], [], [], [], [])
     n = len(blocks)
-    sample = _token_sample(hidden, _SPAN_TOKENS)
-    states = [sample(hidden)] if curves else []  # the sampled stream before block 0, 1, ...
-    survey.span_error = [[0.0] * (n + 1) for _ in range(n + 1)]
+    survey = _Survey([], [], [], [], [[0.0] * (n + 1) for _ in range(n + 1)] if curves else [])
+    sample = _token_sample(hidden, _SPAN_TOKENS) if curves else None
+    states = [sample(hidden)] if sample is not None else []  # the sampled stream before block 0, 1, ...
     for i in tqdm(range(len(blocks)), desc="measuring", unit="block", disable=not progress, leave=False):
         block = blocks[i]
         block.to(device)
@@ -699,7 +698,7 @@ def _survey(
                     got.clear()
                 new_hidden.append(out.to(h.device))
         hidden[:] = new_hidden
-        if curves:
+        if sample is not None:
             state = sample(hidden)
             per_token = state.pow(2).sum(dim=-1).clamp_min(1e-30)
             for j, earlier in enumerate(states):
