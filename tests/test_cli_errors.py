@@ -462,6 +462,15 @@ CASES: dict[str, Case] = {
         lambda ws: _tiny_mixtral(ws / "moe"),
         base=False,
     ),
+    "shrink-unknown-mlp-bias": Case(
+        f"{SHRINK} --intermediate-size 64 --mlp-bias on --out out",
+        2,
+        ("--mlp-bias", "invalid choice"),
+        base=False,
+    ),
+    "shrink-negative-damp": Case(
+        f"{SHRINK} --intermediate-size 64 --damp -1 --out out", 2, ("damp must be",), base=False
+    ),
     "shrink-help": Case("shrink --help", 0, ("examples:", "--intermediate-size", "--params"), base=False),
     # --- the command itself
     "version": Case("--version", 0, ("oneshot 0.1.0",), base=False),
