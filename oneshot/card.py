@@ -193,10 +193,11 @@ def _eval_results(record: RunRecord, ev: EvalRecord | None) -> list[Any]:
 
 
 def _tags(record: RunRecord) -> list[str]:
+    recovered = ["recovered"] if record.recoveries else []
     if record.kind == "shrink":
-        return ["shrunk", "structured-pruning", "oneshot"]
+        return ["shrunk", "structured-pruning", "oneshot", *recovered]
     cfg, _ = record.pruned
-    return ["pruned", "sparse", "oneshot", cfg.method, f"{pattern_slug(cfg.pattern)}-sparsity"]
+    return ["pruned", "sparse", "oneshot", cfg.method, f"{pattern_slug(cfg.pattern)}-sparsity", *recovered]
 
 
 _SLUG_KEYS = {
@@ -444,6 +445,64 @@ def _shrink_section(record: RunRecord) -> list[str]:
     return out
 
 
+def _recovery_section(record: RunRecord) -> list[str]:
+    """One row per `oneshot recover` pass, in order."""
+    if not record.recoveries:
+        return []
+    rows = []
+    for rec in record.recoveries:
+        cfg = rec.config
+        ppl = (
+            f"{fixed(rec.ppl_before.value)} -> {fixed(rec.ppl_after.value)} ({rec.ppl_after.windows} x "
+            f"{rec.ppl_after.seqlen})"
+            if rec.ppl_before is not None and rec.ppl_after is not None
+            else "-"
+        )
+        m = rec.masks
+        structure = "-"
+        if m is not None:
+            structure = (
+                f"{'exact' if m.exact else 'BROKEN'}: {m.revived} of {m.pruned_before:,} pruned weights revived"
+                + (f", {m.nm_broken} {m.nm} groups broken" if m.nm else "")
+                if m.matrices
+                else ("shapes kept" if m.shapes_equal else "shapes CHANGED")
+            )
+        rows.append(
+            [
+                f"`{cfg.method}`",
+                f"{cfg.data}: {rec.windows} x {cfg.seqlen}, seed {cfg.seed}",
+                f"{rec.tokens_seen:,}",
+                str(rec.steps),
+                f"{cfg.lr:g}",
+                f"{rec.seconds / 60:.1f} min on {rec.device}",
+                ppl,
+                structure,
+            ]
+        )
+    return [
+        "## Recovery",
+        "",
+        "Fine-tuned toward the dense teacher with `oneshot recover` after pruning (decoder blocks only; pruned "
+        "weights held at exactly zero; the structure is checked from the weight files against the run it "
+        "started from).",
+        "",
+        md_table(
+            [
+                "method",
+                "data",
+                "tokens trained",
+                "steps",
+                "lr",
+                "time",
+                "quick ppl before -> after",
+                "structure",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
 def _quick_section(record: RunRecord) -> list[str]:
     dense, pruned = record.quick_eval.dense, record.quick_eval.pruned
     if pruned is None:
@@ -665,6 +724,7 @@ def build_card(
         intro,
         "",
         *method,
+        *_recovery_section(record),
         "## Evaluation",
         "",
         *_quick_section(record),

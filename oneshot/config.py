@@ -20,13 +20,16 @@ __all__ = [
     "DTYPES",
     "EXPORT_FORMATS",
     "METHODS",
+    "MIXED_PRECISION",
     "MLP_BIAS_CHOICES",
     "PROPAGATE",
+    "RECOVER_METHODS",
     "REFIT_TARGETS",
     "SHRINK_SCORES",
     "UNCALIBRATED",
     "ConfigError",
     "PruneConfig",
+    "RecoverConfig",
     "RunConfig",
     "ShrinkConfig",
     "parse_pattern",
@@ -41,6 +44,8 @@ DEVICES = ("auto", "cpu", "cuda")
 SHRINK_SCORES = ("auto", "obs", "activation")
 REFIT_TARGETS = ("dense", "layer")
 MLP_BIAS_CHOICES = ("auto", "keep")
+RECOVER_METHODS = ("blockwise", "distill")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -319,3 +324,109 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
         return dataclasses.asdict(self)
+
+
+def _positive_number(flag: str, value: Any, *, zero: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+        raise ConfigError(f"{flag} must be a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Recovery fine-tuning (`oneshot recover`) of a pruned or shrunk run toward its dense teacher.
+
+    ``blockwise``: block by block, the recovered block's output is fitted (per-token relative MSE) to the
+    teacher block's output on the same inputs, the inputs coming through the blocks recovered before it;
+    ``epochs`` passes over the windows per block. ``distill``: end to end, KL(teacher || student) on the
+    logits plus ``hidden_weight`` times the normalised hidden-state MSE of every block (SquareHead); one
+    pass over the windows. Only the decoder blocks are trained (embeddings, final norm and LM head stay as
+    they are); pruned weights stay exactly zero. ``tokens`` = windows x ``seqlen`` drawn with ``seed`` from
+    ``data`` (same sources as calibration). AdamW with ``lr``, linear warm-up over ``warmup`` of the steps,
+    then cosine decay to 10 % of ``lr``.
+    """
+
+    method: str = "blockwise"
+    data: str = "c4"
+    tokens: int = 2_000_000
+    seqlen: int = 512
+    seed: int = 0
+    lr: float = 1e-4
+    batch_size: int = 8  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (distill)
+    epochs: int = 1  # passes over the windows (per block for blockwise)
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    hidden_weight: float = 0.0  # distill: weight of the SquareHead hidden-state term (0: logits only)
+    mixed_precision: str = "no"  # distill through accelerate: no | bf16 | fp16
+    gradient_checkpointing: bool = True  # distill
+    checkpoint_minutes: float = 5.0  # resumable state written this often (0: after every step)
+
+    def __post_init__(self) -> None:
+        if self.method not in RECOVER_METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(RECOVER_METHODS)}")
+        for flag, name in (
+            ("--tokens", "tokens"),
+            ("--seqlen", "seqlen"),
+            ("--batch-size", "batch_size"),
+            ("--grad-accum", "grad_accum"),
+            ("--epochs", "epochs"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be at least 2 tokens, got {self.seqlen}")
+        if self.tokens < self.seqlen:
+            raise ConfigError(
+                f"--tokens {self.tokens} is less than one window of --seqlen {self.seqlen} tokens"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not str(self.data).strip():
+            raise ConfigError("--data must name a source: c4, wikitext2, self, a file path or hf:DATASET_ID")
+        object.__setattr__(self, "lr", _positive_number("--lr", self.lr))
+        object.__setattr__(
+            self, "weight_decay", _positive_number("--weight-decay", self.weight_decay, zero=True)
+        )
+        object.__setattr__(
+            self, "hidden_weight", _positive_number("--hidden-weight", self.hidden_weight, zero=True)
+        )
+        object.__setattr__(
+            self,
+            "checkpoint_minutes",
+            _positive_number("--checkpoint-minutes", self.checkpoint_minutes, zero=True),
+        )
+        warmup = _positive_number("--warmup", self.warmup, zero=True)
+        if warmup >= 1:
+            raise ConfigError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        object.__setattr__(self, "warmup", warmup)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"unknown mixed precision {self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}"
+            )
+        if self.method == "blockwise" and (self.hidden_weight or self.grad_accum != 1):
+            raise ConfigError("--hidden-weight and --grad-accum are options of --method distill")
+
+    @property
+    def windows(self) -> int:
+        """Training windows of ``seqlen`` tokens."""
+        return self.tokens // self.seqlen
+
+    def replace(self, **changes: Any) -> RecoverConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that determine the result (a resumed run must agree on them)."""
+        out = self.to_dict()
+        out.pop("checkpoint_minutes")
+        return out

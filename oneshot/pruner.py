@@ -68,6 +68,7 @@ __all__ = [
     "PruneReport",
     "Target",
     "dense_summary",
+    "peak_memory",
     "plan_block",
     "prune",
 ]
@@ -187,7 +188,7 @@ def _check_finite(name: str, weight: torch.Tensor) -> None:
         )
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -414,7 +415,7 @@ def prune(
             dense_summary(unexpected),
         )
     report.total_seconds = time.perf_counter() - start
-    report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
+    report.peak_memory_bytes, report.peak_memory_kind = peak_memory(device)
     return report
 
 

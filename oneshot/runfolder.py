@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oneshot.config import PruneConfig, RunConfig, ShrinkConfig
+from oneshot.config import PruneConfig, RecoverConfig, RunConfig, ShrinkConfig
 from oneshot.errors import OneshotError
 
 __all__ = [
@@ -46,10 +46,12 @@ __all__ = [
     "FrequencyInfo",
     "LayerReport",
     "LongtailRecord",
+    "MaskCheck",
     "PerplexityRecord",
     "PruneReport",
     "QuickEval",
     "RecordError",
+    "RecoveryRecord",
     "RunRecord",
     "ShrinkChoice",
     "ShrinkReport",
@@ -446,6 +448,51 @@ class FileHash:
 
 
 @dataclass
+class MaskCheck:
+    """The sparsity pattern after recovery against the one before, read back from the two checkpoints'
+    weight files (independent of the training code)."""
+
+    matrices: int  # weight tensors compared
+    pruned_before: int  # zeros in the recovered run's pruned matrices before recovery
+    zeros_after: int  # zeros in the same matrices after
+    revived: int  # weights zero before and non-zero after (must be 0)
+    nm: str | None = None  # the N:M pattern checked, if any
+    nm_groups: int = 0  # groups of M consecutive input weights checked
+    nm_broken: int = 0  # groups with fewer than N zeros (must be 0)
+    shapes_equal: bool = True  # every weight tensor of the checkpoint kept its shape
+    exact: bool = True
+
+
+@dataclass
+class RecoveryRecord:
+    """One `oneshot recover` pass over a run folder: what was trained on, how long, what it changed."""
+
+    config: RecoverConfig
+    source_run: str  # the run folder recovered
+    teacher: Source
+    data: Calibration
+    command: list[str] = field(default_factory=list)
+    started: str | None = None
+    windows: int = 0
+    tokens_seen: int = 0  # tokens through the student's trained part (epochs counted)
+    steps: int = 0
+    seconds: float = 0.0  # training time (summed over resumed parts)
+    total_seconds: float = 0.0  # the whole command of the last part
+    device: str = "cpu"
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    resumed: int = 0  # times the run was continued from a saved state
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, tokens seen, mean loss]
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # blockwise: per-block relative error
+    trained_params: int = 0
+    masks: MaskCheck | None = None
+    ppl_teacher: PerplexityRecord | None = None
+    ppl_before: PerplexityRecord | None = None
+    ppl_after: PerplexityRecord | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunRecord:
     """``oneshot.json``: everything needed to understand, check and repeat a run."""
 
@@ -464,6 +511,7 @@ class RunRecord:
     export: ExportRecord | None = None
     shrink_config: ShrinkConfig | None = None  # `oneshot shrink` runs
     shrink: ShrinkReport | None = None
+    recoveries: list[RecoveryRecord] = field(default_factory=list)  # `oneshot recover` passes, in order
     schema: int = RUN_SCHEMA  # the version read (records are always written as the newest)
     extra: dict[str, Any] = field(default_factory=dict)
 

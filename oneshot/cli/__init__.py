@@ -16,12 +16,20 @@ import os
 import sys
 from typing import NoReturn
 
-from oneshot.cli import card, evaluate, prune, push, report, shrink
+from oneshot.cli import card, evaluate, prune, push, recover, report, shrink
 from oneshot.errors import Interrupted
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = {"prune": prune, "shrink": shrink, "eval": evaluate, "report": report, "push": push, "card": card}
+COMMANDS = {
+    "prune": prune,
+    "shrink": shrink,
+    "recover": recover,
+    "eval": evaluate,
+    "report": report,
+    "push": push,
+    "card": card,
+}
 
 EXAMPLES = """examples:
   # the embedded SmolLM2-135M, SparseGPT 2:4, standard C4 calibration; checkpoint + record + card + report
@@ -30,6 +38,8 @@ EXAMPLES = """examples:
   oneshot prune --model ./my-llama --method wanda --sparsity 0.5 --ignore '*.mlp.down_proj' --out runs/w50
   # structured pruning: a smaller dense model (MLP width 1536 -> 1152), faster on every runtime
   oneshot shrink --intermediate-size 1152 --out runs/smollm2-i1152
+  # recovery fine-tuning toward the dense model, pruned weights kept exactly zero
+  oneshot recover runs/smollm2-2of4 --method blockwise --tokens 200000
   # perplexity and the nine zero-shot tasks against the dense model; a report; a Hub upload check
   oneshot eval runs/smollm2-2of4 --tasks paper --baseline default
   oneshot report runs/smollm2-2of4 --out report
