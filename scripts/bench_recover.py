@@ -134,8 +134,15 @@ def _eval_step(args: argparse.Namespace) -> dict:
     loaded = load_model(None if args.eval_folder == "dense" else args.eval_folder)
     ids = ppl_token_ids("wikitext2", loaded.tokenizer, args.data_dir)
     t0 = time.perf_counter()
-    res = perplexity(loaded.model, ids, args.eval_seqlen, batch_size=1, limit=args.eval_windows, progress=False)
-    return {"ppl": res.value, "windows": res.windows, "seqlen": res.seqlen, "seconds": time.perf_counter() - t0}
+    res = perplexity(
+        loaded.model, ids, args.eval_seqlen, batch_size=1, limit=args.eval_windows, progress=False
+    )
+    return {
+        "ppl": res.value,
+        "windows": res.windows,
+        "seqlen": res.seqlen,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _structure(source: Path, result: Path, nm: tuple[int, int] | None) -> dict:
@@ -163,7 +170,9 @@ def _structure(source: Path, result: Path, nm: tuple[int, int] | None) -> dict:
             groups = (a.reshape(-1, nm[1]) == 0).sum(-1)
             out["nm_groups"] += groups.numel()
             out["nm_broken"] += int((groups < nm[0]).sum())
-    out["exact"] = not out["missing"] and out["shapes_changed"] == 0 and out["revived"] == 0 and out["nm_broken"] == 0
+    out["exact"] = (
+        not out["missing"] and out["shapes_changed"] == 0 and out["revived"] == 0 and out["nm_broken"] == 0
+    )
     return out
 
 
@@ -179,7 +188,18 @@ def _recover(name: str, method: str, src: Path, args: argparse.Namespace) -> dic
         real = method
     folder = base / f"{name}-{method}"
     opts = shlex.split(args.blockwise if real == "blockwise" else args.distill)
-    cmd = ["recover", str(src), "--method", real, *opts, "--eval-windows", "0", "--out", str(folder), "--quiet"]
+    cmd = [
+        "recover",
+        str(src),
+        "--method",
+        real,
+        *opts,
+        "--eval-windows",
+        "0",
+        "--out",
+        str(folder),
+        "--quiet",
+    ]
     cmd += ["--overwrite"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
@@ -213,17 +233,19 @@ def _recover(name: str, method: str, src: Path, args: argparse.Namespace) -> dic
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sources", default="2of4,50,i1152")
     parser.add_argument("--methods", default="blockwise,distill,both")
     parser.add_argument(
         "--blockwise",
-        default="--tokens 65536 --seqlen 512 --epochs 2 --batch-size 8 --lr 1e-4",
+        default="--tokens 131072 --seqlen 512 --epochs 2 --batch-size 8 --lr 2e-4",
         help="options of the blockwise recoveries",
     )
     parser.add_argument(
         "--distill",
-        default="--tokens 49152 --seqlen 512 --batch-size 4 --grad-accum 2 --lr 5e-5",
+        default="--tokens 196608 --seqlen 512 --batch-size 4 --lr 1e-4",
         help="options of the distill recoveries",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny budgets and 2 short eval windows")
