@@ -503,6 +503,19 @@ def _block_error(
 # --- distill ---------------------------------------------------------------------------------------------
 
 
+def _accelerator(device: torch.device, mixed_precision: str) -> Any:
+    """An `accelerate.Accelerator`; its process-wide state is set up again when an earlier recovery in this
+    process used another mixed precision (the distributed setup itself is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    except ValueError:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+
+
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions, mean over positions. (..., vocab) logits."""
     s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
@@ -565,7 +578,6 @@ def recover_distill(
     with ``accelerate launch``, several processes (each takes every n-th micro-batch; checkpoints are written
     by the main process).
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
@@ -577,7 +589,7 @@ def recover_distill(
         raise RecoverError(
             f"the student's {len(s_blocks)} blocks do not map onto the teacher's {len(t_blocks)} blocks"
         )
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
+    accelerator = _accelerator(device, config.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     params = block_parameters(student)
     masked = MaskedParams(params, masks)
@@ -610,6 +622,7 @@ def recover_distill(
     teacher.requires_grad_(False)
     teacher.to(accelerator.device)
     torch.manual_seed(config.seed)
+    own_forward = student.__dict__.get("forward")
     model, opt = accelerator.prepare(student, opt)
     if state is not None and accelerator.scaler is not None and state.get("scaler") is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -704,7 +717,11 @@ def recover_distill(
             "or pass --mixed-precision bf16"
         ) from exc
     finally:
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        # accelerate patches an autocast wrapper onto the instance's forward: put back exactly what was there
+        student.__dict__.pop("_original_forward", None)
+        student.__dict__.pop("forward", None)
+        if own_forward is not None:
+            student.__dict__["forward"] = own_forward
         accelerator.free_memory()
         if checkpointing is not None:
             checkpointing()

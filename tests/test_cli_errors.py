@@ -472,6 +472,11 @@ CASES: dict[str, Case] = {
         f"{SHRINK} --intermediate-size 64 --damp -1 --out out", 2, ("damp must be",), base=False
     ),
     "shrink-help": Case("shrink --help", 0, ("examples:", "--intermediate-size", "--params"), base=False),
+    "recover-help": Case("recover --help", 0, ("examples:", "--method", "--resume", "--teacher"), base=False),
+    "recover-tokens-0": Case(
+        "recover model --tokens 0", 2, ("--tokens must be a positive integer",), base=False
+    ),
+    "recover-not-a-run-folder": Case("recover model --out out", 2, ("oneshot.json not found",), base=False),
     # --- the command itself
     "version": Case("--version", 0, ("oneshot 0.1.0",), base=False),
     "help-has-examples": Case(

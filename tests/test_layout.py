@@ -68,6 +68,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oneshot.checks",
             "oneshot.structured",
             "oneshot.shrink",
+            "oneshot.recover",
+            "oneshot.patterns",
             "oneshot.kernels",
             "oneshot.eval.perplexity",
             "oneshot.eval.corpora",

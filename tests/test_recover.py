@@ -410,7 +410,7 @@ def test_an_interrupted_recovery_resumes_to_the_same_weights(
 def test_the_structure_check_reads_the_files(runs: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from oneshot.verify import compare_patterns
+    from oneshot.patterns import compare_patterns
 
     layers = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     same = compare_patterns(runs["p24"], runs["p24"], layers, (2, 4))
@@ -502,3 +502,28 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(
     for word in words:
         assert word in errors[0], errors[0]
     assert snapshot(ws) == before, "an error case changed the workspace"
+
+
+def test_distill_in_bf16_keeps_the_masks_and_leaves_the_forward_unpatched(pair: Any) -> None:
+    teacher, student0, masks = pair
+    student = copy.deepcopy(student0)
+    config = _config("distill", mixed_precision="bf16")
+    recover_distill(
+        student, teacher, _windows(), config, masks=masks, block_map=[0, 1, 2], device="cpu", progress=False
+    )
+    params = block_parameters(student)
+    for name, keep in masks.items():
+        assert int((params[name].detach()[~keep] != 0).sum()) == 0
+    assert "forward" not in student.__dict__ and "_original_forward" not in student.__dict__
+    assert next(student.parameters()).dtype == torch.float32
+    # and a later float32 recovery in the same process works (accelerate's process-wide state is reset)
+    recover_distill(
+        student,
+        teacher,
+        _windows(),
+        _config("distill"),
+        masks=masks,
+        block_map=[0, 1, 2],
+        device="cpu",
+        progress=False,
+    )

@@ -409,7 +409,7 @@ def _recover_in_slot(
     logger.info("writing %s", slot.out)
     rec.total_seconds = time.perf_counter() - t0
     write_run_folder(student, tok, slot.tmp, new)
-    from oneshot.verify import compare_patterns
+    from oneshot.patterns import compare_patterns
 
     nm = parse_pattern(record.config.pattern) if record.config is not None else None
     rec.masks = compare_patterns(run_dir, slot.tmp, layers, nm)
