@@ -208,6 +208,7 @@ class TrainResult:
     blocks: list[dict[str, Any]] = field(default_factory=list)  # blockwise: per block before/after
     resumed: int = 0
     device: str = "cpu"
+    total_steps: int = 0
 
 
 class _Curve:
@@ -315,7 +316,7 @@ def recover_blockwise(
         result.blocks, result.resumed = list(state["blocks"]), int(state["resumed"]) + 1
     batches = _batches(windows, config.batch_size, config.seed)
     per_block = config.epochs * len(batches)
-    total_steps = per_block * len(s_blocks)
+    total_steps = result.total_steps = per_block * len(s_blocks)
     curve = _Curve(total_steps, result.curve)
     t0 = time.perf_counter() - result.seconds
 
@@ -466,6 +467,7 @@ def _result_state(result: TrainResult) -> dict[str, Any]:
         "curve": [list(p) for p in result.curve],
         "blocks": [dict(b) for b in result.blocks],
         "resumed": result.resumed,
+        "total_steps": result.total_steps,
     }
 
 
@@ -607,7 +609,7 @@ def recover_distill(
     n = windows.shape[0]
     micro = math.ceil(n / config.batch_size)
     per_epoch = math.ceil(micro / config.grad_accum)
-    total_steps = per_epoch * config.epochs
+    total_steps = result.total_steps = per_epoch * config.epochs
     curve = _Curve(total_steps, result.curve)
     t0 = time.perf_counter() - result.seconds
 

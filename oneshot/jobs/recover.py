@@ -190,6 +190,7 @@ class _State:
         info = {
             "identity": self.identity,
             "steps": state.get("steps"),
+            "total_steps": state.get("total_steps"),
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         tmp_info = self.folder / f".{INFO_FILE}.tmp"
