@@ -22,7 +22,8 @@ __all__ = ["EVAL_CODE", "ResultCache"]
 logger = logging.getLogger(__name__)
 
 # Bump when the evaluation code changes a number (protocol, tokenisation, metrics): old entries then miss.
-EVAL_CODE = "oneshot-eval-code/2"
+# 3: per-document task results, n-shot, task version, chance level; the perplexity data fingerprint
+EVAL_CODE = "oneshot-eval-code/3"
 
 
 class ResultCache:

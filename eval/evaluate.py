@@ -43,15 +43,18 @@ ItemKey = tuple[str, str]  # ("ppl" | "task", name)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to measure. ``limit`` caps perplexity windows and documents per task (quick checks)."""
+    """What to measure. Three separate caps for quick checks: ``ppl_windows`` (perplexity windows),
+    ``limit`` (documents per task) and ``longtail_tokens`` (tokens per long-tail slice)."""
 
     ppl: tuple[str, ...] = ("wikitext2",)
     seqlen: int = 2048
-    limit: int | None = None
+    ppl_windows: int | None = None  # first N perplexity windows (None: the protocol's)
+    limit: int | None = None  # first N documents per task (None: all)
     tasks: tuple[str, ...] = ()
     baseline: str | None = None  # dense model or run folder evaluated alongside (cached)
     longtail: bool = False
     longtail_seqlen: int | None = None  # long-tail window length; None: seqlen (capped by the model)
+    longtail_tokens: int = 1024  # tokens per long-tail slice
     seed: int = 0
     data_dir: str | None = None
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on the CPU
@@ -64,7 +67,11 @@ class EvalConfig:
         object.__setattr__(self, "ppl", tuple(self.ppl))
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.limit is not None and self.limit < 1:
-            raise EvalInputError(f"--limit must be >= 1 (windows / documents per task), got {self.limit}")
+            raise EvalInputError(f"--limit must be >= 1 (documents per task), got {self.limit}")
+        if self.ppl_windows is not None and self.ppl_windows < 1:
+            raise EvalInputError(f"--ppl-windows must be >= 1, got {self.ppl_windows}")
+        if self.longtail_tokens < 2:
+            raise EvalInputError(f"--longtail-tokens must be >= 2, got {self.longtail_tokens}")
         if self.seqlen < 2:
             raise EvalInputError(f"--seqlen must be >= 2, got {self.seqlen}")
         if self.longtail_seqlen is not None and self.longtail_seqlen < 2:
@@ -147,7 +154,6 @@ def _item_keys(config: EvalConfig) -> dict[ItemKey, dict[str, Any]]:
         "oneshot": versions.get("oneshot"),
         "dtype": config.resolved_dtype,
         "device": config.torch_device.type,
-        "limit": config.limit,
         "torch": versions.get("torch"),
         "transformers": versions.get("transformers"),
     }
@@ -158,6 +164,7 @@ def _item_keys(config: EvalConfig) -> dict[ItemKey, dict[str, Any]]:
             "kind": "ppl",
             "name": name,
             "seqlen": config.seqlen,
+            "windows": config.ppl_windows,
             "data": data[("ppl", name)],
         }
     for name in config.tasks:
@@ -165,6 +172,7 @@ def _item_keys(config: EvalConfig) -> dict[ItemKey, dict[str, Any]]:
             **common,
             "kind": "task",
             "name": name,
+            "limit": config.limit,
             "data": data[("task", name)],
             "lm_eval": versions.get("lm_eval"),
             "bootstrap_iters": config.bootstrap_iters,
@@ -190,15 +198,15 @@ def evaluate_model(
     device = config.torch_device
     ppl: dict[str, PerplexityRecord] = {}
     max_pos = max_positions(model.config)
+    data_fingerprints = {n: fp for (kind, n), fp in _data_fingerprints(config).items() if kind == "ppl"}
     for name in config.ppl:
         if ("ppl", name) in skip:
             continue
         if max_pos is not None and config.seqlen > max_pos:
             raise EvalInputError(f"--seqlen {config.seqlen} exceeds the model's context of {max_pos} tokens")
         data = ppl_data(name, tokenizer, config.seqlen, config.data_dir)
-        limit = (
-            data.max_windows if config.limit is None else min(config.limit, data.max_windows or config.limit)
-        )
+        cap = config.ppl_windows
+        limit = data.max_windows if cap is None else min(cap, data.max_windows or cap)
         t0 = time.perf_counter()
         res = perplexity(
             model,
@@ -210,10 +218,14 @@ def evaluate_model(
             progress=progress,
         )
         note = data.note
-        if config.limit is not None:
-            note = f"--limit {config.limit}: first {res.windows} windows only, not the full protocol; {note}"
+        if cap is not None:
+            note = f"--ppl-windows {cap}: first {res.windows} windows only, not the full protocol; {note}"
         ppl[name] = PerplexityRecord(
-            **res.to_dict(), note=note, source=data.source, seconds=time.perf_counter() - t0
+            **res.to_dict(),
+            note=note,
+            source=data.source,
+            seconds=time.perf_counter() - t0,
+            data=data_fingerprints.get(name),
         )
         logger.info("%s perplexity %.4f (%d windows x %d tokens)", name, res.value, res.windows, res.seqlen)
     tasks: dict[str, TaskRecord] = {}
@@ -309,7 +321,7 @@ def _longtail(
         pruned.tokenizer,
         resolve_data_dir(config.data_dir),
         seed=config.seed,
-        limit=config.limit,
+        max_tokens_per_slice=config.longtail_tokens,
         seqlen=min(
             config.longtail_seqlen or config.seqlen, max_positions(pruned.model.config) or config.seqlen
         ),

@@ -1,10 +1,12 @@
-"""Flag rules: which slices and tasks degrade much more than the aggregate after pruning.
+"""Flag rules of the long-tail report: which slices degrade significantly more than the aggregate.
 
-This module owns the flag rule and the dense-vs-pruned task comparison; it works on plain dicts (no
-torch), so the report writer can use it without the evaluation code. A slice is **flagged** when
-``rel_degradation >= factor * aggregate rel_degradation`` and the aggregate degradation is positive
-(with no aggregate degradation nothing is flagged). Task accuracies are compared the same way: relative
-accuracy drop ``1 - acc_pruned / acc_dense`` against the drop of the mean accuracy.
+Plain dicts and floats (no torch), so the report writer can use it without the evaluation code. The rule
+(`flag_slices`) works on the NLL (log) scale, where "twice as much" does not drift with the sparsity level:
+a slice is flagged when its mean per-token NLL increase exceeds ``factor`` times the aggregate's (0 when the
+aggregate does not degrade) by more than noise: a one-sided z-test with both cluster-robust standard
+errors, Holm-corrected over the slices tested (`holm`) at family-wise error `ALPHA`. `control_comparison`
+sets a language slice against the English side of the same sentences. The test helpers (`normal_sf`,
+`holm`) are shared with the task comparison (`oneshot.eval.task_compare`).
 """
 
 from __future__ import annotations
@@ -12,75 +14,102 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["flag_slices", "task_deltas"]
+__all__ = ["ALPHA", "control_comparison", "flag_slices", "holm", "normal_sf"]
 
 
-def flag_slices(slices: list[dict[str, Any]], aggregate_rel: float | None, factor: float = 2.0) -> list[str]:
-    """Set ``flagged`` and ``ratio_to_aggregate`` on every slice dict; return the flagged names.
+ALPHA = 0.05  # family-wise error rate of the slice flags (Holm over the slices tested)
+MIN_BLOCKS = 4  # clusters of BLOCK_TOKENS tokens a slice needs before it is tested
 
-    A slice is flagged when ``rel_degradation >= factor * aggregate_rel`` and ``aggregate_rel > 0``.
+
+def normal_sf(z: float) -> float:
+    """P(Z >= z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def holm(p_values: dict[str, float], alpha: float = ALPHA) -> set[str]:
+    """The names whose one-sided tests are rejected by Holm's step-down procedure at family-wise ``alpha``."""
+    order = sorted(p_values, key=lambda k: (p_values[k], k))
+    m = len(order)
+    rejected: set[str] = set()
+    for rank, name in enumerate(order):
+        if p_values[name] > alpha / (m - rank):
+            break
+        rejected.add(name)
+    return rejected
+
+
+def excess_test(delta: float, se: float, base: float, base_se: float) -> tuple[float, float, float]:
+    """One-sided test of ``delta > base`` for two independent estimates -> (excess, its SE, p-value).
+
+    With a zero standard error the p-value is 0 for a positive excess and 1 otherwise."""
+    excess = delta - base
+    sd = math.sqrt(se * se + base_se * base_se)
+    if sd == 0.0:
+        return excess, 0.0, 0.0 if excess > 0 else 1.0
+    return excess, sd, normal_sf(excess / sd)
+
+
+def flag_slices(
+    slices: list[dict[str, Any]],
+    aggregate: dict[str, Any] | None,
+    factor: float = 2.0,
+    *,
+    alpha: float = ALPHA,
+    min_blocks: int = MIN_BLOCKS,
+) -> list[str]:
+    """Test every slice against the aggregate; set the test's fields on each slice dict; the flagged names.
+
+    On the log scale: a slice degrades "``factor`` times as much" as the aggregate when its mean per-token
+    NLL increase ``delta_nll`` is at least ``factor * max(aggregate delta_nll, 0)`` (with no aggregate
+    increase, any increase counts). The one-sided z-test of ``delta_nll > factor * aggregate delta_nll``
+    uses both cluster-robust standard errors (slice and aggregate taken as independent, which overstates
+    the variance for slices that share tokens with the aggregate, i.e. errs towards not flagging); the
+    slices' p-values are corrected with Holm's procedure (family-wise error ``alpha``). A slice with
+    fewer than ``min_blocks`` clusters is "too small" and not tested.
+
+    Fields set: ``ratio_to_aggregate`` (delta_nll / aggregate delta_nll when the latter is > 0),
+    ``excess_nll`` and ``excess_se`` (delta_nll - factor * aggregate delta_nll, its SE), ``p_value``,
+    ``status`` (flagged | not significant | too small) and ``flagged``.
     """
-    flagged = []
+    agg_delta = (aggregate or {}).get("delta_nll")
+    agg_se = (aggregate or {}).get("delta_nll_se") or 0.0
+    degrading = agg_delta is not None and agg_delta > 0
+    base = factor * float(agg_delta) if agg_delta is not None and degrading else 0.0
+    base_se = factor * agg_se if degrading else 0.0
+    p_values: dict[str, float] = {}
     for s in slices:
-        rel = s.get("rel_degradation")
-        if aggregate_rel is None or aggregate_rel <= 0 or rel is None:
-            s["ratio_to_aggregate"], s["flagged"] = None, False
+        s["ratio_to_aggregate"] = s["delta_nll"] / agg_delta if degrading and "delta_nll" in s else None
+        s["flagged"] = False
+        delta, se = s.get("delta_nll"), s.get("delta_nll_se")
+        if delta is None or se is None or (s.get("blocks") or 0) < min_blocks:
+            s.update(excess_nll=None, excess_se=None, p_value=None, status="too small")
             continue
-        s["ratio_to_aggregate"] = rel / aggregate_rel
-        s["flagged"] = bool(rel >= factor * aggregate_rel)
-        if s["flagged"]:
-            flagged.append(s["name"])
-    return flagged
+        excess, sd, p = excess_test(delta, se, base, base_se)
+        s.update(excess_nll=excess, excess_se=sd, p_value=p, status="not significant")
+        p_values[s["name"]] = p
+    flagged = holm(p_values, alpha)
+    for s in slices:
+        if s["name"] in flagged:
+            s["flagged"], s["status"] = True, "flagged"
+    return [s["name"] for s in slices if s["flagged"]]
 
 
-def _task_table(results: dict[str, Any] | None) -> dict[str, Any]:
-    if not results:
-        return {}
-    inner = results.get("tasks") if isinstance(results.get("tasks"), dict) else results
-    return {k: v for k, v in (inner or {}).items() if isinstance(v, dict) and v.get("acc") is not None}
-
-
-def task_deltas(
-    task_results: dict[str, Any] | None, baseline_task_results: dict[str, Any] | None, factor: float = 2.0
-) -> dict[str, Any]:
-    """Per-task accuracy of dense (baseline) vs pruned, with flags.
-
-    Both arguments: ``{task: {"acc": f, "acc_stderr": f, "acc_norm": f|None, "n": i, ...}}`` (or a dict
-    holding that under ``"tasks"``). ``delta = acc_pruned - acc_dense``;
-    ``rel_degradation = 1 - acc_pruned / acc_dense`` (the relative accuracy drop). The aggregate is the
-    same on the mean accuracy over the common tasks; a task is flagged when its drop is at least
-    ``factor`` times the aggregate drop and that drop is positive.
-    """
-    pruned, dense = _task_table(task_results), _task_table(baseline_task_results)
-    common = [t for t in sorted(pruned) if t in dense]
-    rows: list[dict[str, Any]] = []
-    for t in common:
-        p, d = pruned[t], dense[t]
-        ap, ad = float(p["acc"]), float(d["acc"])
-        row: dict[str, Any] = {
-            "name": t,
-            "acc_dense": ad,
-            "acc_pruned": ap,
-            "delta": ap - ad,
-            "rel_degradation": (1.0 - ap / ad) if ad > 0 else None,
-            "n": p.get("n"),
-        }
-        sp, sd = p.get("acc_stderr"), d.get("acc_stderr")
-        row["delta_stderr"] = (
-            math.sqrt(float(sp) ** 2 + float(sd) ** 2) if sp is not None and sd is not None else None
-        )
-        if p.get("acc_norm") is not None and d.get("acc_norm") is not None:
-            row["acc_norm_dense"], row["acc_norm_pruned"] = float(d["acc_norm"]), float(p["acc_norm"])
-            row["delta_norm"] = row["acc_norm_pruned"] - row["acc_norm_dense"]
-        rows.append(row)
-    out: dict[str, Any] = {"tasks": rows, "aggregate": None, "flagged": []}
-    if rows:
-        md = sum(r["acc_dense"] for r in rows) / len(rows)
-        mp = sum(r["acc_pruned"] for r in rows) / len(rows)
-        agg = (1.0 - mp / md) if md > 0 else None
-        out["aggregate"] = {"acc_dense": md, "acc_pruned": mp, "delta": mp - md, "rel_degradation": agg}
-        out["flagged"] = flag_slices(rows, agg, factor)
-    missing = sorted(set(pruned) ^ set(dense))
-    if missing:
-        out["note"] = f"tasks without both a dense and a pruned result are left out: {', '.join(missing)}"
-    return out
+def control_comparison(lang: dict[str, Any], control: dict[str, Any]) -> dict[str, Any] | None:
+    """A language slice against its English control on the same sentences: the NLL increase beyond the
+    control's (``excess_nll``, its SE, one-sided p-value of excess > 0) and the ratio of the increases."""
+    d_l, se_l = lang.get("delta_nll"), lang.get("delta_nll_se")
+    d_c, se_c = control.get("delta_nll"), control.get("delta_nll_se")
+    if d_l is None or d_c is None:
+        return None
+    excess, sd, p = excess_test(d_l, se_l or 0.0, d_c, se_c or 0.0)
+    return {
+        "control": control.get("name"),
+        "control_tokens": control.get("tokens"),
+        "control_delta_nll": d_c,
+        "control_delta_nll_se": se_c,
+        "control_rel_degradation": control.get("rel_degradation"),
+        "excess_nll": excess,
+        "excess_se": sd,
+        "p_value": p,
+        "ratio": d_l / d_c if d_c > 0 else None,
+    }

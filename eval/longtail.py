@@ -6,7 +6,7 @@
 - `oneshot.eval.slices`: the text slices (FLORES, Tatoeba, HumanEval, GSM8K, MATH) and their sampling;
 - `oneshot.eval.frequency`: the token-frequency buckets ``freq/1`` … ``freq/5``, ``freq/unseen``;
 - `oneshot.eval.token_stats`: per-token NLL of both models, KL(dense || pruned), per-slice sums;
-- `oneshot.eval.flags`: the flag rule, and the same comparison for task accuracies (`task_deltas`).
+- `oneshot.eval.flags`: the flag rule; task accuracies are compared by `oneshot.eval.task_compare`.
 
 Definitions. For every predicted token: ``nll_dense``, ``nll_pruned`` (next-token negative
 log-likelihood, nats) and ``kl`` = KL(dense || pruned) of the two next-token distributions (nats). Per
@@ -25,35 +25,47 @@ Slices:
   sentences), ``tatoeba/<lang>`` for every Tatoeba language file and ``tatoeba/eng`` (aligned English),
   ``code/humaneval`` (prompt + canonical solution), ``math/gsm8k`` (question + answer, calculator
   annotations ``<<…>>`` removed) and ``math/competition`` (MATH problem + worked solution).
+- Controls ``<language slice>:en``: the English side of exactly the sentences a language slice holds. Each
+  language slice is compared with its control (``vs_control``): how much more it degrades than the same
+  content in English, which separates "this language suffers" from "this kind of text suffers".
 
-**Aggregate** = the reference windows: the first ``reference_tokens`` tokens of the WikiText-2 test set
-(the C4 validation sample when WikiText-2 is missing; all slice tokens pooled when both are). A slice is
-**flagged** when ``rel_degradation >= 2 * aggregate rel_degradation`` and the aggregate degradation is
-positive (with no aggregate degradation nothing is flagged). Task accuracies (when given) are compared the
-same way: relative accuracy drop ``1 - acc_pruned / acc_dense`` against the drop of the mean accuracy.
+**Aggregate** = the reference windows: about ``reference_tokens`` tokens in windows of
+``min(seqlen, max_tokens_per_slice)`` tokens at seeded random, non-overlapping positions of the whole
+WikiText-2 test stream (the C4 validation sample when WikiText-2 is missing; all slice tokens pooled when
+both are), so that the aggregate and the frequency buckets hold tokens of many articles.
+
+**Flags** (`oneshot.eval.flags.flag_slices`), on the NLL (log) scale, where "twice as much" does not drift
+with the sparsity level: a slice is flagged when its mean per-token NLL increase ``delta_nll`` exceeds
+``factor * max(aggregate delta_nll, 0)`` significantly: one-sided z-test with the cluster-robust standard
+errors of both (clusters of `BLOCK_TOKENS` consecutive tokens, since neighbouring tokens are correlated),
+Holm-corrected over all tested slices at family-wise error 0.05. A slice of fewer than 4 clusters is
+"too small" and not tested. Every slice reports its token count, its SE, the p-value and the status.
 
 Sampling is deterministic for a seed: each slice shuffles its sentences / documents with
-``random.Random(f"{seed}/{source}")``, keeps up to ``limit`` of them, joins them (sentences with a newline,
-documents with a blank line), tokenizes the text once and keeps its first ``max_tokens_per_slice`` tokens,
-cut into windows of ``seqlen`` (the last, shorter window is kept). A missing data file skips that slice
-with a note naming the expected path.
+``random.Random(f"{seed}/{source}")``, keeps up to ``limit`` of them, and keeps as many leading ones whole
+as fit in ``max_tokens_per_slice`` tokens once joined (sentences with a newline, documents with a blank
+line; a single longer document is cut), cut into windows of ``seqlen`` (the last, shorter window is
+kept). A missing data file skips that slice with a note naming the expected path.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from oneshot.eval.corpora import PPL_DATASETS, EvalDataError, ppl_text
-from oneshot.eval.flags import flag_slices, task_deltas
+from oneshot.eval.corpora import PPL_DATASETS, EvalDataError, ppl_token_ids
+from oneshot.eval.flags import ALPHA, control_comparison, flag_slices
 from oneshot.eval.frequency import N_FREQ_BUCKETS, FrequencyBuckets, frequency_buckets, token_counts
-from oneshot.eval.slices import SliceText, available_slices
-from oneshot.eval.token_stats import SliceStats, next_token_stats
+from oneshot.eval.slices import available_slices
+from oneshot.eval.task_compare import task_comparison
+from oneshot.eval.token_stats import BLOCK_TOKENS, SliceStats, next_token_stats
 from oneshot.models import max_positions
 
 __all__ = ["FORMAT", "longtail_report"]
@@ -64,17 +76,21 @@ FORMAT = "oneshot-longtail/1"
 REFERENCES = ("wikitext2", "c4")  # the aggregate's text, in order of preference (files: PPL_DATASETS)
 
 
-def _budget_ids(piece: SliceText, tokenizer: Any, max_tokens: int) -> torch.Tensor:
-    """The first ``max_tokens`` token ids of the joined texts -> (tokens,) int64.
+def _budget(texts: list[str], joiner: str, tokenizer: Any, max_tokens: int) -> int:
+    """The largest ``k >= 1`` whose first ``k`` texts, joined, tokenize to at most ``max_tokens`` tokens."""
+    k = 1
+    while k < len(texts):
+        n = len(tokenizer(joiner.join(texts[: k + 1]), verbose=False).input_ids)
+        if n > max_tokens:
+            break
+        k += 1
+    return k
 
-    Tokenizes a growing prefix of the texts (doubling) so a large corpus is never tokenized whole."""
-    n = min(len(piece.texts), 16)
-    while True:
-        text = piece.joiner.join(piece.texts[:n])
-        ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids.reshape(-1)
-        if ids.numel() > max_tokens or n >= len(piece.texts):
-            return ids[:max_tokens].to(torch.long)
-        n = min(2 * n, len(piece.texts))
+
+def _ids(texts: list[str], joiner: str, tokenizer: Any, max_tokens: int) -> torch.Tensor:
+    """The token ids of the joined texts, at most ``max_tokens`` -> (tokens,) int64."""
+    ids = tokenizer(joiner.join(texts), return_tensors="pt", verbose=False).input_ids.reshape(-1)
+    return ids[:max_tokens].to(torch.long)
 
 
 def _cut(ids: torch.Tensor, seqlen: int) -> list[torch.Tensor]:
@@ -88,19 +104,27 @@ def _vocab(model: Any, tokenizer: Any) -> int:
     return max(size, len(tokenizer))
 
 
-def _reference_ids(tokenizer: Any, data_dir: Path | None, n_tokens: int) -> tuple[torch.Tensor, str]:
-    """The first ``n_tokens`` of WikiText-2 test (C4 validation when missing) -> ((tokens,), name)."""
+def _reference_windows(
+    tokenizer: Any, data_dir: Path | None, n_tokens: int, length: int, seed: int
+) -> tuple[list[torch.Tensor], str, dict[str, Any]]:
+    """Windows of ``length`` tokens at seeded random, non-overlapping positions of the whole WikiText-2 test
+    stream (C4 validation when missing), about ``n_tokens`` in all -> (windows, name, where they came from).
+
+    Spreading the windows over the corpus puts tokens of many articles into the aggregate and so into
+    every frequency bucket (the first tokens of the file are one or two articles)."""
     errors = []
     for name in REFERENCES:
         try:
-            text = ppl_text(name, data_dir)
+            stream = ppl_token_ids(name, tokenizer, data_dir).reshape(-1)
         except EvalDataError as exc:
             errors.append(str(exc))
             continue
-        # a generous character prefix so the whole corpus is never tokenized for a few windows
-        prefix = text[: max(64 * n_tokens, 4096)]
-        ids = tokenizer(prefix, return_tensors="pt", verbose=False).input_ids.reshape(-1)
-        return ids[:n_tokens].to(torch.long), name
+        length = max(2, min(length, stream.numel()))
+        slots = stream.numel() // length
+        count = min(slots, max(1, math.ceil(n_tokens / length)))
+        starts = sorted(s * length for s in random.Random(f"{seed}/reference").sample(range(slots), count))
+        where = {"corpus_tokens": int(stream.numel()), "window_tokens": length, "starts": starts}
+        return [stream[s : s + length] for s in starts], name, where
     raise EvalDataError("; ".join(errors))
 
 
@@ -155,21 +179,25 @@ def longtail_report(
     slices: list[str] | None = None,
     frequency: bool = True,
     n_buckets: int = N_FREQ_BUCKETS,
-    reference_tokens: int = 4096,
+    reference_tokens: int = 8192,
     frequency_docs: int | None = None,
     factor: float = 2.0,
+    controls: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Dense vs pruned on long-tail slices (see the module docstring for every definition).
 
     ``limit``: sentences / documents sampled per slice (None = all, then ``max_tokens_per_slice`` caps
     it). ``slices``: names from `available_slices` (None = all). ``reference_tokens``: tokens of the
-    aggregate windows that the frequency buckets partition. ``frequency_docs``: C4 train documents
-    counted for the frequency table (None = all 1000). Returns a JSON-serialisable dict.
+    aggregate windows that the frequency buckets partition, spread over the reference corpus in windows of
+    ``min(seqlen, max_tokens_per_slice)`` tokens. ``frequency_docs``: C4 train documents counted for the
+    frequency table (None = all 1000). ``controls``: also run the English side of every language slice's
+    sentences. Returns a JSON-serialisable dict.
 
-    Cost: two forwards (dense and pruned) over about ``31 * max_tokens_per_slice + reference_tokens``
-    tokens with every slice present (about 36k tokens with the defaults); SmolLM2-135M on 2 CPU cores
-    takes about 10 s per 512-token window pair, so about 12 minutes there, and seconds on a GPU.
+    Cost: two forwards (dense and pruned) over about ``55 * max_tokens_per_slice + reference_tokens``
+    tokens with every slice and control present (English controls are shorter than their language);
+    SmolLM2-135M on 2 CPU cores takes about 10 s per 512-token window pair, so 15-20 minutes there, and
+    seconds on a GPU.
     """
     from tqdm.auto import tqdm
 
@@ -194,9 +222,11 @@ def longtail_report(
         notes.append(f"seqlen lowered from {seqlen} to the model's context of {max_pos} tokens")
         seqlen = max_pos
 
-    # 1. token windows of every slice (cheap) ------------------------------------------------------------
+    # 1. token windows of every slice and control (cheap) ---------------------------------------------------
     skipped: list[dict[str, str]] = []
     plan: list[tuple[str, dict[str, Any], list[torch.Tensor]]] = []
+    control_plan: list[tuple[str, dict[str, Any], list[torch.Tensor]]] = []
+    control_of: dict[str, str] = {}
     for name in names:
         try:
             piece = registry[name](base, seed, limit)
@@ -207,15 +237,24 @@ def longtail_report(
         if not piece.texts:
             skipped.append({"name": name, "reason": "no text"})
             continue
-        ids = _budget_ids(piece, tokenizer, max_tokens_per_slice)
-        meta = {"name": name, "group": piece.group, "source": piece.source, "texts": len(piece.texts)}
+        k = _budget(piece.texts, piece.joiner, tokenizer, max_tokens_per_slice)
+        ids = _ids(piece.texts[:k], piece.joiner, tokenizer, max_tokens_per_slice)
+        meta = {"name": name, "group": piece.group, "source": piece.source, "texts": k}
         plan.append((name, meta, _cut(ids, seqlen)))
+        if controls and piece.control is not None:
+            cname = f"{name}:en"
+            en = _ids(piece.control[:k], piece.joiner, tokenizer, max_tokens_per_slice)
+            cmeta = {"name": cname, "group": "control", "source": piece.control_source, "texts": k}
+            control_plan.append((cname, cmeta, _cut(en, seqlen)))
+            control_of[name] = cname
 
     ref_windows: list[torch.Tensor] = []
     ref_name: str | None = None
+    ref_where: dict[str, Any] = {}
     try:
-        ref_ids, ref_name = _reference_ids(tokenizer, base, reference_tokens)
-        ref_windows = _cut(ref_ids, seqlen)
+        ref_windows, ref_name, ref_where = _reference_windows(
+            tokenizer, base, reference_tokens, min(seqlen, max_tokens_per_slice), seed
+        )
     except EvalDataError as exc:
         notes.append(f"no reference text for the aggregate and the frequency buckets: {exc}")
 
@@ -234,7 +273,8 @@ def longtail_report(
                 definition=(
                     "ids ranked by count in the reference corpus; seen ids cut into equal-mass buckets "
                     "(freq/1 = most frequent); ids with count 0 form freq/unseen; each predicted token of the "
-                    "aggregate windows is assigned to the bucket of its id"
+                    f"aggregate windows ({len(ref_windows)} windows at random positions of {ref_name}) is "
+                    "assigned to the bucket of its id"
                 ),
             )
         except EvalDataError as exc:
@@ -242,64 +282,67 @@ def longtail_report(
             logger.warning("frequency buckets skipped: %s", exc)
 
     # 2. one pass of both models over every window -------------------------------------------------------
-    stats = {name: SliceStats() for name, _, _ in plan}
+    every = plan + control_plan
+    stats = {name: SliceStats() for name, _, _ in every}
     ref_stats = SliceStats()
     pooled = SliceStats()
-    nb = n_buckets + 1
-    bucket_sums = torch.zeros(4, nb, dtype=torch.float64)  # rows: tokens, nll_dense, nll_pruned, kl
-    bucket_delta_sq = torch.zeros(nb, dtype=torch.float64)
-    bucket_windows = torch.zeros(nb, dtype=torch.long)
+    n_b = len(buckets.names) if buckets is not None else 0
+    bucket_stats = [SliceStats() for _ in range(n_b)]
+    control_names = set(control_of.values())
     jobs: list[tuple[str | None, torch.Tensor]] = [(None, w) for w in ref_windows]
-    jobs += [(name, w) for name, _, ws in plan for w in ws]
+    jobs += [(name, w) for name, _, ws in every for w in ws]
     with _Models(dense_model, pruned_model, device) as models:
         for name, w in tqdm(jobs, desc="long-tail", unit="window", disable=not progress, leave=False):
             nd, np_, kl, targets = models.window(w)
             if name is not None:
                 stats[name].add(nd, np_, kl)
                 stats[name].windows += 1
-                pooled.add(nd, np_, kl)
-                pooled.windows += 1
+                if name not in control_names:
+                    pooled.add(nd, np_, kl)
+                    pooled.windows += 1
                 continue
             ref_stats.add(nd, np_, kl)
             ref_stats.windows += 1
             if buckets is not None:
                 b = buckets.bucket_of[targets.clamp(max=buckets.bucket_of.numel() - 1)]
-                vals = torch.stack([torch.ones_like(nd), nd, np_, kl]).double()  # (4, L-1)
-                bucket_sums.index_add_(1, b, vals)
-                d = (np_ - nd).double()
-                bucket_delta_sq.index_add_(0, b, d * d)
-                bucket_windows[torch.unique(b)] += 1
+                for i in torch.unique(b).tolist():
+                    mask = b == i
+                    bucket_stats[i].add(nd[mask], np_[mask], kl[mask])
+                    bucket_stats[i].windows += 1
 
-    # 3. aggregate, flags --------------------------------------------------------------------------------
+    # 3. aggregate, flags, controls ------------------------------------------------------------------------
     out_slices: list[dict[str, Any]] = []
     if buckets is not None:
         for i, bname in enumerate(buckets.names):
-            bs = SliceStats(
-                tokens=int(bucket_sums[0, i]),
-                windows=int(bucket_windows[i]),
-                nll_dense=float(bucket_sums[1, i]),
-                nll_pruned=float(bucket_sums[2, i]),
-                kl=float(bucket_sums[3, i]),
-                delta_sq=float(bucket_delta_sq[i]),
-            )
             info = buckets.info[i]
             entry = {"name": bname, "group": "frequency", "source": ref_name, "label": info["label"]}
-            out_slices.append({**entry, **bs.to_dict()})
+            out_slices.append({**entry, **bucket_stats[i].to_dict()})
     for name, meta, _ in plan:
         out_slices.append({**meta, **stats[name].to_dict()})
+    out_controls = [{**meta, **stats[name].to_dict()} for name, meta, _ in control_plan]
 
     if ref_stats.tokens:
         aggregate = {"name": ref_name, "source": PPL_DATASETS[ref_name or "wikitext2"], **ref_stats.to_dict()}
-        aggregate["definition"] = f"the first {ref_stats.tokens + ref_stats.windows} tokens of {ref_name}"
+        aggregate["definition"] = (
+            f"{ref_stats.windows} windows of {ref_where.get('window_tokens')} tokens at seeded random positions "
+            f"of the {ref_name} test stream ({ref_where.get('corpus_tokens')} tokens)"
+        )
+        aggregate["window_starts"] = ref_where.get("starts")
     else:
         aggregate = {"name": "pooled", "source": "all slices", **pooled.to_dict()}
         aggregate["definition"] = "all tokens of all slices together (no reference text available)"
-    agg_rel = aggregate.get("rel_degradation")
-    flagged = flag_slices(out_slices, agg_rel, factor)
-    if agg_rel is not None and agg_rel <= 0:
-        notes.append("the aggregate shows no degradation, so no slice is flagged")
+    flagged = flag_slices(out_slices, aggregate, factor)
+    by_control = {c["name"]: c for c in out_controls}
+    for s in out_slices:
+        control = by_control.get(control_of.get(s["name"], ""))
+        s["vs_control"] = control_comparison(s, control) if control is not None else None
+    agg_delta = aggregate.get("delta_nll")
+    if agg_delta is not None and agg_delta <= 0:
+        notes.append(
+            "the aggregate shows no degradation: a slice is flagged when its own increase is significant"
+        )
 
-    tasks = task_deltas(task_results, baseline_task_results, factor) if task_results else None
+    tasks = task_comparison(task_results, baseline_task_results) if task_results else None
     return {
         "format": FORMAT,
         "definitions": {
@@ -307,18 +350,31 @@ def longtail_report(
             "ppl": "exp(nll)",
             "kl": "mean over predicted tokens of KL(dense || pruned) of the next-token distributions (nats)",
             "rel_degradation": "ppl_pruned / ppl_dense - 1 = exp(nll_pruned - nll_dense) - 1",
-            "delta_nll_se": "standard error of the mean per-token (nll_pruned - nll_dense)",
-            "flag": f"rel_degradation >= {factor:g} x the aggregate's rel_degradation (and the aggregate's > 0)",
+            "delta_nll": "nll_pruned - nll_dense: the mean per-token NLL increase (paired, same tokens)",
+            "delta_nll_se": (
+                f"cluster-robust standard error of delta_nll, clusters of {BLOCK_TOKENS} consecutive tokens"
+            ),
+            "flag": (
+                f"delta_nll > {factor:g} x the aggregate's delta_nll (0 when the aggregate does not degrade), "
+                f"one-sided z-test with both standard errors, Holm-corrected over the slices at {ALPHA:g}"
+            ),
+            "vs_control": (
+                "a language slice against the English side of the same sentences: excess_nll = delta_nll - "
+                "the control's delta_nll, with its SE and one-sided p-value; ratio = delta_nll / the control's"
+            ),
             "aggregate": aggregate["definition"],
         },
         "seed": seed,
         "limit": limit,
         "seqlen": seqlen,
         "max_tokens_per_slice": max_tokens_per_slice,
+        "reference_tokens": reference_tokens,
         "factor": factor,
+        "alpha": ALPHA,
         "aggregate": aggregate,
         "pooled": {"name": "pooled", **pooled.to_dict()},
         "slices": out_slices,
+        "controls": out_controls,
         "flagged": flagged,
         "frequency": freq_info,
         "tasks": tasks,

@@ -103,24 +103,24 @@ def _plot_ppl_vs_sparsity(report: Report) -> bytes | None:
 
 def _plot_longtail(run: ReportRun) -> bytes | None:
     lt = run.longtail
-    rows = [s for s in lt.slices if s.rel_degradation is not None] if lt is not None else []
+    rows = [s for s in lt.slices if s.delta_nll is not None] if lt is not None else []
     if lt is None or not rows:
         return None
-    agg = lt.aggregate.rel_degradation if lt.aggregate is not None else None
+    agg = lt.aggregate.delta_nll if lt.aggregate is not None else None
     fig = _figure(11, max(3.5, 0.24 * len(rows) + 1.5))
     ax, ax2 = fig.subplots(1, 2, sharey=True, width_ratios=[2, 1])
     y = list(range(len(rows)))[::-1]
     colors = ["#d62728" if s.flagged else "#1f77b4" for s in rows]
-    ax.barh(y, [100 * (s.rel_degradation or 0.0) for s in rows], color=colors)
+    err = [1.96 * s.delta_nll_se if s.delta_nll_se is not None else 0.0 for s in rows]
+    ax.barh(y, [s.delta_nll or 0.0 for s in rows], xerr=err, color=colors, ecolor="#555555", capsize=2)
     ax.set_yticks(y, [s.name + (" ⚑" if s.flagged else "") for s in rows], fontsize=8)
     if agg is not None:
-        ax.axvline(100 * agg, color="black", lw=1, label=f"aggregate {100 * agg:.2f}%")
-        if agg > 0:
-            ax.axvline(
-                100 * lt.factor * agg, color="black", lw=1, ls="--", label=f"flag threshold {lt.factor:g}x"
-            )
+        ax.axvline(agg, color="black", lw=1, label=f"aggregate {agg:+.3f}")
+        ax.axvline(
+            lt.factor * max(agg, 0.0), color="black", lw=1, ls="--", label=f"flag threshold {lt.factor:g}x"
+        )
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("relative degradation: ppl_pruned / ppl_dense - 1 (%)")
+    ax.set_xlabel("NLL increase per token, nll_pruned - nll_dense (nats; bars: 95 % interval)")
     ax.set_title(f"{run.summary.name}: degradation per slice (red = flagged)")
     ax.legend(fontsize=8, loc="lower right")
     ax2.barh(y, [s.kl or 0.0 for s in rows], color=colors)
@@ -130,7 +130,12 @@ def _plot_longtail(run: ReportRun) -> bytes | None:
 
 
 def _plot_tasks(report: Report) -> bytes | None:
-    series = [(r.summary.name, r.tasks.tasks) for r in report.runs if r.tasks is not None and r.tasks.tasks]
+    series = [
+        (r.summary.name, [x for x in r.tasks.comparison.tasks if x.delta is not None])
+        for r in report.runs
+        if r.tasks is not None and r.tasks.comparison is not None
+    ]
+    series = [(name, rows) for name, rows in series if rows]
     if not series:
         return None
     names = sorted({row.name for _, rows in series for row in rows})
@@ -141,8 +146,8 @@ def _plot_tasks(report: Report) -> bytes | None:
         by = {row.name: row for row in rows}
         present = [t for t in names if t in by]
         xs = [i + (j - (len(series) - 1) / 2) * width for i, t in enumerate(names) if t in by]
-        vals = [100 * by[t].delta for t in present]
-        errs = [100 * (by[t].delta_stderr or 0.0) for t in present]
+        vals = [100 * (by[t].delta or 0.0) for t in present]
+        errs = [100 * (by[t].se or 0.0) for t in present]
         ax.bar(xs, vals, width, yerr=errs, capsize=2, label=run_name, color=COLORS[j % len(COLORS)])
         flagged = [(x, v) for x, v, t in zip(xs, vals, present, strict=True) if by[t].flagged]
         if flagged:  # a red outline on flagged bars, kept out of the legend
@@ -151,8 +156,8 @@ def _plot_tasks(report: Report) -> bytes | None:
             )
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy pruned - dense (points)")
-    ax.set_title("task accuracy deltas (±1 combined stderr; red edge = flagged)")
+    ax.set_ylabel("headline metric pruned - dense (points)")
+    ax.set_title("task deltas on acc_norm / acc (±1 SE, paired where possible; red edge = flagged)")
     ax.legend(fontsize=8)
     return _png(fig)
 

@@ -9,9 +9,19 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from oneshot.eval.report_model import Report, ReportRun
+from oneshot.eval.task_compare import TaskTable
 from oneshot.formatting import MISSING, compact, human_bytes, md_table, pct
+from oneshot.runfolder import LongtailRecord, SliceRecord, TaskFlags
 
-__all__ = ["FLAG", "render_html", "render_md"]
+__all__ = [
+    "FLAG",
+    "longtail_rule",
+    "render_html",
+    "render_md",
+    "task_comparison_table",
+    "task_rule",
+    "task_score_table",
+]
 
 FLAG = "FLAG"
 PLOTS_DIR = "plots"
@@ -123,6 +133,36 @@ def _layers_section(i: int, r: ReportRun) -> Section:
     return f"Layers: {r.summary.name}", body
 
 
+def _pm(value: float | None, se: float | None, digits: int = 3) -> str:
+    """``value ± 1.96 se`` (a 95 % interval), or the value alone."""
+    if value is None:
+        return MISSING
+    if se is None:
+        return f"{value:+.{digits}f}"
+    return f"{value:+.{digits}f} ± {1.96 * se:.{digits}f}"
+
+
+def _versus_english(s: SliceRecord) -> str:
+    vs = s.vs_control
+    if not vs or vs.get("excess_nll") is None:
+        return ""
+    return f"{_pm(vs['excess_nll'], vs.get('excess_se'))} (p {compact(vs.get('p_value'), 2)})"
+
+
+def longtail_rule(lt: LongtailRecord) -> str:
+    """The flag rule a long-tail record was made with, in one sentence."""
+    if lt.alpha is None:
+        return (
+            f"a slice was flagged when its relative degradation was at least {compact(lt.factor, 2)} x the "
+            "aggregate's (a record made before flags tested significance: read the flags with care)"
+        )
+    return (
+        f"a slice is flagged ({FLAG}) when its NLL increase exceeds {compact(lt.factor, 2)} x the aggregate's "
+        f"significantly (one-sided test with both standard errors, Holm-corrected over the slices at "
+        f"{compact(lt.alpha, 2)}); slices of fewer than 4 clusters of tokens are too small to test"
+    )
+
+
 def _longtail_section(i: int, r: ReportRun) -> Section | None:
     lt = r.longtail
     if lt is None:
@@ -130,9 +170,11 @@ def _longtail_section(i: int, r: ReportRun) -> Section | None:
     agg = lt.aggregate
     body: list[Item] = [
         f"Aggregate: {(agg.definition or agg.name) if agg else MISSING}: ppl {compact(agg.ppl_dense if agg else None)} -> "
-        f"{compact(agg.ppl_pruned if agg else None)} ({pct(agg.rel_degradation if agg else None)}), mean KL "
-        f"{compact(agg.kl if agg else None, 4)}. Relative degradation = ppl_pruned / ppl_dense - 1; a slice is "
-        f"flagged ({FLAG}) when it is at least {compact(lt.factor, 2)} x the aggregate's.",
+        f"{compact(agg.ppl_pruned if agg else None)} ({pct(agg.rel_degradation if agg else None)}), NLL increase "
+        f"{_pm(agg.delta_nll if agg else None, agg.delta_nll_se if agg else None)} nats per token (95 % "
+        f"interval), mean KL {compact(agg.kl if agg else None, 4)}. Change = ppl_pruned / ppl_dense - 1; "
+        f"{longtail_rule(lt)}. 'vs English' is a language's NLL increase minus that of the English side of "
+        "the same sentences.",
         Plot(f"longtail-{i + 1}"),
         Table(
             [
@@ -142,9 +184,11 @@ def _longtail_section(i: int, r: ReportRun) -> Section | None:
                 "dense ppl",
                 "pruned ppl",
                 "change",
+                "NLL increase (95 %)",
                 "x aggregate",
-                "mean KL",
-                "flag",
+                "vs English",
+                "p",
+                "status",
             ],
             [
                 [
@@ -154,9 +198,11 @@ def _longtail_section(i: int, r: ReportRun) -> Section | None:
                     compact(s.ppl_dense),
                     compact(s.ppl_pruned),
                     pct(s.rel_degradation),
+                    _pm(s.delta_nll, s.delta_nll_se),
                     compact(s.ratio_to_aggregate, 2),
-                    compact(s.kl, 4),
-                    FLAG if s.flagged else "",
+                    _versus_english(s),
+                    compact(s.p_value, 2),
+                    FLAG if s.flagged else (s.status or ""),
                 ]
                 for s in lt.slices
             ],
@@ -192,40 +238,127 @@ def _longtail_section(i: int, r: ReportRun) -> Section | None:
     return f"Long-tail degradation: {r.summary.name}", body
 
 
+def task_rule(alpha: float | None) -> str:
+    """The task flag rule a comparison was made with, in one sentence."""
+    if alpha is None:
+        return (
+            "a task was flagged when its relative accuracy drop was at least twice that of the mean (a "
+            "comparison made before flags tested significance: read its flags with care)"
+        )
+    return (
+        f"a task is flagged ({FLAG}) when the drop of its headline metric is significant (one-sided McNemar "
+        "test on the same documents, or an unpaired two-proportion z-test where per-document results are "
+        f"missing; Holm-corrected over the compared tasks at {alpha:g}) and the dense score is above chance "
+        f"(one-sided binomial test at {alpha:g}); a task whose dense score is not above chance is 'at chance' "
+        "and never flagged. The mean is reported, never used as a threshold"
+    )
+
+
+def _digits(metric: str) -> int:
+    return 3 if metric in ("perplexity", "word_perplexity", "byte_perplexity") else 4
+
+
+def _plus(value: float | None, digits: int) -> str:
+    return MISSING if value is None else f"{value:+.{digits}f}"
+
+
+def task_score_table(t: TaskTable) -> Table:
+    """Every metric of every task as lm-eval prints them (value ± stderr), the dense values beside when
+    there is a baseline, and the mean of the headline metric (marked *) over the tasks."""
+    dense = t.baseline is not None
+    header = ["task", "version", "n-shot", "n", "limit", "metric"]
+    header += ["dense", "± stderr", "pruned", "± stderr", "delta"] if dense else ["value", "± stderr"]
+    rows = []
+    for s in t.scores:
+        d = _digits(s.metric)
+        row = [
+            s.task,
+            s.version or MISSING,
+            compact(s.num_fewshot),
+            compact(s.n),
+            compact(s.limit),
+            s.metric + (" *" if s.headline else ""),
+        ]
+        if dense:
+            row += [compact(s.dense, d), compact(s.dense_stderr, 4)]
+        row += [compact(s.value, d), compact(s.stderr, 4)]
+        if dense:
+            row.append(_plus(s.value - s.dense if s.value is not None and s.dense is not None else None, d))
+        rows.append(row)
+    if t.mean:
+        pm, dm = t.mean.get("pruned"), t.mean.get("dense")
+        row = ["mean", "", "", "", "", f"* over {compact(t.mean.get('tasks'))} tasks"]
+        if dense:
+            row += [compact(dm, 4), ""]
+        row += [compact(pm, 4), ""]
+        if dense:
+            row.append(_plus(pm - dm if pm is not None and dm is not None else None, 4))
+        rows.append(row)
+    return Table(header, rows)
+
+
+def task_comparison_table(flags: TaskFlags) -> Table:
+    """Dense vs pruned on each task's headline metric: delta, its SE, the test and the status."""
+    header = ["task", "metric", "n", "chance", "dense", "pruned", "delta (points)", "SE (points)"]
+    header += ["p (drop)", "test", "status"]
+    rows = []
+    for r in flags.tasks:
+        rows.append(
+            [
+                r.name,
+                r.metric or MISSING,
+                compact(r.n),
+                compact(r.chance, 2),
+                compact(r.dense, 4),
+                compact(r.pruned, 4),
+                _plus(None if r.delta is None else 100 * r.delta, 2),
+                compact(None if r.se is None else 100 * r.se, 2),
+                compact(r.p_value, 3),
+                r.test or (r.note or MISSING),
+                FLAG if r.flagged else (r.status or ""),
+            ]
+        )
+    return Table(header, rows, [r.flagged for r in flags.tasks])
+
+
 def _tasks_section(report: Report) -> Section | None:
-    rows, flags, notes = [], [], []
+    body: list[Item] = []
+    alpha: float | None = None
     for r in report.runs:
         t = r.tasks
         if t is None:
             continue
-        for row in t.tasks:
-            rows.append(
-                [
-                    r.summary.name,
-                    row.name,
-                    compact(row.n),
-                    compact(row.acc_dense, 4),
-                    compact(row.acc_pruned, 4),
-                    f"{100 * row.delta:+.2f}",
-                    compact(None if row.delta_stderr is None else 100 * row.delta_stderr, 2),
-                    FLAG if row.flagged else "",
-                ]
+        lm_eval = f"lm-eval {t.lm_eval}, " if t.lm_eval else ""
+        body.append(
+            f"{r.summary.name} ({lm_eval}zero-shot unless n-shot says otherwise). Baseline: "
+            + (
+                t.baseline
+                or "none: no dense task results (`oneshot eval --baseline` or `oneshot report --baseline`)"
             )
-            flags.append(row.flagged)
-        if t.note:
-            notes.append(f"{r.summary.name}: {t.note}")
-    if not rows and not notes:
+            + "."
+        )
+        body.append(task_score_table(t))
+        c = t.comparison
+        if c is not None:
+            alpha = c.alpha if c.alpha is not None else alpha
+            body.append(task_comparison_table(c))
+            unpaired = [f"{x.name} ({x.note})" for x in c.tasks if x.note]
+            body.append(
+                f"Flagged tasks: {', '.join(c.flagged) if c.flagged else 'none'}."
+                + (f" Notes: {'; '.join(unpaired)}." if unpaired else "")
+                + (f" Note: {c.note}." if c.note else "")
+            )
+        body += [f"Note: {n}" for n in t.notes]
+    if not body:
         return None
-    body: list[Item] = [Plot("tasks")] if rows else []
-    body += [
-        Table(
-            ["run", "task", "n", "dense acc", "pruned acc", "delta (points)", "± stderr", "flag"], rows, flags
-        ),
-        "A task is flagged when its relative accuracy drop (1 - acc_pruned / acc_dense) is at least twice "
-        "the drop of the mean accuracy over the tasks.",
-        *notes,
-    ]
-    return "Tasks", body
+    has_comparison = any(r.tasks is not None and r.tasks.comparison is not None for r in report.runs)
+    head: list[Item] = [Plot("tasks")] if has_comparison else []
+    head.append(
+        "Metrics as lm-eval reports them (± its standard error). * = the headline metric: acc_norm where the "
+        "task has it, else acc, as the Wanda and SparseGPT tables report; the mean row averages it over the "
+        "tasks (the papers' mean column)." + (f" Rule: {task_rule(alpha)}." if has_comparison else "")
+    )
+    return "Tasks", head + body
 
 
 def sections(report: Report) -> list[Section]:

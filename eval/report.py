@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.errors import OneshotError
-from oneshot.eval.flags import task_deltas
 from oneshot.eval.plots import draw_plots
 from oneshot.eval.render import render_html, render_md
 from oneshot.eval.report_model import PerplexityRow, Report, ReportRun, RunSummary
+from oneshot.eval.task_compare import TaskTable, task_table
 from oneshot.output import reserve_output
 from oneshot.runfolder import (
     EVAL_FILE,
@@ -33,9 +33,6 @@ from oneshot.runfolder import (
     EvalRecord,
     PerplexityRecord,
     RunRecord,
-    TaskFlags,
-    from_dict,
-    to_dict,
 )
 
 __all__ = [
@@ -118,10 +115,16 @@ def _ppl_rows(run: LoadedRun, baseline: EvalRecord | None) -> list[PerplexityRow
         own = ev.baseline.ppl if ev.baseline is not None else {}
         ext = baseline.ppl if baseline is not None else {}
         for dataset, res in ev.ppl.items():
-            if dataset in own:
-                rows.append(_row(dataset, "eval", own[dataset], "eval.json baseline", res))
-            else:
-                rows.append(_row(dataset, "eval", ext.get(dataset), "--baseline", res))
+            dense, origin = (
+                (own[dataset], "eval.json baseline") if dataset in own else (ext.get(dataset), "--baseline")
+            )
+            why = res.mismatch(dense) if dense is not None else None
+            if why is not None:  # never compare measurements of other windows or data: say so instead
+                row = _row(dataset, "eval", None, None, res)
+                row.note = f"{origin} not comparable ({why}): left out; {row.note}".rstrip("; ")
+                rows.append(row)
+                continue
+            rows.append(_row(dataset, "eval", dense, origin, res))
     quick = run.run.quick_eval
     if not rows and quick.pruned is not None:
         rows.append(
@@ -174,24 +177,22 @@ def _summary(run: LoadedRun) -> RunSummary:
     )
 
 
-def _tasks(run: LoadedRun, baseline: EvalRecord | None) -> TaskFlags | None:
+def _tasks(run: LoadedRun, baseline: EvalRecord | None, baseline_path: str | None) -> TaskTable | None:
+    """The task table of a run: its eval.json's own dense baseline when that has task results, else the
+    tasks of ``oneshot report --baseline``; without either, the pruned scores alone."""
     ev = run.eval
-    if ev is None:
+    if ev is None or not ev.tasks:
         return None
-    if not ev.tasks and ev.longtail is not None and ev.longtail.tasks is not None:
-        return ev.longtail.tasks  # the deltas longtail_report computed
-    if not ev.tasks:
-        return None
-    dense = ev.baseline.tasks if ev.baseline is not None and ev.baseline.tasks else None
-    if dense is None and baseline is not None and baseline.tasks:
-        dense = baseline.tasks
-    if dense is None:
-        return TaskFlags(
-            note="no dense task results to compare with", extra={"pruned_only": to_dict(ev.tasks)}
-        )
-    pruned_dicts = {k: to_dict(v) for k, v in ev.tasks.items()}
-    dense_dicts = {k: to_dict(v) for k, v in dense.items()}
-    return from_dict(TaskFlags, task_deltas(pruned_dicts, dense_dicts))
+    own = ev.baseline
+    if own is not None and own.tasks:
+        cached = ", read from the cache" if own.cached else ""
+        model = own.model or "unnamed"
+        label = f"the dense model `{model}`, evaluated alongside (`oneshot eval --baseline`){cached}"
+        return task_table(ev.tasks, own.tasks, label, lm_eval=ev.versions.get("lm_eval"))
+    if baseline is not None and baseline.tasks:
+        label = f"`oneshot report --baseline {baseline_path}` ({baseline.model or 'model not recorded'})"
+        return task_table(ev.tasks, baseline.tasks, label, lm_eval=ev.versions.get("lm_eval"))
+    return task_table(ev.tasks, lm_eval=ev.versions.get("lm_eval"))
 
 
 def _algorithm(record: RunRecord) -> dict[str, Any]:
@@ -215,7 +216,7 @@ def build_report(
                 summary=_summary(run),
                 config={**_algorithm(run.run), **run.run.run.to_dict()},
                 perplexity=_ppl_rows(run, baseline),
-                tasks=_tasks(run, baseline),
+                tasks=_tasks(run, baseline, baseline_path),
                 longtail=run.eval.longtail if run.eval is not None else None,
                 layers=run.run.prune.layers if run.run.prune is not None else [],
                 blocks=run.run.prune.blocks if run.run.prune is not None else _shrink_blocks(run.run),

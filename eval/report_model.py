@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from oneshot.runfolder import BlockReport, LayerReport, LongtailRecord, TaskFlags, to_dict
+from oneshot.eval.task_compare import TaskTable
+from oneshot.runfolder import BlockReport, LayerReport, LongtailRecord, to_dict
 
 __all__ = ["FORMAT", "PerplexityRow", "Report", "ReportRun", "RunSummary"]
 
@@ -55,7 +56,7 @@ class ReportRun:
     summary: RunSummary
     config: dict[str, Any]
     perplexity: list[PerplexityRow]
-    tasks: TaskFlags | None
+    tasks: TaskTable | None  # every metric of every task, and the comparison with the dense model
     longtail: LongtailRecord | None
     layers: list[LayerReport]
     blocks: list[BlockReport]

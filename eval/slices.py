@@ -56,6 +56,8 @@ class SliceText:
     joiner: str  # "\n" between sentences, "\n\n" between documents
     group: str  # language | code | math
     source: str  # relative path(s) in the data directory
+    control: list[str] | None = None  # language slices: the aligned English side of ``texts``, same order
+    control_source: str | None = None
 
 
 Builder = Callable[[Path | None, int, int | None], SliceText]
@@ -78,33 +80,48 @@ def _aligned(src: list[str], tgt: list[str], what: str) -> None:
         raise EvalDataError(f"{what}: the two sides are not line-aligned ({len(src)} vs {len(tgt)} lines)")
 
 
-def _parallel(
-    pairs: list[tuple[str, str, str]], data_dir: Path | None, seed: int, limit: int | None, side: int
+def _pair(
+    key: str, rel_x: str, rel_en: str, data_dir: Path | None, seed: int, limit: int | None
 ) -> tuple[list[str], list[str]]:
-    """Sampled lines of parallel files. ``pairs``: (key, foreign rel path, English rel path); ``side`` 0
-    gives the foreign side of the first pair, 1 the English sides of every pair found, interleaved."""
+    """The sampled sentences of one parallel pair: (foreign side, English side), aligned line for line."""
+    x, en = _lines(find_data_file(rel_x, data_dir)), _lines(find_data_file(rel_en, data_dir))
+    _aligned(x, en, rel_x)
+    keep = [i for i in _sample(len(x), key, seed, None) if x[i].strip() and en[i].strip()]
+    keep = keep if limit is None else keep[:limit]
+    return [x[i].strip() for i in keep], [en[i].strip() for i in keep]
+
+
+def _parallel(
+    pairs: list[tuple[str, str, str]], data_dir: Path | None, seed: int, limit: int | None
+) -> tuple[list[str], list[str]]:
+    """The English sides of every pair found (``pairs``: (key, foreign rel path, English rel path)),
+    interleaved, with the paths read."""
     per_pair: list[list[str]] = []
     sources: list[str] = []
     missing: list[str] = []
     for key, rel_x, rel_en in pairs:
         try:
-            x, en = _lines(find_data_file(rel_x, data_dir)), _lines(find_data_file(rel_en, data_dir))
+            per_pair.append(_pair(key, rel_x, rel_en, data_dir, seed, limit)[1])
         except EvalDataError as exc:
-            if side == 0:
-                raise
             missing.append(str(exc))
             continue
-        _aligned(x, en, rel_x)
-        keep = [i for i in _sample(len(x), key, seed, None) if x[i].strip() and en[i].strip()]
-        keep = keep if limit is None else keep[:limit]
-        per_pair.append([(x if side == 0 else en)[i].strip() for i in keep])
-        sources.append(rel_x if side == 0 else rel_en)
+        sources.append(rel_en)
     if not per_pair:  # every pair is missing: name the first, count the others
         more = f" (and the other {len(missing) - 1} language pairs alike)" if len(missing) > 1 else ""
         raise EvalDataError((missing[0] if missing else "no parallel files") + more)
-    # English sides: interleave the pairs so that a token budget takes a fair share of each.
+    # interleave the pairs so that a token budget takes a fair share of each
     out = [s for group in _interleave(per_pair) for s in group]
     return (out if limit is None else out[:limit]), sources
+
+
+def _language(key: str, rel_x: str, rel_en: str) -> Builder:
+    """A language slice: the sampled foreign sentences, with their English sides as the control."""
+
+    def build(data_dir: Path | None, seed: int, limit: int | None) -> SliceText:
+        texts, english = _pair(key, rel_x, rel_en, data_dir, seed, limit)
+        return SliceText(texts, "\n", "language", rel_x, control=english, control_source=rel_en)
+
+    return build
 
 
 def _interleave(lists: list[list[str]]) -> list[list[str]]:
@@ -112,25 +129,17 @@ def _interleave(lists: list[list[str]]) -> list[list[str]]:
     return [[x[i] for x in lists if i < len(x)] for i in range(longest)]
 
 
-def _flores(lang: str) -> Builder:
-    def build(data_dir: Path | None, seed: int, limit: int | None) -> SliceText:
-        rel = f"{FLORES_DIR}/wikipedia.devtest.{lang}-en"
-        texts, src = _parallel([(f"flores/{lang}", f"{rel}.{lang}", f"{rel}.en")], data_dir, seed, limit, 0)
-        return SliceText(texts, "\n", "language", ", ".join(src))
+def _flores_pair(lang: str) -> tuple[str, str, str]:
+    rel = f"{FLORES_DIR}/wikipedia.devtest.{lang}-en"
+    return f"flores/{lang}", f"{rel}.{lang}", f"{rel}.en"
 
-    return build
+
+def _flores(lang: str) -> Builder:
+    return _language(*_flores_pair(lang))
 
 
 def _flores_en(data_dir: Path | None, seed: int, limit: int | None) -> SliceText:
-    pairs = [
-        (
-            f"flores/{lang}",
-            f"{FLORES_DIR}/wikipedia.devtest.{lang}-en.{lang}",
-            f"{FLORES_DIR}/wikipedia.devtest.{lang}-en.en",
-        )
-        for lang in FLORES_LANGS
-    ]
-    texts, src = _parallel(pairs, data_dir, seed, limit, 1)
+    texts, src = _parallel([_flores_pair(lang) for lang in FLORES_LANGS], data_dir, seed, limit)
     return SliceText(texts, "\n", "language", ", ".join(src))
 
 
@@ -143,11 +152,7 @@ def _tatoeba_pair(lang: str) -> tuple[str, str, str]:
 
 
 def _tatoeba(lang: str) -> Builder:
-    def build(data_dir: Path | None, seed: int, limit: int | None) -> SliceText:
-        texts, src = _parallel([_tatoeba_pair(lang)], data_dir, seed, limit, 0)
-        return SliceText(texts, "\n", "language", ", ".join(src))
-
-    return build
+    return _language(*_tatoeba_pair(lang))
 
 
 def _tatoeba_langs(data_dir: Path | None) -> list[str]:
@@ -166,7 +171,7 @@ def _tatoeba_langs(data_dir: Path | None) -> list[str]:
 
 def _tatoeba_en(data_dir: Path | None, seed: int, limit: int | None) -> SliceText:
     pairs = [_tatoeba_pair(lang) for lang in _tatoeba_langs(data_dir)]
-    texts, src = _parallel(pairs, data_dir, seed, limit, 1)
+    texts, src = _parallel(pairs, data_dir, seed, limit)
     return SliceText(texts, "\n", "language", f"{TATOEBA_DIR}/tatoeba.*-eng.eng ({len(src)} files)")
 
 

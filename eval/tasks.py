@@ -31,8 +31,17 @@ rte              tasks/rte/val.jsonl (SuperGLUE validation)  sentence1 = premise
 lambada_openai   tasks/lambada/lambada_openai_test...jsonl   text = context + " " + continuation
 ===============  ==========================================  ============================================
 
-Known differences from lm-eval on the Hub data (all from the local files, not from the prompts):
+How each local copy differs from the Hub version lm-eval would read is stated per task in
+`LocalTask.differences` (recorded in every `TaskRecord` of a local task and shown under the task tables of
+the report and the card). In short:
 
+- boolq: NOT identical. SuperGLUE's passages (lm-eval reads ``aps/super_glue``, ``boolq``; its prompt is
+  ``"{{passage}}\nQuestion: {{question}}?\nAnswer:"``, task version 2.0) begin with the Wikipedia
+  article title and ``" -- "`` ("Persian language -- Persian (...) is one of ..."); MosaicML's copy has
+  no such prefix (none of its 3,270 passages starts with a title; issue #13 counted 3,249 of the 3,270
+  Hub passages with one, which could not be re-counted offline). The labels are 2,033 "yes" and 1,237
+  "no", so always answering "no" scores 0.378: SmolLM2-135M-Instruct's dense 0.385 here is its bias
+  towards "no", not a label-mapping error (labels and scoring were checked against lm-eval's own task).
 - hellaswag: the local file (llama.cpp's extraction) holds ``activity_label + ": " + ctx`` already
   preprocessed, without the ``ctx_a``/``ctx_b`` boundary. lm-eval builds ``ctx_a + " " +
   ctx_b.capitalize()``, so there the first letter of ``ctx_b`` is upper-cased (and the rest of ``ctx_b``
@@ -44,16 +53,22 @@ Known differences from lm-eval on the Hub data (all from the local files, not fr
   Accuracies can therefore differ slightly from lm-eval on the Hub copy.
 - arc_easy / arc_challenge: the MosaicML conversion has exactly 4 choices per item, whereas a few
   original items have 3 or 5; the answer labels are rebuilt as A-D (only their index matters).
-- winogrande, boolq, rte, lambada_openai, openbookqa, piqa: contexts, continuations and targets are
-  identical to lm-eval's; fields that only feed decontamination (e.g. winogrande's ``sentence`` spacing
-  around the blank) or ids may differ.
+- winogrande, rte, lambada_openai, openbookqa, piqa: the conversion back to lm-eval's fields gives the
+  requests lm-eval builds from the Hub layout (checked on examples by the tests); fields that only feed
+  decontamination (e.g. winogrande's ``sentence`` spacing around the blank) or ids may differ. The
+  documents themselves were not compared item by item with the Hub copies (no network).
 - The narrowed splits leave no training split, so few-shot prompting (``num_fewshot > 0``) is not
   offered offline; zero-shot, as in the pruning papers.
+
+`run_tasks` also keeps, per task, whether each document was answered correctly (``acc``, ``acc_norm``),
+the documents' identity, the chance level, n-shot and the task version, for the paired dense-vs-pruned
+comparison of `oneshot.eval.task_compare`.
 """
 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -64,6 +79,7 @@ from typing import Any
 
 from oneshot.data import read_jsonl
 from oneshot.eval.corpora import EvalDataError, find_data_file
+from oneshot.runfolder import pack_bits
 
 __all__ = [
     "LOCAL_TASKS",
@@ -75,6 +91,7 @@ __all__ = [
     "local_task_docs",
     "local_task_paths",
     "local_task_spec",
+    "per_document",
     "run_tasks",
     "task_summary",
     "validate_task_names",
@@ -220,40 +237,119 @@ class LocalTask:
     config: str  # lm-eval YAML, relative to lm_eval/tasks
     split: str  # the split name the config evaluates ("test" or "validation")
     convert: Callable[[list[Path]], list[dict[str, Any]]]
+    differences: str  # how the local copy differs from the Hub version; the first sentence sums it up
+
+
+_ARC_DIFF = (
+    "Every item has exactly 4 choices, where a few items of the Hub copy have 3 or 5. MosaicML's "
+    "conversion does not record how those few items (of allenai/ai2_arc) were cut or padded; answer labels "
+    "are rebuilt as A-D and ids as local-<i> (only the index of the answer matters to lm-eval)."
+)
+_DIFFERENCES = {
+    "arc_easy": _ARC_DIFF,
+    "arc_challenge": _ARC_DIFF,
+    "piqa": (
+        "No known difference. The PIQA authors' original files (valid.jsonl, valid-labels.lst) hold the "
+        "goal/sol1/sol2/label fields lm-eval reads from baber/piqa."
+    ),
+    "hellaswag": (
+        "Contexts keep ctx_b lower-case and tag-led endings lose a leading space, so scores can differ "
+        "slightly from lm-eval on Rowan/hellaswag. llama.cpp's extraction joined ctx_a and ctx_b, so "
+        "'... on a roof. he' stays as written where lm-eval capitalises ctx_b ('He'), and an ending that "
+        "started with a WikiHow tag such as '[step]' has one leading space where lm-eval keeps two; "
+        "ind/source_id/split_type are absent."
+    ),
+    "winogrande": (
+        "No difference in the requests lm-eval builds. MosaicML's partial-evaluation form (the sentence up "
+        "to the blank with each option, then the shared continuation) is turned back into "
+        "sentence/option1/option2/answer; only the spacing of the rebuilt sentence around the blank (used "
+        "for decontamination) may differ from allenai/winogrande."
+    ),
+    "boolq": (
+        "The passages lack SuperGLUE's 'Title -- ' prefix, so scores are not directly comparable with "
+        "lm-eval on the Hub copy. lm-eval's prompt '{{passage}}\\nQuestion: {{question}}?\\nAnswer:' on "
+        "aps/super_glue (boolq) begins with the Wikipedia article title ('Persian language -- Persian (...) "
+        "is one of ...'); MosaicML's copy has none (0 of its 3,270 passages; issue #13 counted 3,249 of the "
+        "3,270 Hub passages with the prefix, which could not be re-counted offline). The labels are 2,033 "
+        "yes / 1,237 no: always answering 'no' scores 0.378 and always 'yes' 0.622, so a score near 0.38 is a "
+        "bias towards 'no', not a label error (labels and scoring were checked against lm-eval's task)."
+    ),
+    "openbookqa": (
+        "No difference in the requests lm-eval builds. MosaicML's conversion keeps question_stem and the 4 "
+        "choice texts of allenai/openbookqa (main); answer labels are rebuilt as A-D and ids as local-<i>."
+    ),
+    "rte": (
+        "No difference in the requests lm-eval builds. SuperGLUE's RTE validation file (nyu-mll/jiant) holds "
+        "the same 277 premise/hypothesis pairs as GLUE's (nyu-mll/glue, which lm-eval reads); labels are "
+        "mapped entailment -> 0, not_entailment -> 1."
+    ),
+    "lambada_openai": (
+        "No difference in the requests lm-eval builds. MosaicML's context/continuation split is joined back "
+        "with one space into the text field lm-eval reads from EleutherAI/lambada_openai (context = all but "
+        "the last word, target = the last word)."
+    ),
+}
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
-    "arc_easy": LocalTask(("tasks/arc/arc_easy_test.llmfoundry.jsonl",), "arc/arc_easy.yaml", "test", _arc),
+    "arc_easy": LocalTask(
+        ("tasks/arc/arc_easy_test.llmfoundry.jsonl",),
+        "arc/arc_easy.yaml",
+        "test",
+        _arc,
+        _DIFFERENCES["arc_easy"],
+    ),
     "arc_challenge": LocalTask(
-        ("tasks/arc/arc_challenge_test.llmfoundry.jsonl",), "arc/arc_challenge.yaml", "test", _arc
+        ("tasks/arc/arc_challenge_test.llmfoundry.jsonl",),
+        "arc/arc_challenge.yaml",
+        "test",
+        _arc,
+        _DIFFERENCES["arc_challenge"],
     ),
     "piqa": LocalTask(
-        ("tasks/piqa/valid.jsonl", "tasks/piqa/valid-labels.lst"), "piqa/piqa.yaml", "validation", _piqa
+        ("tasks/piqa/valid.jsonl", "tasks/piqa/valid-labels.lst"),
+        "piqa/piqa.yaml",
+        "validation",
+        _piqa,
+        _DIFFERENCES["piqa"],
     ),
     "hellaswag": LocalTask(
-        ("tasks/hellaswag/hellaswag_val_full.txt.bz2",), "hellaswag/hellaswag.yaml", "validation", _hellaswag
+        ("tasks/hellaswag/hellaswag_val_full.txt.bz2",),
+        "hellaswag/hellaswag.yaml",
+        "validation",
+        _hellaswag,
+        _DIFFERENCES["hellaswag"],
     ),
     "winogrande": LocalTask(
         ("tasks/winogrande/winogrande_dev.llmfoundry.jsonl",),
         "winogrande/default.yaml",
         "validation",
         _winogrande,
+        _DIFFERENCES["winogrande"],
     ),
     "boolq": LocalTask(
-        ("tasks/boolq/boolq_val.llmfoundry.jsonl",), "super_glue/boolq/default.yaml", "validation", _boolq
+        ("tasks/boolq/boolq_val.llmfoundry.jsonl",),
+        "super_glue/boolq/default.yaml",
+        "validation",
+        _boolq,
+        _DIFFERENCES["boolq"],
     ),
     "openbookqa": LocalTask(
         ("tasks/openbookqa/openbookqa_test.llmfoundry.jsonl",),
         "openbookqa/openbookqa.yaml",
         "test",
         _openbookqa,
+        _DIFFERENCES["openbookqa"],
     ),
-    "rte": LocalTask(("tasks/rte/val.jsonl",), "glue/rte/default.yaml", "validation", _rte),
+    "rte": LocalTask(
+        ("tasks/rte/val.jsonl",), "glue/rte/default.yaml", "validation", _rte, _DIFFERENCES["rte"]
+    ),
     "lambada_openai": LocalTask(
         ("tasks/lambada/lambada_openai_test.llmfoundry.jsonl",),
         "lambada/lambada_openai.yaml",
         "test",
         _lambada,
+        _DIFFERENCES["lambada_openai"],
     ),
 }
 
@@ -442,8 +538,52 @@ def _metric(result: dict[str, Any], key: str) -> float | None:
     return None
 
 
-def task_summary(name: str, result: dict[str, Any], n: int, limit: int | None, source: str) -> dict[str, Any]:
-    """One task's metrics in the oneshot-eval/1 layout (acc, acc_stderr, acc_norm, ...; None when absent)."""
+PER_DOCUMENT = ("acc", "acc_norm")  # the 0/1 metrics kept per document
+
+
+def per_document(samples: list[dict[str, Any]], output_type: str | None) -> dict[str, Any]:
+    """The per-document part of a task's record from lm-eval's logged samples (``log_samples=True``):
+    ``correct`` (metric -> `pack_bits` of the 0/1 outcomes in document order), ``docs_hash`` (lm-eval's
+    doc and target hashes, in order) and ``chance`` (mean of 1 / choices for a multiple-choice task, 0 for
+    other tasks with an accuracy, None without one)."""
+    if not samples:
+        return {"correct": {}, "docs_hash": None, "chance": None}
+    first = samples[0].get("filter", "none")
+    keep = "none" if any(s.get("filter", "none") == "none" for s in samples) else first
+    by_doc: dict[int, dict[str, Any]] = {}
+    for s in samples:
+        if s.get("filter", "none") == keep:
+            by_doc.setdefault(int(s["doc_id"]), s)
+    docs = [by_doc[k] for k in sorted(by_doc)]
+    correct = {}
+    for metric in PER_DOCUMENT:
+        values = [d.get(metric) for d in docs]
+        if all(isinstance(v, (int, float)) and v in (0, 1) for v in values):
+            correct[metric] = pack_bits([1 if v else 0 for v in values])
+    chance: float | None = None
+    if output_type == "multiple_choice":
+        chance = sum(1.0 / max(1, len(d.get("arguments") or ())) for d in docs) / len(docs)
+    elif correct:
+        chance = 0.0  # an exact continuation (lambada) is not hit by guessing among a few options
+    ids = "\n".join(f"{d.get('doc_hash', '')}:{d.get('target_hash', '')}" for d in docs)
+    return {"correct": correct, "docs_hash": hashlib.sha256(ids.encode()).hexdigest()[:16], "chance": chance}
+
+
+def task_summary(
+    name: str,
+    result: dict[str, Any],
+    n: int,
+    limit: int | None,
+    source: str,
+    *,
+    samples: list[dict[str, Any]] | None = None,
+    output_type: str | None = None,
+    num_fewshot: int | None = None,
+    version: Any = None,
+) -> dict[str, Any]:
+    """One task's record in the oneshot-eval layout (`TaskRecord`): acc, acc_stderr, acc_norm, ... (None
+    when absent), n, limit, source, n-shot, task version, the per-document results (`per_document`) and,
+    for a local copy, how it differs from the Hub version."""
     out: dict[str, Any] = {
         "acc": _metric(result, "acc"),
         "acc_stderr": _metric(result, "acc_stderr"),
@@ -455,6 +595,11 @@ def task_summary(name: str, result: dict[str, Any], n: int, limit: int | None, s
         if filt == "none" and metric not in out and metric != "alias":
             out[metric] = _metric(result, metric)
     out.update(n=int(n), limit=limit, source=source)
+    out.update(num_fewshot=num_fewshot, version=None if version is None else str(version))
+    if samples is not None:
+        out.update(per_document(samples, output_type))
+    local = source.startswith("local") and name in LOCAL_TASKS
+    out["differences"] = LOCAL_TASKS[name].differences if local else None
     return out
 
 
@@ -469,7 +614,8 @@ def run_tasks(
     bootstrap_iters: int = 100_000,
     built: TaskRun | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Zero-shot lm-eval metrics of an in-memory model: ``{task: {acc, acc_stderr, acc_norm, n, ...}}``.
+    """Zero-shot lm-eval metrics of an in-memory model: ``{task: {acc, acc_stderr, acc_norm, n, ...}}``
+    (`task_summary`), with the per-document results of every task (lm-eval's logged samples).
 
     The model stays where it is (its device and dtype); ``limit`` caps the documents per task.
     """
@@ -486,12 +632,22 @@ def run_tasks(
         task_manager=_empty_task_manager(),
         limit=limit,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=True,
     )
     if results is None:  # pragma: no cover - only on non-zero ranks
         return {}
     out: dict[str, dict[str, Any]] = {}
-    for name in run.tasks:
+    for name, task in run.tasks.items():
         n = results.get("n-samples", {}).get(name, {}).get("effective", 0)
-        out[name] = task_summary(name, results["results"][name], n, limit, run.sources.get(name, "hub"))
+        out[name] = task_summary(
+            name,
+            results["results"][name],
+            n,
+            limit,
+            run.sources.get(name, "hub"),
+            samples=results.get("samples", {}).get(name),
+            output_type=getattr(task, "OUTPUT_TYPE", None),
+            num_fewshot=results.get("n-shot", {}).get(name),
+            version=results.get("versions", {}).get(name),
+        )
     return out

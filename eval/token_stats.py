@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SliceStats", "next_token_stats"]
+__all__ = ["BLOCK_TOKENS", "SliceStats", "next_token_stats"]
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x vocab of fp32 log-probs handled at once (16 MB)
 
@@ -62,16 +62,32 @@ def next_token_stats(
     return torch.cat(nll_d).cpu(), torch.cat(nll_p).cpu(), torch.cat(kl).cpu()
 
 
+BLOCK_TOKENS = 32
+"""Consecutive predicted tokens of a window that form one cluster of the standard error: neighbouring tokens'
+NLL differences are correlated, so the per-token formula would overstate the evidence."""
+
+
 @dataclass
 class SliceStats:
-    """Running sums over the predicted tokens of a slice (float64)."""
+    """Running sums over the predicted tokens of a slice (float64).
+
+    The standard error of the mean NLL difference is cluster-robust: every window is cut into blocks of
+    `BLOCK_TOKENS` consecutive tokens, and ``se^2 = G / (G - 1) * sum_g (S_g - n_g * d)^2 / n^2`` with
+    ``S_g`` the block's sum of differences, ``n_g`` its token count, ``d`` the mean difference and ``G`` the
+    number of blocks (the ratio-estimator variance of a clustered mean). It needs only the running sums of
+    ``S_g^2``, ``S_g n_g`` and ``n_g^2``.
+    """
 
     tokens: int = 0
     windows: int = 0
     nll_dense: float = 0.0
     nll_pruned: float = 0.0
     kl: float = 0.0
-    delta_sq: float = 0.0  # sum of (nll_pruned - nll_dense)^2, for a standard error
+    delta_sq: float = 0.0  # sum of (nll_pruned - nll_dense)^2 over tokens
+    blocks: int = 0  # G
+    block_sq: float = 0.0  # sum_g S_g^2
+    block_cross: float = 0.0  # sum_g S_g n_g
+    block_n_sq: float = 0.0  # sum_g n_g^2
 
     def add(self, nll_d: torch.Tensor, nll_p: torch.Tensor, kl: torch.Tensor) -> None:
         """Add the (T,) per-token values of one window."""
@@ -81,6 +97,29 @@ class SliceStats:
         self.nll_pruned += float(nll_p.double().sum())
         self.kl += float(kl.double().sum())
         self.delta_sq += float((d * d).sum())
+        for block in d.split(BLOCK_TOKENS):
+            s, n = float(block.sum()), block.numel()
+            self.blocks += 1
+            self.block_sq += s * s
+            self.block_cross += s * n
+            self.block_n_sq += n * n
+
+    def merge(self, other: SliceStats) -> None:
+        """Add another slice's sums (its windows and blocks stay clusters of their own)."""
+        for name in (
+            "tokens", "windows", "nll_dense", "nll_pruned", "kl", "delta_sq",
+            "blocks", "block_sq", "block_cross", "block_n_sq",
+        ):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def delta_se(self) -> float | None:
+        """Cluster-robust standard error of the mean per-token NLL difference (None below 2 blocks)."""
+        n, g = self.tokens, self.blocks
+        if n == 0 or g < 2:
+            return None
+        d = (self.nll_pruned - self.nll_dense) / n
+        ss = self.block_sq - 2 * d * self.block_cross + d * d * self.block_n_sq
+        return math.sqrt(max(0.0, ss) * g / (g - 1)) / n
 
     def to_dict(self) -> dict[str, Any]:
         """Means over tokens; ``rel_degradation = ppl_pruned / ppl_dense - 1``."""
@@ -89,16 +128,16 @@ class SliceStats:
             return {"tokens": 0, "windows": self.windows}
         md, mp = self.nll_dense / n, self.nll_pruned / n
         delta = mp - md
-        var = max(0.0, self.delta_sq / n - delta * delta)
         return {
             "tokens": n,
             "windows": self.windows,
+            "blocks": self.blocks,
             "nll_dense": md,
             "nll_pruned": mp,
             "ppl_dense": _exp(md),
             "ppl_pruned": _exp(mp),
             "delta_nll": delta,
-            "delta_nll_se": math.sqrt(var / (n - 1)) if n > 1 else None,
+            "delta_nll_se": self.delta_se(),
             "rel_degradation": math.expm1(delta) if delta < 700 else math.inf,
             "kl": self.kl / n,
         }

@@ -158,11 +158,12 @@ def _task_results(name: str, res: TaskRecord) -> list[Any]:
     from huggingface_hub import EvalResult
 
     dtype, pretty, config, split = _TASK_DATASETS.get(name) or (name, name, None, None)
-    args = {"num_fewshot": 0, "documents": res.n, "limit": res.limit}
+    shots = res.num_fewshot if res.num_fewshot is not None else 0
+    args = {"num_fewshot": shots, "documents": res.n, "limit": res.limit}
     return [
         EvalResult(
             task_type=TASK_TYPE,
-            task_name=f"{pretty} (zero-shot, lm-eval)",
+            task_name=f"{pretty} ({shots or 'zero'}-shot, lm-eval)",
             dataset_type=dtype,
             dataset_name=pretty,
             dataset_config=config,
@@ -183,8 +184,10 @@ def _eval_results(record: RunRecord, ev: EvalRecord | None) -> list[Any]:
     quick = record.quick_eval.pruned
     if quick is not None and (quick.dataset or "wikitext2") not in ev_ppl:
         results.append(_ppl_result(quick.dataset or "wikitext2", quick, "quick check, not the full protocol"))
-    limit = ev.config.get("limit") if ev else None
-    label = f"oneshot eval --limit {limit}, not the full protocol" if limit else "oneshot eval"
+    cfg = ev.config if ev else {}
+    cap = cfg.get("ppl_windows") if "ppl_windows" in cfg else cfg.get("limit")  # records before --ppl-windows
+    flag = "--ppl-windows" if "ppl_windows" in cfg else "--limit"
+    label = f"oneshot eval {flag} {cap}, not the full protocol" if cap else "oneshot eval"
     for name, res in ev_ppl.items():
         results.append(_ppl_result(name, res, label))
     for name, task in (ev.tasks if ev else {}).items():
@@ -537,7 +540,9 @@ def _ppl_table(ev: EvalRecord) -> list[str]:
     rows = []
     for name, res in ev.ppl.items():
         dense = base.ppl.get(name) if base is not None else None
-        d = dense.value if dense is not None else None
+        why = res.mismatch(dense) if dense is not None else None
+        d = dense.value if dense is not None and why is None else None
+        note = f"baseline not comparable ({why}); {res.note or ''}" if why else res.note or ""
         rows.append(
             [
                 _ppl_dataset(name)[1],
@@ -545,7 +550,7 @@ def _ppl_table(ev: EvalRecord) -> list[str]:
                 fixed(d),
                 fixed(res.value),
                 pct(res.value / d - 1) if d else "-",
-                res.note or "",
+                note,
             ]
         )
     return [
@@ -556,47 +561,73 @@ def _ppl_table(ev: EvalRecord) -> list[str]:
     ]
 
 
+def _first_sentence(text: str) -> str:
+    return text.split(". ", 1)[0].rstrip(".") + "."
+
+
 def _task_table(ev: EvalRecord) -> list[str]:
+    """Every metric of every task (dense beside when evaluated alongside), the mean of the headline metric,
+    the dense-vs-pruned comparison and how local task copies differ from the Hub versions."""
+    from oneshot.eval.render import task_comparison_table, task_rule, task_score_table
+    from oneshot.eval.task_compare import task_table
+
     base = ev.baseline
-    rows = []
-    for name, res in ev.tasks.items():
-        btask = base.tasks.get(name) if base is not None else None
-        for metric, value in res.metrics.items():
-            digits = 3 if metric == "perplexity" else 4
-            dense = btask.get(metric) if btask is not None else None
-            rows.append(
-                [
-                    name,
-                    metric,
-                    str(res.n),
-                    fixed(dense, digits),
-                    fixed(value, digits),
-                    fixed(value - dense, digits) if dense is not None else "-",
-                    fixed(res.stderr(metric), 4),
-                ]
-            )
+    dense = base.tasks if base is not None and base.tasks else None
+    label = f"`{base.model or 'unnamed'}`, evaluated alongside" if base is not None and dense else None
+    table = task_table(ev.tasks, dense, label, lm_eval=ev.versions.get("lm_eval"))
+    scores = task_score_table(table)
+    lm_eval = f", lm-eval {table.lm_eval}" if table.lm_eval else ""
     limit = next((r.limit for r in ev.tasks.values() if r.limit), None)
     note = f" Limited to the first {limit} documents per task (a quick check)." if limit else ""
-    return [
-        f"Zero-shot tasks (lm-eval's task configs through `simple_evaluate`).{note}",
+    out = [
+        f"Zero-shot tasks (lm-eval's task configs through `simple_evaluate`{lm_eval}); dense baseline: "
+        f"{table.baseline or 'none'}. * marks the headline metric (acc_norm where the task has it, else acc), "
+        f"averaged in the mean row as in the Wanda and SparseGPT tables.{note}",
         "",
-        md_table(["task", "metric", "n", "dense", "pruned", "delta", "stderr"], rows),
+        md_table(scores.header, scores.rows),
         "",
     ]
+    cmp = table.comparison
+    if cmp is not None:
+        rows = task_comparison_table(cmp)
+        out += [
+            f"Dense vs pruned on the headline metric: {task_rule(cmp.alpha)}. Flagged tasks: "
+            f"{', '.join(cmp.flagged) if cmp.flagged else 'none'}.",
+            "",
+            md_table(rows.header, rows.rows),
+            "",
+        ]
+    local = [
+        f"{name}: {_first_sentence(r.differences)}"
+        for name, r in ev.tasks.items()
+        if r.differences and (r.source or "").startswith("local")
+    ]
+    if local:
+        out += [
+            "Local task copies (how they differ from the Hub versions lm-eval reads; the full text is in "
+            "eval.json): " + " ".join(local),
+            "",
+        ]
+    return out
 
 
 def _longtail_section(ev: EvalRecord) -> list[str]:
+    from oneshot.eval.render import longtail_rule
+
     lt = ev.longtail
     if lt is None:
         return []
     agg = lt.aggregate
     task_flags = lt.tasks.flagged if lt.tasks is not None else []
+    se = agg.delta_nll_se if agg else None
     out = [
         "### Long-tail slices",
         "",
-        f"Aggregate ({agg.name if agg else '-'}): perplexity dense {fixed(agg.ppl_dense if agg else None)} -> "
-        f"pruned {fixed(agg.ppl_pruned if agg else None)} ({pct(agg.rel_degradation if agg else None)}). "
-        f"A slice is flagged when it degrades at least {lt.factor:g}x as much as the aggregate.",
+        f"Aggregate ({agg.definition or agg.name if agg else '-'}): perplexity dense "
+        f"{fixed(agg.ppl_dense if agg else None)} -> pruned {fixed(agg.ppl_pruned if agg else None)} "
+        f"({pct(agg.rel_degradation if agg else None)}; NLL increase {fixed(agg.delta_nll if agg else None, 4)}"
+        f"{f' ± {fixed(1.96 * se, 4)}' if se is not None else ''} nats per token). "
+        f"Rule: {longtail_rule(lt)}.",
         "",
         f"Flagged slices: {', '.join(lt.flagged) if lt.flagged else 'none'}."
         + (f" Flagged tasks: {', '.join(task_flags)}." if task_flags else ""),
@@ -606,7 +637,7 @@ def _longtail_section(ev: EvalRecord) -> list[str]:
     if flagged:
         out += [
             md_table(
-                ["slice", "tokens", "dense ppl", "pruned ppl", "change", "x aggregate"],
+                ["slice", "tokens", "dense ppl", "pruned ppl", "change", "NLL increase", "x aggregate", "p"],
                 [
                     [
                         s.name,
@@ -614,7 +645,10 @@ def _longtail_section(ev: EvalRecord) -> list[str]:
                         fixed(s.ppl_dense),
                         fixed(s.ppl_pruned),
                         pct(s.rel_degradation),
+                        fixed(s.delta_nll, 4)
+                        + (f" ± {fixed(1.96 * s.delta_nll_se, 4)}" if s.delta_nll_se is not None else ""),
                         fixed(s.ratio_to_aggregate, 2),
+                        fixed(s.p_value, 4),
                     ]
                     for s in flagged
                 ],
@@ -632,6 +666,9 @@ def _eval_section(ev: EvalRecord | None) -> list[str]:
             "",
         ]
     out = ["### `oneshot eval`", ""]
+    if ev.baseline is not None:
+        cached = " (its results read from the evaluation cache)" if ev.baseline.cached else ""
+        out += [f"Dense baseline: `{ev.baseline.model or 'unnamed'}`, evaluated alongside{cached}.", ""]
     if ev.ppl:
         out += _ppl_table(ev)
     if ev.tasks:

@@ -21,6 +21,7 @@ import platform
 import tempfile
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,7 +67,9 @@ __all__ = [
     "file_hashes",
     "from_dict",
     "library_versions",
+    "pack_bits",
     "to_dict",
+    "unpack_bits",
 ]
 
 RUN_FILE = "oneshot.json"
@@ -398,7 +401,22 @@ class PerplexityRecord:
     note: str | None = None
     source: str | None = None
     seconds: float | None = None
+    data: str | None = None  # content fingerprint of the data file(s) the windows were cut from
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def mismatch(self, other: PerplexityRecord) -> str | None:
+        """Why this measurement and ``other`` are not comparable (other windows, length, tokens, dataset or
+        data file), or None when they are. Fields a record lacks (older records) are not compared."""
+        reasons = []
+        if (self.windows, self.seqlen) != (other.windows, other.seqlen):
+            reasons.append(f"{self.windows} x {self.seqlen} vs {other.windows} x {other.seqlen} windows")
+        elif self.tokens is not None and other.tokens is not None and self.tokens != other.tokens:
+            reasons.append(f"{self.tokens} vs {other.tokens} tokens")
+        if self.dataset and other.dataset and self.dataset != other.dataset:
+            reasons.append(f"dataset {self.dataset} vs {other.dataset}")
+        if self.data and other.data and self.data != other.data:
+            reasons.append("different data files")
+        return "; ".join(reasons) or None
 
 
 @dataclass
@@ -581,12 +599,30 @@ def _fields(cls: type) -> list[str]:
 @dataclass
 class TaskRecord:
     """One lm-eval task: its metrics (``acc``, ``acc_norm``, ``perplexity``, each with ``<m>_stderr``) are
-    the keys besides ``n``, ``limit`` and ``source``."""
+    the keys besides the fields below.
+
+    ``correct`` holds, for each 0/1 metric (``acc``, ``acc_norm``), whether every document was answered
+    correctly, in lm-eval's document order, as a `pack_bits` hex string; ``docs_hash`` identifies those
+    documents and their targets, so two records of the same task can be compared document by document.
+    Records written before these fields load with them empty (None / {})."""
 
     n: int | None = None
     limit: int | None = None
     source: str | None = None
+    num_fewshot: int | None = None
+    version: str | None = None  # the task's version in lm-eval (its config's metadata)
+    chance: float | None = None  # accuracy of guessing: mean over documents of 1 / choices; 0 without choices
+    correct: dict[str, str] = field(default_factory=dict)  # metric -> per-document 0/1 (`pack_bits`)
+    docs_hash: str | None = None  # sha256 over lm-eval's per-document doc and target hashes, in order
+    differences: str | None = None  # a local copy: how its documents differ from the Hub version
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def outcomes(self, metric: str) -> list[int] | None:
+        """Per-document 0/1 of ``metric`` in document order; None when not recorded (or not ``n`` long)."""
+        packed = self.correct.get(metric)
+        if packed is None or self.n is None:
+            return None
+        return unpack_bits(packed, self.n)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -606,6 +642,30 @@ def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def pack_bits(bits: Sequence[int]) -> str:
+    """0/1 values as hex, 4 per digit, the first value in the highest bit (the last digit zero-padded)."""
+    if any(b not in (0, 1) for b in bits):
+        raise ValueError("pack_bits takes 0/1 values only")
+    if not bits:
+        return ""
+    text = "".join(str(int(b)) for b in bits)
+    text += "0" * (-len(text) % 4)
+    return format(int(text, 2), f"0{len(text) // 4}x")
+
+
+def unpack_bits(packed: str, n: int) -> list[int] | None:
+    """The ``n`` 0/1 values of `pack_bits`; None when ``packed`` is not a hex string of that length."""
+    if n < 0 or len(packed) != -(-n // 4):
+        return None
+    if n == 0:
+        return []
+    try:
+        text = format(int(packed, 16), f"0{4 * len(packed)}b")
+    except ValueError:
+        return None
+    return [int(c) for c in text[:n]]
 
 
 @dataclass
@@ -638,32 +698,52 @@ class SliceRecord:
     kl: float | None = None
     ratio_to_aggregate: float | None = None
     flagged: bool = False
+    blocks: int | None = None  # clusters of the standard error
+    texts: int | None = None  # sentences / documents the slice holds
+    excess_nll: float | None = None  # delta_nll - factor x the aggregate's
+    excess_se: float | None = None
+    p_value: float | None = None  # one-sided, before Holm's correction
+    status: str | None = None  # flagged | not significant | too small
+    vs_control: dict[str, Any] | None = None  # language slices: against the English side
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TaskDelta:
-    """One task, dense vs pruned: accuracies, the delta and its combined standard error, the flag."""
+    """One task, dense vs pruned on its headline metric (`oneshot.eval.task_compare`): the scores, the
+    difference with its standard error, the one-sided test of a drop and the status. Rows written before
+    the test (``acc_dense``, ``acc_pruned``, ``delta_stderr``) load with those keys in ``extra``."""
 
     name: str
-    acc_dense: float
-    acc_pruned: float
-    delta: float
-    rel_degradation: float | None = None
-    n: int | None = None
-    delta_stderr: float | None = None
+    metric: str | None = None  # the headline metric: acc_norm where the task has it, else acc
+    dense: float | None = None
+    pruned: float | None = None
+    delta: float | None = None  # pruned - dense (a fraction; x 100 for points)
+    se: float | None = None  # standard error of delta (paired when ``paired``)
+    p_value: float | None = None  # one-sided p-value of a drop, before Holm's correction
+    test: str | None = None  # which test gave p_value
+    paired: bool = False  # compared document by document
+    n: int | None = None  # documents of the pruned result
+    n_dense: int | None = None
+    discordant: list[int] | None = None  # paired: [dense right & pruned wrong, dense wrong & pruned right]
+    chance: float | None = None  # the chance level of the metric
+    p_chance: float | None = None  # one-sided p-value of the dense score being above chance
+    status: str | None = None  # flagged | not significant | at chance | not tested
     flagged: bool = False
+    note: str | None = None  # why a comparison is unpaired or was not tested
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TaskFlags:
-    """Task accuracy deltas (pruned - dense) and the tasks flagged for degrading most; ``note`` says why
-    there are none (e.g. no dense results to compare with)."""
+    """Dense vs pruned per task and the tasks flagged (`oneshot.eval.task_compare`); ``aggregate`` is the
+    mean of the headline metric over the compared tasks (``dense``, ``pruned``, ``delta``, ``tasks``);
+    ``note`` says what was left out. ``alpha`` is None in records made before the significance test."""
 
     tasks: list[TaskDelta] = field(default_factory=list)
     aggregate: dict[str, float | None] | None = None
     flagged: list[str] = field(default_factory=list)
+    alpha: float | None = None
     note: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -704,8 +784,12 @@ class LongtailRecord:
 
     aggregate: SliceRecord | None = None
     slices: list[SliceRecord] = field(default_factory=list)
+    controls: list[SliceRecord] = field(default_factory=list)  # English sides of the language slices
     flagged: list[str] = field(default_factory=list)
     factor: float = 2.0
+    alpha: float | None = None  # family-wise error of the flags (None: records before the significance test)
+    seqlen: int | None = None
+    max_tokens_per_slice: int | None = None
     tasks: TaskFlags | None = None
     frequency: FrequencyInfo | None = None
     skipped: list[SkippedSlice] = field(default_factory=list)

@@ -96,7 +96,7 @@ def test_eval_refreshes_the_card(
     monkeypatch.setenv("ONESHOT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    argv = ["eval", str(run), "--ppl", "wikitext2,c4", "--seqlen", "32", "--limit", "2"]
+    argv = ["eval", str(run), "--ppl", "wikitext2,c4", "--seqlen", "32", "--ppl-windows", "2", "--limit", "2"]
     assert main([*argv, "--data-dir", str(data_dir), "-q"]) == 0
     ev = json.loads((run / "eval.json").read_text())
     card = _load(run / "README.md")
@@ -107,7 +107,7 @@ def test_eval_refreshes_the_card(
         wiki.metric_value == ev["ppl"]["wikitext2"]["value"] and c4.metric_value == ev["ppl"]["c4"]["value"]
     )
     assert c4.dataset_args == {"windows": 2, "seqlen": 32, "tokens": 62} and c4.dataset_split == "validation"
-    assert "--limit 2, not the full protocol" in c4.dataset_name
+    assert "--ppl-windows 2, not the full protocol" in c4.dataset_name
     assert (
         len(card.data.eval_results) == 2
     )  # eval.json measured wikitext2 again: the quick check is superseded
@@ -139,7 +139,16 @@ def _eval_with_tasks() -> dict[str, Any]:
         "ppl": {
             "wikitext2": {"value": 20.5, "windows": 141, "seqlen": 2048, "tokens": 288640, "note": "full"}
         },
-        "tasks": {"arc_easy": {**task, "source": "local"}, "lambada_openai": {**lambada, "source": "local"}},
+        "tasks": {
+            "arc_easy": {
+                **task,
+                "source": "local:/data/tasks/arc/arc_easy_test.llmfoundry.jsonl",
+                "num_fewshot": 0,
+                "version": "1.0",
+                "differences": "Every item has exactly 4 choices, where a few Hub items have 3 or 5. More.",
+            },
+            "lambada_openai": {**lambada, "source": "local"},
+        },
         "baseline": {
             "ppl": {"wikitext2": {"value": 18.0, "windows": 141, "seqlen": 2048}},
             "tasks": {"arc_easy": dense, "lambada_openai": {**lambada, "acc": 0.3, "perplexity": 30.0}},
@@ -198,9 +207,36 @@ def test_tasks_and_longtail_in_metadata_and_body(run_dir: Path) -> None:
     # the metadata round-trips through huggingface_hub's own model-index conversion
     again = card_metadata(record, _eval(_eval_with_tasks()), license="mit")
     assert again.to_dict() == card.data.to_dict()
-    assert "| arc_easy | acc | 100 | 0.4000 | 0.3000 | -0.1000 | 0.0200 |" in text
+    # lm-eval's table: every metric, dense beside, the headline metric (*) averaged in the mean row
+    assert "| arc_easy | 1.0 | 0 | 100 | - | acc | 0.4000 | 0.0200 | 0.3000 | 0.0200 | -0.1000 |" in text
+    assert (
+        "| arc_easy | 1.0 | 0 | 100 | - | acc_norm * | 0.4200 | 0.0200 | 0.3500 | 0.0210 | -0.0700 |" in text
+    )
+    assert "| lambada_openai | - | - | 100 | - | perplexity | 30.000 | - | 55.500 | - | +25.500 |" in text
+    assert "| mean |  |  |  |  | * over 2 tasks | 0.3600 |  | 0.2750 |  | -0.0850 |" in text
+    # the comparison (unpaired: these records have no per-document results) and the local copy's note
+    assert "| arc_easy | acc_norm | 100 | 0.25 | 0.4200 | 0.3500 | -7.00 |" in text
+    assert "two-proportion z (unpaired) | not significant |" in text
+    assert "Local task copies" in text and "arc_easy: Every item has exactly 4 choices" in text
+    assert "lambada_openai:" not in text.split("Local task copies", 1)[1].split("\n", 1)[0]
+    # without a dense baseline the pruned scores still appear
+    alone = _eval_with_tasks()
+    alone.pop("baseline")
+    alone_text = build_card(record, _eval(alone), license="mit")
+    assert "| arc_easy | 1.0 | 0 | 100 | - | acc | 0.3000 | 0.0200 |" in alone_text
+    assert "| mean |  |  |  |  | * over 2 tasks | 0.2750 |  |" in alone_text and "p (drop)" not in alone_text
     assert "Flagged slices: code. Flagged tasks: lambada_openai." in text
-    assert "| code | 4000 | 3.000 | 4.500 | +50.00% | 3.60 |" in text and "fra_Latn" not in text
+    assert "| code | 4000 | 3.000 | 4.500 | +50.00% | - | 3.60 | - |" in text and "fra_Latn" not in text
+    assert "made before flags tested significance" in text  # an old record says its rule was the old one
+    # a record with the significance test: NLL increase with its 95 % interval, the p-value, the rule
+    ev = _eval_with_tasks()
+    lt = ev["longtail"]
+    lt["alpha"] = 0.05
+    lt["aggregate"].update(delta_nll=0.13, delta_nll_se=0.01)
+    lt["slices"][0].update(delta_nll=0.405, delta_nll_se=0.05, p_value=0.0001, status="flagged", blocks=125)
+    text = build_card(record, _eval(ev), license="mit")
+    assert "| code | 4000 | 3.000 | 4.500 | +50.00% | 0.4050 ± 0.0980 | 3.60 | 0.0001 |" in text
+    assert "Holm-corrected over the slices at 0.05" in text and "0.1300 ± 0.0196 nats per token" in text
 
 
 def test_default_model_metadata(run_dir: Path) -> None:

@@ -687,7 +687,7 @@ def test_a_second_run_fails_fast_and_kill_9_leftovers_are_cleaned(
     "argv",
     [
         ["card", "{run}"],
-        ["eval", "{run}", "--ppl", "wikitext2", "--limit", "1", "--seqlen", "16"],
+        ["eval", "{run}", "--ppl", "wikitext2", "--ppl-windows", "1", "--seqlen", "16"],
         ["report", "{run}", "--out", "{ws}/report"],
         ["push", "{run}", "--repo-id", "me/x", "--dry-run"],
     ],
@@ -719,7 +719,9 @@ def test_eval_checks_the_baseline_before_evaluating_the_model(
     for baseline, words in (("./no-such-model", "does not exist"), ("conf", "no weights")):
         if baseline == "conf":
             _config_only(workspace)
-        code = main(["eval", "model", "--baseline", baseline, "--limit", "1", "--data-dir", str(data_dir)])
+        code = main(
+            ["eval", "model", "--baseline", baseline, "--ppl-windows", "1", "--data-dir", str(data_dir)]
+        )
         err = capsys.readouterr().err
         assert code == 2 and words in err, err
 

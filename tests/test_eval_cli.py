@@ -57,6 +57,10 @@ def test_bad_inputs(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert "has oneshot.json but no checkpoint" in msg and "config.json" in msg
     msg = _error(capsys, ["eval", model, "--limit", "0"])
     assert "--limit must be >= 1" in msg
+    msg = _error(capsys, ["eval", model, "--ppl-windows", "0"])
+    assert "--ppl-windows must be >= 1" in msg
+    msg = _error(capsys, ["eval", model, "--longtail", "--longtail-tokens", "1"])
+    assert "--longtail-tokens must be >= 2" in msg
     msg = _error(capsys, ["eval", model, "--ppl", "none"])
     assert "nothing to evaluate" in msg
     msg = _error(capsys, ["eval", str(tmp_path / "nope" / "model")])
@@ -83,7 +87,7 @@ def test_run_dir_end_to_end(
 
     run = _run_dir(tiny_llama_dir, tmp_path / "run")
     out = tmp_path / "results.json"
-    argv = ["eval", str(run), "--ppl", "wikitext2,c4", "--seqlen", "32", "--limit", "2"]
+    argv = ["eval", str(run), "--ppl", "wikitext2,c4", "--seqlen", "32", "--ppl-windows", "2", "--limit", "2"]
     argv += ["--tasks", "arc_easy,lambada_openai", "--baseline", str(tiny_llama_dir)]
     argv += ["--json", str(out), "--bootstrap-iters", "10", "--data-dir", str(data_dir), "-q"]
     assert main(argv) == 0
@@ -98,7 +102,7 @@ def test_run_dir_end_to_end(
         ppl = result["ppl"][name]
         assert {"value", "nll", "windows", "seqlen", "tokens", "note"} <= set(ppl)
         assert ppl["windows"] == 2 and ppl["seqlen"] == 32 and ppl["tokens"] == 2 * 31
-        assert "--limit 2" in ppl["note"]
+        assert "--ppl-windows 2" in ppl["note"]
     assert "256" in result["ppl"]["c4"]["note"]
     for name in ("arc_easy", "lambada_openai"):
         task = result["tasks"][name]
@@ -118,6 +122,15 @@ def test_run_dir_end_to_end(
     assert base["model"] == str(tiny_llama_dir.resolve()) and base["fingerprint"]
     assert base["ppl"]["wikitext2"]["value"] == pytest.approx(direct.value, rel=1e-6)
     assert base["tasks"]["arc_easy"]["acc"] == result["tasks"]["arc_easy"]["acc"]
+    # per-document results, n-shot and task version are recorded; the same weights pair with no change
+    from oneshot.eval.task_compare import compare_tasks
+
+    arc = result["tasks"]["arc_easy"]
+    assert set(arc["correct"]) == {"acc", "acc_norm"} and arc["docs_hash"] and arc["chance"] == 0.25
+    assert arc["num_fewshot"] == 0 and arc["version"] and "4 choices" in arc["differences"]
+    cmp = compare_tasks(result["tasks"], base["tasks"])
+    assert [r.paired for r in cmp.tasks] == [True, True] and cmp.flagged == []
+    assert all(r.discordant == [0, 0] for r in cmp.tasks)
 
 
 def _count_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -143,6 +156,7 @@ def test_baseline_cache(
     config = EvalConfig(
         ppl=("wikitext2",),
         seqlen=32,
+        ppl_windows=3,
         limit=3,
         tasks=("arc_easy",),
         baseline=str(dense),
@@ -159,6 +173,7 @@ def test_baseline_cache(
     assert calls[0] * 2 == both  # only the evaluated model ran; the baseline was not recomputed
     assert second.baseline.ppl == first.baseline.ppl
     assert second.baseline.tasks == first.baseline.tasks
+    assert second.baseline.tasks["arc_easy"].outcomes("acc") is not None  # per-document results cached too
     # the cache is keyed by content: a new mtime alone still hits ...
     weights = dense / "model.safetensors"
     stat = weights.stat()

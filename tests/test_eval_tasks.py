@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from oneshot.eval.corpora import EvalDataError
-from oneshot.eval.tasks import LOCAL_TASKS, build_tasks, run_tasks, validate_task_names
+from oneshot.eval.task_compare import compare_tasks
+from oneshot.eval.tasks import LOCAL_TASKS, build_tasks, per_document, run_tasks, validate_task_names
+from oneshot.runfolder import TaskRecord, from_dict, pack_bits
 
 # --- a few documents of each task in the field layout of the Hub dataset lm-eval reads -------------
 
@@ -399,3 +401,41 @@ def test_simple_evaluate_end_to_end(tiny_llama_dir: Path, data_dir: Path) -> Non
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == gold)
     assert out["arc_easy"]["acc"] == pytest.approx(correct / 2)
     assert out["arc_easy"]["acc_norm"] == pytest.approx(correct_norm / 2)
+    # per-document results: the outcomes lm-eval logged, in document order, and what they were made on
+    arc = from_dict(TaskRecord, out["arc_easy"])
+    assert arc.outcomes("acc") is not None and sum(arc.outcomes("acc") or []) == correct
+    assert sum(arc.outcomes("acc_norm") or []) == correct_norm
+    assert arc.chance == pytest.approx(0.25) and arc.num_fewshot == 0 and arc.version is not None
+    assert arc.docs_hash and arc.differences == LOCAL_TASKS["arc_easy"].differences
+    wino = from_dict(TaskRecord, out["winogrande"])
+    assert set(wino.correct) == {"acc"} and wino.chance == pytest.approx(0.5)
+    assert wino.get("acc") == pytest.approx(sum(wino.outcomes("acc") or []) / 2)
+    # the same documents give the same identity: a second model's record pairs with this one
+    again = run_tasks(model, tok, ["arc_easy"], data_dir=data_dir, limit=2, bootstrap_iters=10)
+    assert again["arc_easy"]["docs_hash"] == arc.docs_hash
+    cmp = compare_tasks({"arc_easy": again["arc_easy"]}, {"arc_easy": arc})
+    assert cmp.tasks[0].paired and cmp.tasks[0].discordant == [0, 0]
+
+
+def test_per_document_from_logged_samples() -> None:
+    samples = [  # lm-eval's logged samples, out of order, with a second filter that is ignored
+        {"doc_id": 1, "filter": "none", "acc": 0.0, "acc_norm": 1.0, "arguments": [1, 2], "doc_hash": "b"},
+        {
+            "doc_id": 0,
+            "filter": "none",
+            "acc": 1.0,
+            "acc_norm": 1.0,
+            "arguments": [1, 2, 3, 4],
+            "doc_hash": "a",
+        },
+        {"doc_id": 0, "filter": "other", "acc": 0.0, "acc_norm": 0.0, "arguments": [1, 2], "doc_hash": "a"},
+    ]
+    out = per_document(samples, "multiple_choice")
+    assert out["correct"] == {"acc": pack_bits([1, 0]), "acc_norm": pack_bits([1, 1])}
+    assert out["chance"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert per_document(samples[::-1], "multiple_choice") == out  # document order, not logging order
+    swapped = [dict(x, doc_hash="c") if x["doc_id"] == 1 else x for x in samples]
+    assert per_document(swapped, "multiple_choice")["docs_hash"] != out["docs_hash"]
+    lam = per_document([{"doc_id": 0, "acc": 1, "perplexity": -3.2, "arguments": [1]}], "loglikelihood")
+    assert lam["correct"] == {"acc": "8"} and lam["chance"] == 0.0
+    assert per_document([], "multiple_choice") == {"correct": {}, "docs_hash": None, "chance": None}

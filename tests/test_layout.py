@@ -78,6 +78,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oneshot.eval.frequency",
             "oneshot.eval.token_stats",
             "oneshot.eval.flags",
+            "oneshot.eval.task_compare",
             "oneshot.eval.longtail",
         ),
     ),

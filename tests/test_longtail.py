@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oneshot.eval.flags import flag_slices, task_deltas
+from oneshot.eval.flags import flag_slices, holm
 from oneshot.eval.frequency import frequency_buckets
 from oneshot.eval.longtail import longtail_report
 from oneshot.eval.slices import SLICES, TATOEBA_LANGS, slice_texts
-from oneshot.eval.token_stats import next_token_stats
+from oneshot.eval.token_stats import BLOCK_TOKENS, SliceStats, next_token_stats
 from tests.conftest import TEXT, tiny_llama_config
 
 SENTENCES = [s.strip() + "." for s in TEXT[:400].split(".") if s.strip()]
@@ -144,10 +144,14 @@ def test_slice_numbers_equal_a_direct_computation(tiny_models, tiny_tokenizer, f
     )
     (s,) = rep["slices"]
     piece = slice_texts("code/humaneval", fake_data, seed=0, limit=SMALL["limit"])
-    ids = tiny_tokenizer(piece.joiner.join(piece.texts), return_tensors="pt").input_ids[0, :96]
+    # whole documents, as many as fit in 96 tokens once joined
+    counts = [len(tiny_tokenizer(piece.joiner.join(piece.texts[:k])).input_ids) for k in range(1, 7)]
+    keep = max(k for k in range(1, 7) if counts[k - 1] <= 96)
+    assert keep < len(piece.texts)
+    ids = tiny_tokenizer(piece.joiner.join(piece.texts[:keep]), return_tensors="pt").input_ids[0]
     nll_d, nll_p, kls = [], [], []
     with torch.no_grad():
-        for w in ids.split(64):  # the windows: 64 tokens, then the remaining 32
+        for w in ids.split(64):  # the windows: 64 tokens, then the rest
             ld = dense(input_ids=w[None]).logits[0, :-1].double().log_softmax(-1)
             lp = pruned(input_ids=w[None]).logits[0, :-1].double().log_softmax(-1)
             tgt = w[1:]
@@ -155,7 +159,7 @@ def test_slice_numbers_equal_a_direct_computation(tiny_models, tiny_tokenizer, f
             nll_p.append(-lp.gather(1, tgt[:, None]).squeeze(1))
             kls.append((ld.exp() * (ld - lp)).sum(-1))
     md, mp, mk = torch.cat(nll_d).mean().item(), torch.cat(nll_p).mean().item(), torch.cat(kls).mean().item()
-    assert s["tokens"] == 94 and s["windows"] == 2
+    assert s["tokens"] == ids.numel() - 2 and s["windows"] == 2 and s["texts"] == keep
     assert s["nll_dense"] == pytest.approx(md, rel=1e-5) and s["nll_pruned"] == pytest.approx(mp, rel=1e-5)
     assert s["kl"] == pytest.approx(mk, rel=1e-4) and s["kl"] > 0
     assert s["ppl_pruned"] == pytest.approx(math.exp(mp), rel=1e-5)
@@ -191,44 +195,114 @@ def test_buckets_partition_the_aggregate(tiny_models, tiny_tokenizer, fake_data:
     assert nll == pytest.approx(agg["nll_dense"], rel=1e-9)
 
 
-def test_flags_on_hand_made_numbers() -> None:
-    def rows() -> list[dict]:
-        return [
-            {"name": "a", "rel_degradation": 0.1},
-            {"name": "b", "rel_degradation": 0.2},
-            {"name": "c", "rel_degradation": 0.19999},
-            {"name": "d", "rel_degradation": 0.5},
-            {"name": "e", "rel_degradation": -0.3},
-            {"name": "f"},  # no tokens
-        ]
+def _synthetic(name: str, shift: float, gen: torch.Generator, tokens: int = 4096, noise: float = 1.0) -> dict:
+    """A slice whose per-token NLL increase is ``shift`` + noise, in windows of 512, summed by SliceStats.
 
-    r = rows()
-    assert flag_slices(r, 0.1) == ["b", "d"]
-    assert r[1]["ratio_to_aggregate"] == pytest.approx(2.0) and r[5]["flagged"] is False
-    assert flag_slices(rows(), 0.1, factor=5.0) == ["d"]
-    for agg in (0.0, -0.05, None):  # no aggregate degradation: nothing is flagged
-        r = rows()
-        assert flag_slices(r, agg) == [] and all(x["ratio_to_aggregate"] is None for x in r)
+    The noise is autocorrelated within a block of 8 tokens (one draw per 8 tokens plus a smaller
+    independent part), as neighbouring tokens' NLL changes are."""
+    st = SliceStats()
+    for _ in range(tokens // 512):
+        base = torch.rand(512, generator=gen, dtype=torch.float64) * 5
+        shared = torch.randn(64, generator=gen, dtype=torch.float64).repeat_interleave(8)
+        d = shift + noise * (shared + 0.3 * torch.randn(512, generator=gen, dtype=torch.float64))
+        st.add(base, base + d, d.abs())
+        st.windows += 1
+    return {"name": name, **st.to_dict()}
 
 
-def test_task_deltas() -> None:
-    dense = {
-        "arc_easy": {"acc": 0.60, "acc_stderr": 0.03},
-        "piqa": {"acc": 0.70, "acc_stderr": 0.04},
-        "x": {"acc": 0.5},
-    }
-    pruned = {
-        "arc_easy": {"acc": 0.30, "acc_stderr": 0.04, "n": 100},
-        "piqa": {"acc": 0.69, "acc_stderr": 0.03},
-    }
-    out = task_deltas(pruned, {"tasks": dense})
-    by = {r["name"]: r for r in out["tasks"]}
-    assert by["arc_easy"]["delta"] == pytest.approx(-0.30) and by["arc_easy"][
-        "delta_stderr"
-    ] == pytest.approx(0.05)
-    assert by["arc_easy"]["rel_degradation"] == pytest.approx(0.5)
-    assert out["aggregate"]["rel_degradation"] == pytest.approx(1 - 0.495 / 0.65)
-    assert out["flagged"] == ["arc_easy"] and "x" in out["note"]
+def test_slice_se_is_the_cluster_robust_se_of_a_direct_computation() -> None:
+    gen = torch.Generator().manual_seed(1)
+    st = SliceStats()
+    diffs = []
+    for length in (64, 40, 7):  # blocks of 32: 2, 2 (32 + 8), 1 (7)
+        nd = torch.rand(length, generator=gen, dtype=torch.float64)
+        np_ = nd + torch.randn(length, generator=gen, dtype=torch.float64)
+        st.add(nd, np_, torch.zeros(length))
+        diffs.append(np_ - nd)
+    blocks = [blk for d in diffs for blk in d.split(BLOCK_TOKENS)]
+    n, g = sum(x.numel() for x in blocks), len(blocks)
+    mean = torch.cat(diffs).mean()
+    ss = sum(float((x.sum() - x.numel() * mean) ** 2) for x in blocks)
+    assert st.blocks == g == 5
+    assert st.to_dict()["delta_nll_se"] == pytest.approx(math.sqrt(ss * g / (g - 1)) / n, rel=1e-9)
+    merged = SliceStats()
+    merged.merge(st)
+    merged.merge(st)
+    assert merged.blocks == 10 and merged.to_dict()["delta_nll"] == pytest.approx(st.to_dict()["delta_nll"])
+
+
+def test_flags_no_flag_on_pure_noise_and_a_flag_on_a_planted_degradation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # 200 repetitions of 30 slices that degrade exactly like the aggregate (pure noise around the same
+    # shift): with Holm at 0.05 the family-wise false flag rate must stay near or below 5 %
+    false_families = 0
+    for _ in range(200):
+        agg = _synthetic("agg", 0.10, gen, tokens=8192)
+        slices = [_synthetic(f"s{i}", 0.10, gen, tokens=1024) for i in range(30)]
+        false_families += bool(flag_slices(slices, agg, factor=1.0))
+    assert false_families <= 20  # 10 % allows for sampling error around 5 %
+    # planted degradations are found among 28 slices of pure noise
+    agg = _synthetic("agg", 0.10, gen, tokens=32768, noise=0.5)
+    planted = [_synthetic(f"s{i}", 0.10, gen, tokens=1024, noise=0.5) for i in range(30)]
+    planted[7] = _synthetic("s7", 0.60, gen, tokens=1024, noise=0.5)  # six times the aggregate's increase
+    planted[11] = _synthetic("s11", 0.40, gen, tokens=1024, noise=0.1)  # four times, little noise
+    assert flag_slices(planted, agg, factor=2.0) == ["s7", "s11"]
+    s7 = planted[7]
+    assert s7["status"] == "flagged" and s7["ratio_to_aggregate"] == pytest.approx(6.0, rel=0.3)
+    assert s7["excess_nll"] == pytest.approx(s7["delta_nll"] - 2 * agg["delta_nll"])
+    assert all(s["status"] == "not significant" for s in planted if not s["flagged"])
+    # a slice twice as bad on the NLL scale, but only that: not flagged at factor 2
+    again = [_synthetic("twice", 0.20, gen, tokens=1024, noise=0.5)]
+    assert flag_slices(again, agg, factor=2.0) == []
+
+
+def test_flag_edge_cases() -> None:
+    gen = torch.Generator().manual_seed(2)
+    agg = _synthetic("agg", 0.0, gen, tokens=8192, noise=0.01)
+    same = {"name": "same", "tokens": 100, "blocks": 8, "delta_nll": 0.0, "delta_nll_se": 0.0}
+    tiny = {"name": "tiny", "tokens": 60, "blocks": 2, "delta_nll": 5.0, "delta_nll_se": 0.1}
+    bad = _synthetic("bad", 0.5, gen, tokens=1024, noise=0.2)
+    empty = {"name": "empty", "tokens": 0}
+    rows = [same, tiny, bad, empty]
+    # no aggregate degradation: a slice is flagged when its own increase is significant
+    assert flag_slices(rows, agg) == ["bad"]
+    assert same["status"] == "not significant" and same["p_value"] == 1.0
+    assert tiny["status"] == "too small" and empty["status"] == "too small"
+    assert all(r["ratio_to_aggregate"] is None for r in rows)
+    assert holm({"a": 0.01, "b": 0.02, "c": 0.04}, 0.05) == {
+        "a",
+        "b",
+        "c",
+    }  # .01 <= .05/3, .02 <= .05/2, .04 <= .05
+    assert holm({"a": 0.03, "b": 0.04, "c": 0.001}, 0.05) == {"c"}  # .03 > .05/2 stops: b is kept too
+    assert holm({"a": 0.02, "b": 0.001}, 0.05) == {"a", "b"}
+    assert holm({}, 0.05) == set()
+
+
+def test_language_slices_against_their_english_control(tiny_models, tiny_tokenizer, fake_data: Path) -> None:
+    dense, pruned = tiny_models
+    rep = longtail_report(
+        dense,
+        pruned,
+        tiny_tokenizer,
+        fake_data,
+        slices=["flores/ne", "tatoeba/deu"],
+        frequency=False,
+        **SMALL,
+    )
+    controls = {c["name"]: c for c in rep["controls"]}
+    assert set(controls) == {"flores/ne:en", "tatoeba/deu:en"}
+    by = {s["name"]: s for s in rep["slices"]}
+    for name in ("flores/ne", "tatoeba/deu"):
+        c = controls[f"{name}:en"]
+        assert c["group"] == "control" and c["texts"] == by[name]["texts"] and c["tokens"] > 0
+        vs = by[name]["vs_control"]
+        assert vs["control"] == f"{name}:en"
+        assert vs["excess_nll"] == pytest.approx(by[name]["delta_nll"] - c["delta_nll"])
+    # the control holds the English side of exactly the sentences of its language slice
+    piece = slice_texts("tatoeba/deu", fake_data, seed=0, limit=SMALL["limit"])
+    assert [t.split()[-1] for t in piece.texts] == [t.split()[-1] for t in piece.control]
+    assert rep["pooled"]["tokens"] == sum(s["tokens"] for s in rep["slices"])  # controls not pooled
 
 
 def test_deterministic_for_a_seed(tiny_models, tiny_tokenizer, fake_data: Path) -> None:

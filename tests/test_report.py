@@ -14,7 +14,7 @@ import torch
 
 from oneshot.eval.longtail import longtail_report
 from oneshot.eval.report import write_report
-from oneshot.runfolder import RecordError
+from oneshot.runfolder import RecordError, pack_bits
 from tests.conftest import tiny_llama_config
 from tests.test_longtail import make_fake_data
 
@@ -105,7 +105,7 @@ def longtail(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "arc_easy": {"acc": 0.45, "acc_stderr": 0.02, "n": 50},
         "piqa": {"acc": 0.62, "acc_stderr": 0.02, "n": 50},
     }
-    return longtail_report(
+    rep = longtail_report(
         dense,
         pruned,
         tiny_tokenizer,
@@ -117,6 +117,24 @@ def longtail(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
         task_results=tasks_p,
         baseline_task_results=tasks_d,
     )
+    # A tiny random model degrades every slice alike, so the significance test flags none (the old rule
+    # flagged half of them); to test how a flagged row is rendered, the most significant slice is marked.
+    rep["unmarked_flags"] = list(rep["flagged"])
+    tested = [s for s in rep["slices"] if s.get("p_value") is not None]
+    top = min(tested, key=lambda s: s["p_value"])
+    top["flagged"], top["status"] = True, "flagged"
+    rep["flagged"] = [s["name"] for s in rep["slices"] if s["flagged"]]
+    return rep
+
+
+def _task(acc: float, per_document: bool, n: int = 100) -> dict:
+    """An arc_easy record of ``n`` documents, the first ``acc * n`` right (with per-document results)."""
+    right = round(acc * n)
+    out = {"acc": acc, "acc_stderr": 0.02, "acc_norm": None, "n": n, "limit": None, "source": "local:/x"}
+    out["differences"] = "Every item has exactly 4 choices. The rest."
+    if per_document:
+        out.update(correct={"acc": pack_bits([1] * right + [0] * (n - right))}, docs_hash="same-docs")
+    return out
 
 
 @pytest.fixture()
@@ -132,9 +150,7 @@ def runs(tmp_path: Path, longtail: dict) -> tuple[list[Path], Path]:
             "format": "oneshot-eval/1",
             "model": str(d),
             "ppl": {"wikitext2": _ppl(20.0 * (1 + sp)), "c4": _ppl(30.0 * (1 + sp))},
-            "tasks": {
-                "arc_easy": {"acc": 0.5 - sp / 2, "acc_stderr": 0.02, "acc_norm": None, "n": 50, "limit": 50}
-            },
+            "tasks": {"arc_easy": _task(0.5 - sp / 2, per_document=True)},
             "baseline": None,
             "longtail": longtail if i == 1 else None,
             "versions": {},
@@ -143,7 +159,7 @@ def runs(tmp_path: Path, longtail: dict) -> tuple[list[Path], Path]:
         if i == 1:
             ev["baseline"] = {
                 "ppl": {"wikitext2": _ppl(20.0)},
-                "tasks": {"arc_easy": {"acc": 0.5, "acc_stderr": 0.02}},
+                "tasks": {"arc_easy": _task(0.5, per_document=False)},  # an older record: no per-document
             }
         (d / "eval.json").write_text(json.dumps(ev))
         dirs.append(d)
@@ -156,7 +172,8 @@ def runs(tmp_path: Path, longtail: dict) -> tuple[list[Path], Path]:
     dense_eval = {
         "format": "oneshot-eval/1",
         "ppl": {"wikitext2": _ppl(20.0), "c4": _ppl(30.0)},
-        "tasks": {"arc_easy": {"acc": 0.5, "acc_stderr": 0.02}},
+        "tasks": {"arc_easy": _task(0.5, per_document=True)},
+        "model": "dense-model",
     }
     (base / "eval.json").write_text(json.dumps(dense_eval))
     return dirs, base
@@ -183,7 +200,17 @@ def test_report_files_and_content(runs: tuple[list[Path], Path], tmp_path: Path)
     assert rq["perplexity"][0]["kind"] == "quick" and rq["perplexity"][0]["rel_degradation"] == pytest.approx(
         0.5
     )
-    assert r0["tasks"]["tasks"][0]["delta"] == pytest.approx(-0.15)
+    # tasks: run 0 paired with --baseline (both have per-document results), run 1 unpaired with its own
+    # eval.json baseline (written without them); both drops (50 -> 35 and 50 -> 25 of 100) are flagged
+    t0, t1 = r0["tasks"], r1["tasks"]
+    row0, row1 = t0["comparison"]["tasks"][0], t1["comparison"]["tasks"][0]
+    assert row0["delta"] == pytest.approx(-0.15) and row0["paired"] and row0["discordant"] == [15, 0]
+    assert row0["p_value"] == pytest.approx(0.5**15) and row0["status"] == "flagged"
+    assert t0["baseline"].startswith("`oneshot report --baseline ") and "dense-model" in t0["baseline"]
+    assert not row1["paired"] and row1["note"] == "unpaired: no per-document results in the dense record"
+    assert row1["status"] == "flagged" and "evaluated alongside (`oneshot eval --baseline`)" in t1["baseline"]
+    assert [(x["metric"], x["value"], x["dense"]) for x in t0["scores"]] == [("acc", 0.35, 0.5)]
+    assert t0["mean"] == {"pruned": 0.35, "dense": 0.5, "tasks": 1}
     assert r1["longtail"]["flagged"] == [s["name"] for s in r1["longtail"]["slices"] if s["flagged"]]
     assert len(r0["layers"]) == 14
     stems = {Path(p).stem for p in rep["plots"]}
@@ -198,20 +225,28 @@ def test_report_files_and_content(runs: tuple[list[Path], Path], tmp_path: Path)
         and "(plots/ppl-vs-sparsity.png)" in md
     )
     flagged = r1["longtail"]["flagged"]
-    assert flagged, "the tiny pruned model should have at least one flagged slice"
+    assert flagged and r1["longtail"]["unmarked_flags"] == []  # noise alone flags nothing
     assert all(re.search(rf"\| {re.escape(n)} \|.*\| FLAG \|", md) for n in flagged)
 
     page = paths["html"].read_text()
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == len(rep["plots"])
     assert not re.search(r"(src|href)=\"(https?:|//|file:)", page) and "<script" not in page
-    assert page.count('<tr class="flag">') == len(flagged) + len(r1["tasks"]["flagged"]) + len(
-        r0["tasks"]["flagged"]
+    assert page.count('<tr class="flag">') == len(flagged) + len(t1["comparison"]["flagged"]) + len(
+        t0["comparison"]["flagged"]
     )
+    assert "## Tasks" in md and "Baseline: `oneshot report --baseline" in md
+    assert "| arc_easy | - | - | 100 | - | acc * | 0.5000 |" in md
+    assert "Note: arc_easy (local copy): Every item has exactly 4 choices. The rest." in md
+    assert "no per-document results in the dense record" in md and "Holm-corrected" in md
 
-    # writing again replaces the previous report
+    # writing again replaces the previous report; without a baseline the pruned task scores still appear
     write_report(dirs[:1], out=out)
-    assert len(json.loads(paths["json"].read_text())["runs"]) == 1
+    alone = json.loads(paths["json"].read_text())["runs"]
+    assert len(alone) == 1 and alone[0]["tasks"]["comparison"] is None
+    assert alone[0]["tasks"]["baseline"] is None and alone[0]["tasks"]["scores"][0]["value"] == 0.35
+    md = paths["md"].read_text()
+    assert "Baseline: none" in md and "| arc_easy | - | - | 100 | - | acc * | 0.3500 | 0.0200 |" in md
 
 
 def test_report_on_a_fresh_prune_run_with_quick_eval_only(
@@ -388,3 +423,23 @@ def test_report_html_in_headless_chromium(runs: tuple[list[Path], Path], tmp_pat
     white = max(count for count, _ in colors)
     assert white < 0.97 * img.size[0] * img.size[1], "screenshot is almost all one colour"
     shutil.copy(png, paths["html"].parent / "screenshot.png")  # kept next to the report for a human look
+
+
+def test_an_incomparable_baseline_is_left_out_and_said(runs: tuple[list[Path], Path], tmp_path: Path) -> None:
+    """A dense measurement of other windows (2 x 512 against a run's 10 x 128) or of another data file is
+    never turned into a "change": the row keeps the pruned number and says why the dense one is left out."""
+    dirs, base = runs
+    dense = json.loads((base / "eval.json").read_text())
+    dense["ppl"]["wikitext2"].update(windows=2, seqlen=512, tokens=2 * 511)
+    dense["ppl"]["c4"]["data"] = "other-file"
+    (base / "eval.json").write_text(json.dumps(dense))
+    run = json.loads((dirs[0] / "eval.json").read_text())
+    run["ppl"]["wikitext2"].update(windows=10, seqlen=128, tokens=10 * 127)
+    run["ppl"]["c4"]["data"] = "this-file"
+    (dirs[0] / "eval.json").write_text(json.dumps(run))
+    paths = write_report(dirs[:1], baseline=base, out=tmp_path / "report")
+    rows = {p["dataset"]: p for p in json.loads(paths["json"].read_text())["runs"][0]["perplexity"]}
+    for name, why in (("wikitext2", "10 x 128 vs 2 x 512 windows"), ("c4", "different data files")):
+        assert rows[name]["dense"] is None and rows[name]["rel_degradation"] is None
+        assert f"--baseline not comparable ({why})" in rows[name]["note"]
+    assert "not comparable" in paths["md"].read_text()

@@ -42,10 +42,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length in tokens (2048)")
     p.add_argument(
+        "--ppl-windows",
+        type=int,
+        default=None,
+        help="quick check: only the first N perplexity windows (default: the protocol's)",
+    )
+    p.add_argument(
         "--limit",
         type=int,
         default=None,
-        help="quick check: first N perplexity windows and N documents per task",
+        help="quick check: only the first N documents of every task (default: all)",
     )
     p.add_argument(
         "--tasks",
@@ -58,6 +64,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="window length of the long-tail slices (default: --seqlen, capped by the model's context)",
+    )
+    p.add_argument(
+        "--longtail-tokens",
+        type=int,
+        default=1024,
+        help="tokens per long-tail slice (whole sentences / documents up to this budget) (1024)",
     )
     p.add_argument(
         "--baseline",
@@ -152,11 +164,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     config = EvalConfig(
         ppl=_split(args.ppl),
         seqlen=args.seqlen,
+        ppl_windows=args.ppl_windows,
         limit=args.limit,
         tasks=_split(args.tasks),
         baseline=args.baseline,
         longtail=args.longtail,
         longtail_seqlen=args.longtail_seqlen,
+        longtail_tokens=args.longtail_tokens,
         seed=args.seed,
         data_dir=args.data_dir or os.environ.get("ONESHOT_DATA_DIR"),
         dtype=args.dtype,
