@@ -335,6 +335,49 @@ def _longtail(
     return from_dict(LongtailRecord, report)
 
 
+def _keep_earlier(record: EvalRecord, path: Path) -> list[str]:
+    """Carry the results of an earlier ``eval.json`` that this evaluation did not measure again into
+    ``record`` (a perplexity run today does not erase yesterday's tasks); returns what was kept.
+
+    Only when the earlier record is of the same model content (fingerprint) and its dense baseline, if
+    both have one, is the same model too; otherwise the earlier results are stale and are replaced. Every
+    kept item carries its own windows / limit / version, so the record stays self-describing; the kept
+    names are listed in the record (``kept_from_earlier``)."""
+    try:
+        earlier = EvalRecord.load_optional(path.parent)
+    except Exception:  # an unreadable earlier file is simply replaced
+        return []
+    if earlier is None or earlier.fingerprint is None or earlier.fingerprint != record.fingerprint:
+        return []
+    old_base, new_base = earlier.baseline, record.baseline
+    if old_base is not None and new_base is not None and old_base.fingerprint != new_base.fingerprint:
+        return []
+    kept: list[str] = []
+    for name, ppl in earlier.ppl.items():
+        if name not in record.ppl:
+            record.ppl[name] = ppl
+            kept.append(f"ppl {name}")
+    for name, task in earlier.tasks.items():
+        if name not in record.tasks:
+            record.tasks[name] = task
+            kept.append(f"task {name}")
+    if old_base is not None:
+        if record.baseline is None:
+            record.baseline = BaselineRecord(old_base.model, {}, {}, old_base.fingerprint, old_base.cached)
+        for name, ppl in old_base.ppl.items():
+            if f"ppl {name}" in kept:
+                record.baseline.ppl.setdefault(name, ppl)
+        for name, task in old_base.tasks.items():
+            if f"task {name}" in kept:
+                record.baseline.tasks.setdefault(name, task)
+    if record.longtail is None and earlier.longtail is not None:
+        record.longtail = earlier.longtail
+        kept.append("longtail")
+    if kept:
+        record.extra["kept_from_earlier"] = kept
+    return kept
+
+
 def evaluate(
     model: str | os.PathLike[str] | None,
     config: EvalConfig | None = None,
@@ -390,6 +433,9 @@ def evaluate(
     record.versions = library_versions()
     record.seconds = time.perf_counter() - t0
     if target.run_dir is not None and write_run_eval:
+        kept = _keep_earlier(record, target.run_dir / EVAL_FILE)
+        if kept:
+            logger.info("kept earlier results of %s not measured again: %s", EVAL_FILE, ", ".join(kept))
         try:
             record.save(target.run_dir / EVAL_FILE)
         except OSError as exc:

@@ -193,3 +193,33 @@ def test_baseline_cache(
     calls[0] = 0
     fourth = evaluate(str(tiny_llama_dir), EvalConfig(**{**config.to_dict(), "cache": False}))
     assert fourth.baseline is not None and fourth.baseline.cached is False and calls[0] == both
+
+
+def test_a_later_eval_keeps_the_earlier_results_it_does_not_measure_again(
+    tiny_llama_dir: Path, tmp_path: Path, data_dir: Path, cache_dir: Path
+) -> None:
+    """Perplexity today, tasks tomorrow: eval.json holds both; a changed model makes the old results stale."""
+    run = _run_dir(tiny_llama_dir, tmp_path / "run")
+    common = ["--seqlen", "32", "--ppl-windows", "2", "--data-dir", str(data_dir), "-q"]
+    assert main(["eval", str(run), "--ppl", "wikitext2", *common]) == 0
+    first = json.loads((run / EVAL_FILE).read_text())
+    argv = ["eval", str(run), "--ppl", "c4", "--tasks", "arc_easy", "--limit", "2", "--bootstrap-iters", "10"]
+    assert main([*argv, *common]) == 0
+    both = json.loads((run / EVAL_FILE).read_text())
+    assert set(both["ppl"]) == {"wikitext2", "c4"} and set(both["tasks"]) == {"arc_easy"}
+    assert both["ppl"]["wikitext2"] == first["ppl"]["wikitext2"]
+    assert both["kept_from_earlier"] == ["ppl wikitext2"]
+    # measured again: the new number replaces the old one, nothing is "kept"
+    assert main(["eval", str(run), "--ppl", "wikitext2,c4", *common]) == 0
+    again = json.loads((run / EVAL_FILE).read_text())
+    assert again["kept_from_earlier"] == ["task arc_easy"]
+    # another model in the same folder (a weight changed): the earlier results are stale and dropped
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(run / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("down_proj.weight"))
+    weights[key] = weights[key] * 0.5
+    save_file(weights, str(run / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["eval", str(run), "--ppl", "c4", *common]) == 0
+    fresh = json.loads((run / EVAL_FILE).read_text())
+    assert set(fresh["ppl"]) == {"c4"} and fresh["tasks"] == {} and "kept_from_earlier" not in fresh
