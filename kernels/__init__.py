@@ -5,10 +5,14 @@
 * ``sparse24_gemv``/``bitmask_gemv``: decode kernels (few input rows) that read the compressed weight once
   and never build the dense tile; ``sparse24_matmul``/``bitmask_matmul``: tile kernels that expand weight
   tiles on chip into ``tl.dot``. Each has a pure-torch ``*_reference`` next to it.
-* ``Dispatcher``: picks, per (format, shape, M bucket, dtype, device), the fastest of our kernels, dense
-  ``F.linear`` and cuSPARSELt by timing once, and caches it. Without CUDA the dense path is used.
+* ``Dispatcher``: picks, per (format, shape, M bucket, dtype, device), the fastest of our kernels,
+  cuSPARSELt and the layer's dense fallback by timing once on CUDA, against the original dense layer
+  (``F.linear`` on the dense weight) timed in the same process; caches the plan and persists the timings
+  (``$ONESHOT_CACHE/dispatch-plans.json``). Without CUDA the dense path is used.
 * ``SparseLinear``/``convert``/``densify``: swap pruned ``nn.Linear`` layers in a model; ``generate()`` is
-  unchanged. ``keep_dense=True`` also keeps the dense weight so large-M calls cost exactly dense.
+  unchanged. ``keep_dense=True`` also keeps the dense weight, so the fallback is exactly the dense layer.
+* ``ops``: the custom ops ``torch.ops.oneshot.sparse24_linear``/``bitmask_linear`` (fake tensor and
+  autograd implementations included), so a converted model compiles with ``torch.compile(fullgraph=True)``.
 * ``load_sparse_model``/``save_compressed``/``load_compressed``: pruned checkpoint -> sparse model, and the
   compressed form on disk.
 * ``bench`` (imported on demand): what ``scripts/bench_kernels.py`` measures on a GPU.
@@ -31,7 +35,7 @@ from ._common import KernelConfig, candidate_configs, default_config, interpreti
 from .bitmask_gemv import bitmask_gemv, bitmask_gemv_reference
 from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
 from .checkpoint import COMPRESSED_WEIGHTS, load_compressed, load_sparse_model, save_compressed
-from .dispatch import BACKENDS, Dispatcher, Plan, default_dispatcher, m_bucket
+from .dispatch import BACKENDS, Dispatcher, DispatchKey, Plan, default_dispatcher, m_bucket
 from .formats import (
     BitmaskWeight,
     Sparse24Weight,
@@ -53,6 +57,7 @@ __all__ = [
     "FORMATS",
     "BitmaskWeight",
     "ConvertSummary",
+    "DispatchKey",
     "Dispatcher",
     "KernelConfig",
     "LayerReport",

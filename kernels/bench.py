@@ -348,6 +348,7 @@ def bench_shape(
     import torch.nn.functional as F
 
     from . import SparseLinear, bitmask_matmul, compress_24, compress_bitmask, sparse24_matmul
+    from .dispatch import Dispatcher
 
     g = torch.Generator(device=device).manual_seed(n * 7 + k)
     original = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=g) * 0.02
@@ -377,7 +378,8 @@ def bench_shape(
         times: list[float | None] = []
         plan = ""
         for keep_dense in (False, True) if kept_dense else (False,):
-            layer = SparseLinear(weight, keep_dense=keep_dense)
+            # a fresh dispatcher that neither reads nor writes stored plans: every figure is timed here
+            layer = SparseLinear(weight, keep_dense=keep_dense, dispatcher=Dispatcher(persist=False))
             with torch.no_grad():
                 layer(x)  # times the candidates once and caches the plan
                 times.append(timer(functools.partial(layer, x)))

@@ -3,13 +3,15 @@
 ``convert(model, "2:4" | "bitmask" | "auto")`` replaces, in place, every ``nn.Linear`` whose weight is pruned
 (2:4: every group of 4 input columns has at least 2 zeros; bitmask: any zeros) by a ``SparseLinear`` that
 stores the compressed weight and multiplies with the fastest backend for each input size (see
-``kernels.dispatch``). Output embeddings (``lm_head``) and weights shared with another module are left
-alone. The model's ``forward``/``generate`` are unchanged.
+``kernels.dispatch``: on CUDA the candidates are timed against the original dense layer, ``F.linear`` on the
+dense weight, in the same process). Output embeddings (``lm_head``) and weights shared with another module
+are left alone. The model's ``forward``/``generate`` are unchanged, and a converted model compiles with
+``torch.compile(fullgraph=True)``: the Triton and reference paths are the custom ops of ``kernels.ops``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +21,8 @@ from torch import Tensor, nn
 
 from oneshot.walker import matches_ignore
 
-from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
-from .dispatch import BACKENDS, Dispatcher, Plan, default_dispatcher, m_bucket
+from . import ops
+from .dispatch import BACKENDS, Dispatcher, DispatchKey, Plan, default_dispatcher, m_bucket
 from .formats import (
     DEFAULT_TILE,
     BitmaskWeight,
@@ -30,7 +32,6 @@ from .formats import (
     compress_bitmask,
     is_24_sparse,
 )
-from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
 
 __all__ = [
     "FORMATS",
@@ -45,6 +46,7 @@ __all__ = [
 FORMATS = ("2:4", "bitmask", "auto")
 DEFAULT_IGNORE = ("lm_head",)
 _PARTS = {"2:4": ("values", "meta"), "bitmask": ("values", "bitmask", "offsets")}
+_UNTIMED_DENSE = Plan("dense")
 
 
 class SparseLinear(nn.Module):
@@ -57,11 +59,17 @@ class SparseLinear(nn.Module):
     Args:
         weight: the compressed weight.
         bias: optional ``(N,)``.
-        backend: ``"auto"`` (time and cache per input size), or force ``"triton"``, ``"dense"`` (decompress
-            + ``F.linear``), ``"cusparselt"`` (2:4 on CUDA) or ``"reference"`` (the pure-torch ``*_reference``
-            ops, fp32 accumulation).
-        keep_dense: also keep the decompressed weight (not saved), so the dense fallback for large M costs
-            no decompression; uses the dense weight's memory on top of the compressed one.
+        backend: ``"auto"`` (on CUDA: time the candidates once per input size against the original dense
+            layer and cache the plan, see ``kernels.dispatch``; elsewhere: dense), or force ``"triton"``,
+            ``"dense"`` (``F.linear`` on the kept dense copy, else decompress + ``F.linear``),
+            ``"cusparselt"`` (2:4 on CUDA) or ``"reference"`` (the pure-torch ``*_reference`` ops, fp32
+            accumulation).
+        keep_dense: also keep the decompressed weight (not saved). The dense fallback is then exactly the
+            original layer, so ``"auto"`` picks a sparse kernel only where it measured faster than the dense
+            layer and is never slower than it beyond timing noise; costs the dense weight's memory on top of
+            the compressed one. Without it the fallback decompresses on every call, and ``"auto"`` may pick
+            a sparse kernel that is slower than the dense layer but faster than that (``last_plan.vs_dense``
+            tells).
         dispatcher: plan cache; the process-wide ``default_dispatcher()`` if None.
     """
 
@@ -182,17 +190,17 @@ class SparseLinear(nn.Module):
 
     def run(self, plan: Plan, x2: Tensor) -> Tensor:
         """Execute ``plan`` on ``x2`` (M, K); returns (M, N)."""
-        weight = self.weight_compressed
-        if plan.backend == "triton":
-            if isinstance(weight, Sparse24Weight):
-                return sparse24_matmul(x2, weight, self.bias, config=plan.config)
-            return bitmask_matmul(x2, weight, self.bias, config=plan.config)
+        if plan.backend in ("triton", "reference"):
+            config = ops.config_fields(plan.config)
+            if self.sparse_format == "2:4":
+                meta = self.get_buffer("weight_meta")
+                return ops.sparse24_linear(x2, self.weight_values, meta, self.bias, plan.backend, config)
+            bitmask, offsets = self.get_buffer("weight_bitmask"), self.get_buffer("weight_offsets")
+            return ops.bitmask_linear(
+                x2, self.weight_values, bitmask, offsets, self.bias, self.tile, plan.backend, config
+            )
         if plan.backend == "dense":
             return F.linear(x2, self.dense(), self.bias)
-        if plan.backend == "reference":
-            if isinstance(weight, Sparse24Weight):
-                return sparse24_matmul_reference(x2, weight, self.bias)
-            return bitmask_matmul_reference(x2, weight, self.bias)
         if plan.backend == "cusparselt":
             return F.linear(x2, self._semi_structured_weight(), self.bias)
         raise ValueError(f"unknown plan backend {plan.backend!r}")
@@ -200,21 +208,26 @@ class SparseLinear(nn.Module):
     def _plan(self, x2: Tensor) -> Plan:
         if self.backend != "auto":
             return Plan(self.backend)
-        if x2.device.type != "cuda":
-            return Plan("dense")
-        m = x2.shape[0]
-        key = (*self._key_prefix, m_bucket(m), x2.dtype, x2.device)
         dispatcher = self.dispatcher or default_dispatcher()
+        if x2.device.type not in dispatcher.devices:
+            return _UNTIMED_DENSE
+        m = x2.shape[0]
+        if torch.compiler.is_compiling():
+            return _plan_while_tracing(dispatcher, *self._key_prefix, m, x2.dtype, x2.device)
+        key = DispatchKey(*self._key_prefix, m_bucket(m), x2.dtype, x2.device)
         cached = dispatcher.cached(key)
         if cached is not None:
             return cached
+
+        def dense_call() -> Callable[[], Tensor]:
+            weight, bias = self.dense(), self.bias  # the kept copy, or decompressed once here (untimed)
+            return lambda: F.linear(x2, weight, bias)  # what the original nn.Linear runs
+
         plan = dispatcher.plan(
             key,
             m,
-            self.out_features,
-            self.in_features,
-            x2.device,
             lambda p: self.run(p, x2),
+            dense=dense_call,
             # fp16/bf16 only: cuSPARSELt/CUTLASS would run fp32 as TF32, silently losing precision.
             allow_cusparselt=self.sparse_format == "2:4" and x2.dtype in (torch.float16, torch.bfloat16),
         )
@@ -230,6 +243,25 @@ class SparseLinear(nn.Module):
             w = to_sparse_semi_structured(self.dense())
             self._semi_structured = w
         return w
+
+
+@torch.compiler.assume_constant_result
+def _plan_while_tracing(
+    dispatcher: Dispatcher,
+    format: str,
+    n: int,
+    k: int,
+    has_bias: bool,
+    keeps_dense: bool,
+    m: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Plan:
+    """The plan ``torch.compile`` bakes into the graph: a timed one from memory or the plan file, else the
+    untimed heuristic (nothing can be timed on the fake tensors of a trace; run the model once before
+    compiling, or keep a plan file, to compile timed plans). Dynamo runs this eagerly, on plain values."""
+    key = DispatchKey(format, n, k, has_bias, keeps_dense, m_bucket(m), dtype, device)
+    return dispatcher.lookup(key) or dispatcher.heuristic(m, n, k, device)
 
 
 @dataclass(frozen=True)

@@ -255,60 +255,6 @@ def test_sparse_linear_module_api() -> None:
     assert isinstance(model[0], SparseLinear) and densify(model) == 1 and isinstance(model[0], nn.Linear)
 
 
-class _FakeTimer(Dispatcher):
-    """A dispatcher whose 'CUDA timings' come from a table keyed by the plan that ran."""
-
-    def __init__(self, times: dict[str, float]) -> None:
-        super().__init__(flush_l2=False)
-        self.times = times
-        self.ran: list[Plan] = []
-
-    def _time(self, fn, device):  # type: ignore[no-untyped-def]
-        fn()
-        plan = self.ran[-1]
-        return self.times["triton" if plan.backend == "triton" else plan.backend] + (
-            0.0 if plan.config is None or plan.config.split_k == 1 else 0.01
-        )
-
-
-def test_dispatcher_picks_the_fastest_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    import oneshot.kernels._common as common
-
-    monkeypatch.setattr(common, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    cuda = torch.device("cuda")
-    key = ("2:4", 4096, 4096, False, False, 1, torch.bfloat16, torch.device("cuda", 0))
-
-    def run(plan: Plan) -> torch.Tensor:
-        timer.ran.append(plan)
-        if plan.backend == "cusparselt":
-            raise RuntimeError("unsupported on this device")
-        return torch.zeros(1)
-
-    timer = _FakeTimer({"dense": 1.0, "triton": 0.6})
-    plan = timer.plan(key, 1, 4096, 4096, cuda, run, allow_cusparselt=True)
-    assert plan.backend == "triton" and plan.config is not None and plan.config.split_k == 1
-    assert "cusparselt" not in plan.timings_ms and plan.timings_ms["dense"] == 1.0
-    assert {p.backend for p in timer.ran} == {"dense", "triton", "cusparselt"}
-    count = len(timer.ran)
-    assert timer.plan(key, 1, 4096, 4096, cuda, run, allow_cusparselt=True) is plan
-    assert len(timer.ran) == count  # cached: nothing re-timed
-
-    slow = _FakeTimer({"dense": 1.0, "triton": 1.5})
-    timer = slow
-    assert slow.plan(key, 1, 4096, 4096, cuda, run, allow_cusparselt=False).backend == "dense"
-    # Within the margin (2% by default) dense wins: timing noise must not pick a plan no faster than dense.
-    timer = _FakeTimer({"dense": 1.0, "triton": 0.99})
-    assert timer.plan(key, 1, 4096, 4096, cuda, run, allow_cusparselt=False).backend == "dense"
-    # Without CUDA nothing is timed and the plan is dense.
-    cpu_key = ("2:4", 4096, 4096, False, False, 1, torch.bfloat16, torch.device("cpu"))
-    count = len(timer.ran)
-    assert slow.plan(cpu_key, 1, 4096, 4096, torch.device("cpu"), run, allow_cusparselt=False) == Plan(
-        "dense"
-    )
-    assert len(timer.ran) == count
-
-
 def test_m_buckets_and_heuristic() -> None:
     assert [m_bucket(m) for m in (0, 1, 7, 16, 17, 64, 65, 4096)] == [1, 1, 7, 16, 32, 64, 128, 4096]
     assert Dispatcher().heuristic(1, 64, 64, torch.device("cpu")) == Plan("dense")
