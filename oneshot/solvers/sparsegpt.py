@@ -15,6 +15,9 @@ Masks: unstructured sparsity selects, per block of columns ``[i1, i2)``, exactly
 ``round(rows * cols * sparsity)``) with the lowest ``w^2 / U_ii^2`` in the (rows, block) tile, using the weights as updated by all
 previous blocks. An (n, m) pattern selects, when reaching column ``i`` with ``i % m == 0``, the n lowest
 ``w^2 / U_ii^2`` of columns ``i .. i+m-1`` in each row, using the current (updated) weights.
+
+Quantization (``quant=``, and GPTQ in `oneshot.solvers.gptq`, which runs the same code via `solve_obs`):
+``q`` is 0 for a pruned weight and the weight rounded to its group's grid otherwise, with the same update.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from oneshot.config import ConfigError
 from oneshot.solvers import Pattern, PruneResult, SolverError
 from oneshot.solvers.masks import check_pattern, check_sparsity, check_weight, lowest_k_mask, nm_mask
+from oneshot.solvers.quant import ColumnQuantizer, QuantScheme, check_group_size
 from oneshot.stats import InputStats
 
-__all__ = ["inverse_cholesky", "prune_sparsegpt"]
+__all__ = ["check_block_size_and_damp", "hessian_of", "inverse_cholesky", "prune_sparsegpt", "solve_obs"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +104,26 @@ def inverse_cholesky(hessian: Tensor, damp: float, scale: float | None = None) -
     )
 
 
-def _hessian_of(stats: InputStats | Tensor) -> Tensor:
+def hessian_of(stats: InputStats | Tensor, method: str = "sparsegpt") -> Tensor:
+    """The (cols, cols) Hessian of ``stats`` (or ``stats`` itself); ValueError naming ``method`` if absent."""
     if isinstance(stats, Tensor):
         hessian = stats
     else:
         hessian_or_none = stats.hessian
         if hessian_or_none is None:
-            raise ValueError("sparsegpt needs the input Hessian: build InputStats(..., hessian=True)")
+            raise ValueError(f"{method} needs the input Hessian: build InputStats(..., hessian=True)")
         hessian = hessian_or_none
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"Hessian must be a square (cols, cols) matrix, got {tuple(hessian.shape)}")
     return hessian
+
+
+def check_block_size_and_damp(block_size: int, damp: float) -> None:
+    """Raise ValueError unless ``block_size`` is a positive integer and ``damp`` a finite number >= 0."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
 
 
 def prune_sparsegpt(
@@ -120,8 +134,9 @@ def prune_sparsegpt(
     pattern: Pattern = None,
     block_size: int = 128,
     damp: float = 0.01,
+    quant: QuantScheme | None = None,
 ) -> PruneResult:
-    """Prune ``weight`` with SparseGPT's blocked OBS updates.
+    """Prune ``weight`` with SparseGPT's blocked OBS updates, optionally quantizing it in the same pass.
 
     Args:
         weight: (rows, cols) Linear weight (not modified).
@@ -131,30 +146,78 @@ def prune_sparsegpt(
         block_size: columns per lazy-update block (and per unstructured mask tile). For an N:M pattern it
             is rounded down to a multiple of m (at least m), which does not change the result.
         damp: added to diag(H) as ``damp * mean(diag(H))`` over the live columns; 0 is allowed.
+        quant: joint pruning + quantization: every column is pruned (set to exactly 0) or rounded to its
+            group's grid, and the error ``(w - q) / U_ii`` is propagated to the later columns in both cases
+            (GPTQ's update). A group's grid is fixed when the loop reaches the group's first column, from
+            the current (updated) weights of the whole group. ``group_size`` must divide cols (and be a
+            multiple of m for an N:M pattern); ``act_order`` is refused (the mask tiles and N:M groups
+            follow the original column order). None: pruning only, exactly as without the argument.
+
+    Masks under ``quant``: the same selection rules and exact counts; the first tile (first N:M group) is
+    the mask of pruning alone, later ones can differ because the quantization error of earlier columns has
+    been propagated into the weights they are chosen from. Kept weights may also round to 0.
 
     Returns:
         PruneResult with the (rows, cols) updated weight in the input dtype/device, the bool mask
         (True = pruned; also True on dead input columns, whose weights are zeroed) and the exact loss
         ``||(W - W') X^T||_F^2 / n = trace(dW H dW^T)`` for the undamped H. It is computed without a
         matmul: the OBS costs ``sum (w - q)^2 / U_ii^2`` add up to ``trace(dW (H + lam I) dW^T)`` for the
-        damped Hessian, so ``lam * ||dW||_F^2`` is subtracted (nothing at ``damp=0``).
+        damped Hessian, so ``lam * ||dW||_F^2`` is subtracted (nothing at ``damp=0``). With ``quant``,
+        ``result.quant`` holds the codes, scales and zero-points (pruned weights: code = zero-point) and
+        ``weight`` is their dequantization (exactly on the grid for float32/float64 weights).
 
     Raises:
-        ValueError: bad arguments (shapes, sparsity, pattern, cols % m != 0).
+        ValueError: bad arguments (shapes, sparsity, pattern, cols % m != 0, a group size that does not fit).
         SolverError: the Hessian is non-finite or cannot be factorised even after damping retries.
     """
-    hessian = _hessian_of(stats)
+    hessian = hessian_of(stats)
     check_weight(weight, hessian.shape[0])
     check_sparsity(sparsity)
     cols = weight.shape[1]
     check_pattern(pattern, cols)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if not math.isfinite(damp) or damp < 0:
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    check_block_size_and_damp(block_size, damp)
+    if quant is not None:
+        _check_joint(quant, pattern, cols)
     if pattern is not None:
         block_size = max(pattern[1], block_size - block_size % pattern[1])
+    return solve_obs(
+        weight, hessian, sparsity=sparsity, pattern=pattern, block_size=block_size, damp=damp, quant=quant
+    )
 
+
+def _check_joint(quant: QuantScheme, pattern: Pattern, cols: int) -> None:
+    if not isinstance(quant, QuantScheme):
+        raise ValueError(f"quant must be a QuantScheme or None, got {quant!r}")
+    check_group_size(cols, quant.group_size)
+    if quant.act_order:
+        raise ConfigError(
+            "act_order cannot be combined with pruning: the mask tiles and N:M groups follow the original "
+            "column order. Use act_order=False, or prune first and quantize with quantize_gptq(mask=...)"
+        )
+    if pattern is not None and quant.group_size is not None and quant.group_size % pattern[1] != 0:
+        raise ConfigError(
+            f"group size {quant.group_size} is not a multiple of {pattern[1]}: an {pattern[0]}:{pattern[1]} "
+            "group would straddle two quantization groups"
+        )
+
+
+def solve_obs(
+    weight: Tensor,
+    hessian: Tensor,
+    *,
+    sparsity: float,
+    pattern: Pattern,
+    block_size: int,
+    damp: float,
+    quant: QuantScheme | None = None,
+    fixed_mask: Tensor | None = None,
+) -> PruneResult:
+    """The shared OBS core of SparseGPT and GPTQ on checked arguments (see `prune_sparsegpt`).
+
+    ``fixed_mask`` (rows, cols), True = prune, replaces the mask selection (``sparsity`` and ``pattern``
+    are then unused). ``quant.act_order`` processes the columns by descending ``diag(H)`` (dead columns
+    last); everything returned is in the original column order.
+    """
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     h = hessian.detach().to(device=weight.device, dtype=dtype, copy=True)  # (cols, cols)
     if not bool(torch.isfinite(h).all()):
@@ -165,53 +228,86 @@ def prune_sparsegpt(
     dead = diag == 0  # (cols,) inputs that were always zero: no calibration signal
     live_diag = diag[~dead]
     scale = float(live_diag.mean().item()) if live_diag.numel() else 1.0
+    order = None  # processing order: order[j] = original column processed j-th
+    if quant is not None and quant.act_order:
+        order = torch.argsort(diag, descending=True, stable=True)  # (cols,)
+        h = h[order][:, order]
+        dead = dead[order]
+        diag = h.diagonal()
     diag[dead] = 1.0
     upper, damp_used = inverse_cholesky(h, damp, scale)  # (cols, cols)
 
     w_t = weight.detach().to(dtype).t().contiguous()  # (cols, rows): column i of W is row i here
+    fixed_t = None if fixed_mask is None else fixed_mask.to(weight.device).t().contiguous()  # (cols, rows)
+    if order is not None:
+        w_t = w_t[order]
+        fixed_t = None if fixed_t is None else fixed_t[order]
     w_t[dead] = 0.0  # no loss either way: X has zeros there
     start = w_t.clone() if damp_used > 0 else None
-    mask_t, damped_loss = _sparsegpt_columns(w_t, upper, sparsity, pattern, block_size)
+    cols, rows = w_t.shape
+    grid = None
+    if quant is not None:
+        grid = ColumnQuantizer(quant, cols, rows, device=w_t.device, dtype=dtype, order=order)
+    mask_t, damped_loss = _sparsegpt_columns(w_t, upper, sparsity, pattern, block_size, grid, fixed_t)
     mask_t[dead] = True
     loss = damped_loss
     if start is not None:  # remove the damping term lam * ||dW||^2 (dead columns: dW == 0 here)
         loss -= damp_used * scale * float((start - w_t).square().sum().item())
+    if order is not None:
+        inverse = torch.argsort(order)  # back to the original column order
+        w_t, mask_t = w_t[inverse], mask_t[inverse]
     return PruneResult(
         weight=w_t.t().to(weight.dtype).contiguous(),
         mask=mask_t.t().contiguous(),
         loss=loss,
+        quant=None if grid is None else grid.result(),
     )
 
 
 def _sparsegpt_columns(
-    w_t: Tensor, upper: Tensor, sparsity: float, pattern: Pattern, block_size: int
+    w_t: Tensor,
+    upper: Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    block_size: int,
+    grid: ColumnQuantizer | None = None,
+    fixed_t: Tensor | None = None,
 ) -> tuple[Tensor, float]:
-    """Prune and update the transposed weight ``w_t`` (cols, rows) in place.
+    """Prune (and quantize, with ``grid``) the transposed weight ``w_t`` (cols, rows) in place.
 
     Returns the (cols, rows) mask and the summed OBS costs ``sum ((w - q) / U_ii)^2``.
 
-    Working on W^T keeps every column of W contiguous and makes the in-block updates row slices.
+    Working on W^T keeps every column of W contiguous and makes the in-block updates row slices. With a
+    grid, blocks also start at every group start, so that a group's grid is fixed from weights that carry
+    the updates of every earlier column; unstructured mask tiles stay ``block_size`` wide.
     """
     cols, rows = w_t.shape
     diag = upper.diagonal()  # (cols,)
-    mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=w_t.device)  # (cols, rows)
+    mask_t = (
+        torch.zeros(cols, rows, dtype=torch.bool, device=w_t.device) if fixed_t is None else fixed_t.clone()
+    )
     loss = torch.zeros((), dtype=w_t.dtype, device=w_t.device)
+    select_nm = fixed_t is None and pattern is not None
+    n, m = (0, 1) if pattern is None else pattern
     # cumulative rounding: tile counts add up to exactly round(rows * cols * sparsity)
     pruned_before = [round(rows * i * sparsity) for i in range(cols + 1)] if pattern is None else []
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
+    starts = list(range(0, cols, block_size))
+    group_starts = set() if grid is None else set(grid.group_starts)
+    starts = sorted(set(starts) | group_starts)
+    for i1, i2 in zip(starts, [*starts[1:], cols], strict=True):
         w_b = w_t[i1:i2]  # (count, rows) view
         u_b = upper[i1:i2, i1:i2]  # (count, count)
         d_b = diag[i1:i2, None]  # (count, 1)
         m_b = mask_t[i1:i2]  # (count, rows) view
         err_b = torch.empty_like(w_b)  # (count, rows): (w - q) / d per processed column
-        if pattern is None:
-            k = pruned_before[i2] - pruned_before[i1]
-            m_b.copy_(lowest_k_mask(w_b.square() / d_b.square(), k))
-            err_scale = m_b / d_b  # (count, rows): 1/d where pruned, else 0
-        else:
-            n, m = pattern
-            err_scale = torch.empty_like(w_b)
+        if grid is not None and i1 in group_starts:
+            grid.start_group(i1, w_t[i1 : i1 + grid.group_cols])  # current weights of the whole group
+        if fixed_t is None and pattern is None and i1 % block_size == 0:  # a mask tile starts
+            t2 = min(i1 + block_size, cols)
+            k = pruned_before[t2] - pruned_before[i1]
+            mask_t[i1:t2] = lowest_k_mask(w_t[i1:t2].square() / diag[i1:t2, None].square(), k)
+        # (count, rows): 1/d where pruned, else 0 (N:M: filled per group as its mask is chosen)
+        err_scale = torch.empty_like(w_b) if select_nm else m_b / d_b
         count = i2 - i1
         # Two-level lazy updates: rank-1 updates touch only a narrow panel of ``inner`` columns; the rest
         # of the block gets one matmul per panel. Same arithmetic as eager in-block updates, far less
@@ -220,13 +316,19 @@ def _sparsegpt_columns(
         for j1 in range(0, count, inner):
             j2 = min(j1 + inner, count)
             for i in range(j1, j2):
-                if pattern is not None and i % m == 0:
+                if select_nm and i % m == 0:
                     score = (w_b[i : i + m].square() / d_b[i : i + m].square()).t()  # (rows, m)
                     m_b[i : i + m] = nm_mask(score, n, m).t()
                     torch.div(m_b[i : i + m], d_b[i : i + m], out=err_scale[i : i + m])
-                torch.mul(w_b[i], err_scale[i], out=err_b[i])
-                # W[:, j] -= err * U[i, j] for i <= j < j2; for j == i this takes a pruned weight to ~0.
-                w_b[i:j2].addr_(u_b[i, i:j2], err_b[i], alpha=-1)
+                if grid is None:
+                    torch.mul(w_b[i], err_scale[i], out=err_b[i])
+                    # W[:, j] -= err * U[i, j] for i <= j < j2; for j == i this takes a pruned weight to ~0.
+                    w_b[i:j2].addr_(u_b[i, i:j2], err_b[i], alpha=-1)
+                else:  # round to the grid (0 where pruned); the error is propagated as for pruning
+                    q = grid.column(i1 + i, w_b[i], m_b[i])  # (rows,)
+                    torch.sub(w_b[i], q, out=err_b[i]).div_(d_b[i])
+                    w_b[i:j2].addr_(u_b[i, i:j2], err_b[i], alpha=-1)
+                    w_b[i] = q  # exactly on the grid (the update leaves rounding residue)
             if j2 < count:
                 w_b[j2:].addmm_(u_b[j1:j2, j2:].t(), err_b[j1:j2], alpha=-1)  # (count - j2, rows)
         w_b.masked_fill_(m_b, 0.0)  # exact zeros where pruned (the update leaves rounding residue)

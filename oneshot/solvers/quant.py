@@ -1,0 +1,350 @@
+"""Integer weight grids for weight-only quantization (w4a16, w8a16): the scheme, per-group scales and
+zero-points, round-to-nearest, and the column quantizer that the OBS solvers (GPTQ, SparseGPT with
+quantization) call column by column.
+
+Data layout (rows = out_features, cols = in_features, ``groups = cols // group_size``, or 1 group per output
+channel when ``group_size`` is None)::
+
+    codes   (rows, cols)    int8 in [-2^(b-1), 2^(b-1) - 1]  (symmetric)   e.g. [-8, 7] for 4 bits
+                            uint8 in [0, 2^b - 1]            (asymmetric)  e.g. [0, 15]
+    scales  (rows, groups)  scheme.scale_dtype (float16 by default), always > 0
+    zeros   (rows, groups)  same integer dtype as codes; all 0 for symmetric grids
+    g_idx   (cols,)         int32 group of every column: ``col // group_size`` in the original column order,
+                            or, under act-order, ``position // group_size`` with ``position`` the column's
+                            place in the processing order (GPTQ's ``desc_act`` / compressed-tensors'
+                            ``actorder="group"``: groups are contiguous in processing order, not in memory)
+
+    W[r, c] = scales[r, g_idx[c]] * (codes[r, c] - zeros[r, g_idx[c]])
+
+The product is evaluated in float32 (float64 for float64 weights); with float16/bfloat16 scales and at most
+8-bit codes it is exact in float32, so every dequantized weight is exactly a grid point.
+
+Grids (``lo``, ``hi`` = min and max of a row's weights in the group):
+
+* symmetric: ``scale = max(|lo|, |hi|) / (2^(b-1) - 1)``, zero-point 0; the largest magnitude maps to
+  ``±(2^(b-1) - 1)`` and the extra level ``-2^(b-1)`` is only reached by clamping (GPTQ's updates can push a
+  weight past the group's range).
+* asymmetric: the range is widened to contain 0 (``lo <= 0 <= hi``), ``scale = (hi - lo) / (2^b - 1)`` and the
+  zero-point is the INTEGER ``z = clamp(round(-lo / scale), 0, 2^b - 1)``; real 0 is coded as ``z`` and
+  dequantizes to ``scale * (z - z) = 0`` exactly. (A float zero-point such as GGUF's Q4_1 minimum would not
+  keep pruned weights at 0.)
+
+Scales are rounded to ``scale_dtype`` before any code is computed, so the stored scales are the grid. A group
+whose scale is 0 (all weights 0) or underflows ``scale_dtype`` gets scale 1: its weights map to the zero level.
+
+compressed-tensors stores asymmetric codes and zero-points in the signed range: subtract ``2^(b-1)`` from
+both (the difference, and so the weight, is unchanged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from oneshot.config import ConfigError
+
+__all__ = [
+    "BITS",
+    "GROUP_SIZES",
+    "SCALE_DTYPES",
+    "SCHEMES",
+    "ColumnQuantizer",
+    "QuantScheme",
+    "QuantizedWeight",
+    "check_group_size",
+    "dequantize",
+    "fake_quantize",
+    "group_index",
+    "group_params",
+    "quantize",
+    "quantize_rtn",
+]
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)  # what GPTQ/Marlin-style kernels take; None (or -1) = one scale per output row
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+SCHEMES: dict[str, dict[str, Any]] = {  # compressed-tensors' preset names
+    "w4a16": {"bits": 4, "group_size": 128, "symmetric": True},
+    "w4a16-asym": {"bits": 4, "group_size": 128, "symmetric": False},
+    "w8a16": {"bits": 8, "group_size": None, "symmetric": True},
+}
+
+
+def _group_choices() -> str:
+    return ", ".join(str(g) for g in GROUP_SIZES) + " or -1 (per output channel)"
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A weight-only integer quantization scheme (activations stay in 16 bits).
+
+    Attributes:
+        bits: 4 or 8.
+        group_size: input columns sharing one scale (32, 64 or 128), or None (``-1`` is accepted and stored
+            as None) for one scale per output channel.
+        symmetric: signed codes with zero-point 0; otherwise unsigned codes with an integer zero-point.
+        act_order: GPTQ processes columns by descending ``diag(H)``; groups follow that order (see the
+            module docstring, ``g_idx``). Only for quantization alone, not together with pruning.
+        scale_dtype: dtype the scales are stored in (and rounded to before use): float16, bfloat16, float32.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    act_order: bool = False
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ConfigError(f"unsupported bits {self.bits!r}: choose one of {', '.join(map(str, BITS))}")
+        group = self.group_size
+        if group == -1 and not isinstance(group, bool):
+            object.__setattr__(self, "group_size", None)
+        elif group is not None and (
+            not isinstance(group, int) or isinstance(group, bool) or group not in GROUP_SIZES
+        ):
+            raise ConfigError(f"unsupported group size {group!r}: choose {_group_choices()}")
+        for name in ("symmetric", "act_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"unsupported scale dtype {self.scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}"
+            )
+
+    @classmethod
+    def parse(cls, name: str, **overrides: Any) -> QuantScheme:
+        """Scheme of a preset name (``w4a16``, ``w4a16-asym``, ``w8a16``; case and ``_``/``-`` ignored),
+        with fields overridden by keyword (``QuantScheme.parse("w4a16", group_size=64)``)."""
+        key = str(name).strip().lower().replace("_", "-")
+        if key not in SCHEMES:
+            raise ConfigError(f"unknown quantization scheme {name!r}: choose one of {', '.join(SCHEMES)}")
+        return cls(**{**SCHEMES[key], **overrides})
+
+    @property
+    def qmin(self) -> int:
+        """Smallest code: ``-2^(b-1)`` (symmetric) or 0."""
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest code: ``2^(b-1) - 1`` (symmetric) or ``2^b - 1``."""
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """int8 for symmetric codes, uint8 for asymmetric codes and zero-points (one code per byte)."""
+        return torch.int8 if self.symmetric else torch.uint8
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def groups(self, cols: int) -> int:
+        """Number of scale groups per row for ``cols`` input columns (checked with `check_group_size`)."""
+        check_group_size(cols, self.group_size)
+        return 1 if self.group_size is None else cols // self.group_size
+
+
+def check_group_size(cols: int, group_size: int | None, *, layer: str | None = None) -> None:
+    """Raise ConfigError unless ``group_size`` is valid and divides the layer's ``cols`` input columns.
+
+    The message names the width and suggests a group size that divides it (576 with 128 -> 64), or
+    per-channel scales when none does.
+    """
+    if group_size is None or group_size == -1:
+        return
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ConfigError(f"unsupported group size {group_size!r}: choose {_group_choices()}")
+    if cols % group_size == 0:
+        return
+    fits = [g for g in GROUP_SIZES if cols % g == 0]
+    smaller = [g for g in fits if g < group_size]
+    what = f"{layer} has" if layer else "the layer has"
+    advice = "use per-channel scales (group size -1)"
+    if fits:
+        best = max(smaller) if smaller else min(fits)
+        advice = f"use group size {best} ({cols} = {cols // best} x {best}) or per-channel scales (-1)"
+    raise ConfigError(
+        f"group size {group_size} does not fit: {what} {cols} input columns, which is not a multiple of "
+        f"{group_size}; {advice}"
+    )
+
+
+def group_index(cols: int, group_size: int | None, order: Tensor | None = None) -> Tensor:
+    """(cols,) int32 group of every column.
+
+    Without ``order``: ``col // group_size``. With ``order`` (the processing order, ``order[j]`` = original
+    column at position j, as under act-order): ``g_idx[order[j]] = j // group_size``. Per-channel: all 0.
+    """
+    step = cols if group_size is None else group_size
+    by_position = torch.arange(cols, dtype=torch.int32) // step  # (cols,)
+    if order is None:
+        return by_position
+    g_idx = torch.empty(cols, dtype=torch.int32)
+    g_idx[order.cpu()] = by_position
+    return g_idx
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _grid_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
+    """Scale (``scale_dtype``) and zero-point (code dtype) of groups with minima ``lo`` and maxima ``hi``."""
+    if scheme.symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / scheme.qmax
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # the grid must contain 0
+        scale = (hi - lo) / scheme.qmax
+    scale = scale.to(scheme.scale_torch_dtype)  # the stored scale IS the grid
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(
+            f"weights up to {float(torch.maximum(lo.abs(), hi.abs()).max()):g} overflow {scheme.scale_dtype} "
+            "scales; use scale_dtype='float32'"
+        )
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero (or underflowing) groups
+    if scheme.symmetric:
+        zero = torch.zeros(scale.shape, dtype=scheme.code_dtype, device=scale.device)
+    else:
+        zero = torch.round(-lo / scale.to(lo.dtype)).clamp_(0, scheme.qmax).to(scheme.code_dtype)
+    return scale, zero
+
+
+def group_params(weight: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest grid of a (rows, cols) weight: ``(scales, zeros)``, both (rows, groups)."""
+    rows, cols = weight.shape
+    groups = scheme.groups(cols)
+    w = weight.detach().to(_work_dtype(weight)).reshape(rows, groups, cols // groups)  # (rows, groups, size)
+    return _grid_from_range(w.amin(dim=-1), w.amax(dim=-1), scheme)
+
+
+def quantize(weight: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
+    """Integer codes ``clamp(round(w / scale) + zero, qmin, qmax)`` in ``scheme.code_dtype``.
+
+    ``scale`` and ``zero`` broadcast against ``weight`` (e.g. (rows, 1) for one column group, or
+    ``scales[:, g_idx]`` for a whole matrix). Ties round to even (``torch.round``).
+    """
+    dtype = _work_dtype(weight)
+    codes = torch.round(weight.to(dtype) / scale.to(dtype)) + zero.to(dtype)
+    return codes.clamp_(scheme.qmin, scheme.qmax).to(scheme.code_dtype)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``scale * (codes - zero)`` in ``dtype`` (broadcasting as in `quantize`); exact in float32."""
+    return scale.to(dtype) * (codes.to(dtype) - zero.to(dtype))
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized (rows, cols) weight in the layout of the module docstring.
+
+    Attributes:
+        codes: (rows, cols) int8 (symmetric) or uint8 (asymmetric) codes; pruned weights hold the zero-point.
+        scales: (rows, groups) in ``scheme.scale_dtype``.
+        zeros: (rows, groups) in ``scheme.code_dtype`` (all 0 when symmetric).
+        g_idx: (cols,) int32 group of every column.
+        scheme: the scheme the codes were made with.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor
+    g_idx: Tensor
+    scheme: QuantScheme
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(rows, cols) ``scales[:, g_idx] * (codes - zeros[:, g_idx])`` in ``dtype``."""
+        g_idx = self.g_idx.to(device=self.codes.device, dtype=torch.long)
+        return dequantize(self.codes, self.scales[:, g_idx], self.zeros[:, g_idx], dtype)
+
+
+def quantize_rtn(weight: Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Round-to-nearest quantization of a (rows, cols) weight (``act_order`` needs a Hessian: ignored)."""
+    scales, zeros = group_params(weight, scheme)  # (rows, groups)
+    g_idx = group_index(weight.shape[1], scheme.group_size).to(weight.device)
+    index = g_idx.long()
+    codes = quantize(weight.detach(), scales[:, index], zeros[:, index], scheme)  # (rows, cols)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=g_idx, scheme=scheme)
+
+
+def fake_quantize(weight: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest: ``(w_q, scales, zeros)`` with the (rows, cols) dequantized weight in the weight's
+    dtype (exactly on the grid for float32/float64 weights) and the (rows, groups) scales and zero-points."""
+    q = quantize_rtn(weight, scheme)
+    return q.dequantize(_work_dtype(weight)).to(weight.dtype), q.scales, q.zeros
+
+
+class ColumnQuantizer:
+    """Quantizes a transposed weight (cols, rows) one column at a time for an OBS solver.
+
+    The solver calls `start_group` when its column loop reaches the first column of a group (with the
+    group's CURRENT, already updated weights), then `column` for every column in processing order.
+    Positions are processing positions; ``order`` (act-order) maps them to original columns for `result`.
+    """
+
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        cols: int,
+        rows: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        order: Tensor | None = None,
+    ) -> None:
+        self.scheme = scheme
+        self.group_cols = cols if scheme.group_size is None else scheme.group_size
+        groups = scheme.groups(cols)
+        self.dtype = dtype
+        self.order = order
+        self.codes_t = torch.empty(cols, rows, dtype=scheme.code_dtype, device=device)  # (cols, rows)
+        self.scales_t = torch.empty(groups, rows, dtype=scheme.scale_torch_dtype, device=device)
+        self.zeros_t = torch.empty(groups, rows, dtype=scheme.code_dtype, device=device)
+        self._scale = torch.empty(0)  # (rows,) current group's grid in the work dtype
+        self._zero = torch.empty(0)
+
+    @property
+    def group_starts(self) -> range:
+        """Processing positions where a group begins."""
+        return range(0, self.codes_t.shape[0], self.group_cols)
+
+    def start_group(self, position: int, w_group: Tensor) -> None:
+        """Fix the grid of the group starting at ``position`` from its current weights (size, rows)."""
+        group = position // self.group_cols
+        scale, zero = _grid_from_range(w_group.amin(dim=0), w_group.amax(dim=0), self.scheme)  # (rows,)
+        self.scales_t[group], self.zeros_t[group] = scale, zero
+        self._scale, self._zero = scale.to(self.dtype), zero.to(self.dtype)
+
+    def column(self, position: int, w: Tensor, pruned: Tensor | None = None) -> Tensor:
+        """Code column ``position`` (values ``w``, (rows,)); pruned entries get the zero-point.
+
+        Returns the dequantized column (rows,) in the work dtype, exactly 0 where pruned.
+        """
+        code = torch.round(w / self._scale).add_(self._zero).clamp_(self.scheme.qmin, self.scheme.qmax)
+        if pruned is not None:
+            code = torch.where(pruned, self._zero, code)
+        self.codes_t[position] = code.to(self.scheme.code_dtype)
+        return dequantize(code, self._scale, self._zero, self.dtype)
+
+    def result(self) -> QuantizedWeight:
+        """The codes in original column order, (rows, cols), with (rows, groups) scales and zero-points."""
+        codes_t = self.codes_t
+        if self.order is not None:
+            codes_t = torch.empty_like(codes_t)
+            codes_t[self.order] = self.codes_t  # row j of the processing order is original column order[j]
+        cols = codes_t.shape[0]
+        return QuantizedWeight(
+            codes=codes_t.t().contiguous(),
+            scales=self.scales_t.t().contiguous(),
+            zeros=self.zeros_t.t().contiguous(),
+            g_idx=group_index(cols, self.scheme.group_size, self.order).to(codes_t.device),
+            scheme=self.scheme,
+        )
