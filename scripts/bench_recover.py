@@ -222,6 +222,9 @@ def _recover(name: str, method: str, src: Path, args: argparse.Namespace) -> dic
         "train_seconds": rec["seconds"],
         "tokens_seen": rec["tokens_seen"],
         "windows": rec["windows"],
+        "unique_tokens": rec["windows"] * int(opts[opts.index("--seqlen") + 1])
+        if "--seqlen" in opts
+        else None,
         "steps": rec["steps"],
         "peak_memory_bytes": rec["peak_memory_bytes"],
         "record_masks": rec["masks"],
@@ -291,33 +294,37 @@ def main() -> int:
         f"WikiText-2 test, first {args.eval_windows} windows x {args.eval_seqlen}; recovery data c4 (train "
         f"sample), {os.cpu_count()} CPU threads\n\nblockwise: {args.blockwise}\ndistill:   {args.distill}\n"
         "both:      distill (same options) on the blockwise result; its time and tokens are the two summed\n"
+        "training tokens: windows x seqlen drawn for the recovery; token passes: tokens through the trained part "
+        "(blockwise: x epochs x blocks, each block trains on every window)\n"
     )
     print(
-        "| model | recovery | ppl | x dense | tokens | wall time | train time | peak memory | revived | N:M broken "
-        "| shapes | target |"
+        "| model | recovery | ppl | x dense | training tokens | token passes | wall time | train time | peak memory "
+        "| revived | N:M broken | shapes | target |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    print(f"| dense | - | {dense:.2f} | 1.00 | - | - | - | - | - | - | - | - |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print(f"| dense | - | {dense:.2f} | 1.00 | - | - | - | - | - | - | - | - | - |")
     for name in sources:
         row = results[name]
         before, target = TARGETS[name]
         tgt = f"<= {target}" if isinstance(target, float) else target
         print(
             f"| {name} | none | {row['before']['ppl']:.2f} | {row['before']['ppl'] / dense:.2f} | - | - | - | - | - | "
-            f"- | - | issue: {before if before is not None else '-'} |"
+            f"- | - | - | issue: {before if before is not None else '-'} |"
         )
         for method in methods:
             r = row[method]
             s = r["structure"]
-            tokens, wall, train = r["tokens_seen"], r["wall_seconds"], r["train_seconds"]
+            passes, wall, train = r["tokens_seen"], r["wall_seconds"], r["train_seconds"]
+            unique = r.get("unique_tokens") or 0
             if method == "both":
                 first = row.get("blockwise") or {}
-                tokens += first.get("tokens_seen", 0)
+                passes += first.get("tokens_seen", 0)
+                unique += first.get("unique_tokens") or 0
                 wall += first.get("wall_seconds", 0.0)
                 train += first.get("train_seconds", 0.0)
             ppl = r["eval"]["ppl"]
             print(
-                f"| {name} | {method} | {ppl:.2f} | {ppl / dense:.2f} | {tokens:,} | {wall / 60:.1f} min | "
+                f"| {name} | {method} | {ppl:.2f} | {ppl / dense:.2f} | {unique:,} | {passes:,} | {wall / 60:.1f} min | "
                 f"{train / 60:.1f} min | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {s['revived']} | "
                 f"{s['nm_broken'] if name in NM else '-'} | {'same' if not s['shapes_changed'] and not s['missing'] else 'CHANGED'} "
                 f"| {tgt} |"
