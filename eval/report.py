@@ -150,11 +150,25 @@ def _summary(run: LoadedRun) -> RunSummary:
             peak_memory_kind="",
             device=srep.device,
         )
+    elif rec.kind == "quantize":  # a plain model quantized: no weight removed
+        q = rec.quantized
+        what = dict(
+            method=f"quantize ({q.solver})",
+            pattern=q.label,
+            target_sparsity=0.0,
+            sparsity=0.0,
+            pruned_params=q.quantized_params,
+            prune_seconds=q.total_seconds or None,
+            peak_memory_bytes=0,
+            peak_memory_kind="",
+            device=q.device,
+        )
     else:
         cfg, pr = rec.pruned
+        quant = f" + {rec.quantization.config.scheme}" if rec.quantization is not None else ""
         what = dict(
             method=cfg.method,
-            pattern=cfg.pattern,
+            pattern=cfg.pattern + quant,
             target_sparsity=float(cfg.sparsity or 0.0),
             sparsity=pr.sparsity,
             pruned_params=pr.pruned_params,
@@ -200,8 +214,13 @@ def _algorithm(record: RunRecord) -> dict[str, Any]:
     return algorithm.to_dict() if algorithm is not None else {}
 
 
-def _shrink_blocks(record: RunRecord) -> list[BlockReport]:
-    return record.shrink.blocks if record.shrink is not None else []
+def _blocks(record: RunRecord) -> list[BlockReport]:
+    """Per-block output errors of the run's own pass (prune, shrink or a plain quantize)."""
+    if record.prune is not None:
+        return record.prune.blocks
+    if record.shrink is not None:
+        return record.shrink.blocks
+    return record.quantization.blocks if record.quantization is not None else []
 
 
 def build_report(
@@ -219,7 +238,7 @@ def build_report(
                 tasks=_tasks(run, baseline, baseline_path),
                 longtail=run.eval.longtail if run.eval is not None else None,
                 layers=run.run.prune.layers if run.run.prune is not None else [],
-                blocks=run.run.prune.blocks if run.run.prune is not None else _shrink_blocks(run.run),
+                blocks=_blocks(run.run),
             )
             for run in runs
         ],

@@ -119,13 +119,17 @@ def _base_model(record: RunRecord) -> str | None:
 def _model_name(record: RunRecord) -> str:
     base = _base_model(record)
     stem = base.rsplit("/", 1)[-1] if base else str(record.model_type or "model")
+    q = record.quantization
+    quant = f"-{q.config.scheme}" + (f"-g{q.group_size}" if q.group_size else "") if q is not None else ""
+    if record.kind == "quantize":
+        return f"{stem}{quant}"
     if record.kind == "shrink":
-        return f"{stem}-shrunk-{shrink_slug(record)}"
+        return f"{stem}-shrunk-{shrink_slug(record)}{quant}"
     cfg, _ = record.pruned
     suffix = pattern_slug(cfg.pattern)
     if cfg.pattern == "unstructured":
         suffix += f"-{cfg.sparsity:g}"
-    return f"{stem}-{cfg.method}-{suffix}"
+    return f"{stem}-{cfg.method}-{suffix}{quant}"
 
 
 def _ppl_dataset(name: str) -> tuple[str, str, str | None, str | None]:
@@ -197,10 +201,22 @@ def _eval_results(record: RunRecord, ev: EvalRecord | None) -> list[Any]:
 
 def _tags(record: RunRecord) -> list[str]:
     recovered = ["recovered"] if record.recoveries else []
+    q = record.quantization
+    quantized = ["quantized", q.config.scheme, q.solver] if q is not None else []
+    if record.kind == "quantize":
+        return ["oneshot", *quantized]
     if record.kind == "shrink":
-        return ["shrunk", "structured-pruning", "oneshot", *recovered]
+        return ["shrunk", "structured-pruning", "oneshot", *recovered, *quantized]
     cfg, _ = record.pruned
-    return ["pruned", "sparse", "oneshot", cfg.method, f"{pattern_slug(cfg.pattern)}-sparsity", *recovered]
+    return [
+        "pruned",
+        "sparse",
+        "oneshot",
+        cfg.method,
+        f"{pattern_slug(cfg.pattern)}-sparsity",
+        *recovered,
+        *quantized,
+    ]
 
 
 _SLUG_KEYS = {
@@ -242,7 +258,12 @@ def card_metadata(
     from huggingface_hub import ModelCardData
 
     results = _eval_results(record, eval_result)
-    facts = _shrink_facts(record) if record.kind == "shrink" else _prune_facts(record)
+    if record.kind == "quantize":
+        facts: dict[str, Any] = {"format": CARD_FORMAT, "kind": "quantize"}
+    else:
+        facts = _shrink_facts(record) if record.kind == "shrink" else _prune_facts(record)
+    if record.quantization is not None:
+        facts["quantization"] = quant_facts(record)
     extra: dict[str, Any] = {CARD_KEY: {k: v for k, v in facts.items() if v is not None}}
     return ModelCardData(
         base_model=_base_model(record),
@@ -256,20 +277,40 @@ def card_metadata(
     )
 
 
+def quant_facts(record: RunRecord) -> dict[str, Any]:
+    """The card's ``oneshot.quantization``: scheme, grid, bits per weight, sizes (`oneshot push` checks the
+    grids against the weights)."""
+    q = record.quantized
+    return {
+        "scheme": q.config.scheme,
+        "bits": q.bits,
+        "group_size": q.group_size if q.group_size is not None else -1,
+        "symmetric": q.symmetric,
+        "act_order": q.act_order,
+        "solver": q.solver,
+        "bits_per_weight": round(q.bits_per_weight, 4),
+        "quantized_weights": q.quantized_params,
+        "quantized_layers": len(q.layers),
+        "packed_bytes": q.packed_bytes,
+        "checkpoint_bytes": q.checkpoint_bytes,
+    }
+
+
 def _prune_facts(record: RunRecord) -> dict[str, Any]:
     cfg, pr = record.pruned
+    zeros, block_zeros = record.stored_zeros()  # quantization may round kept weights to 0 as well
     return {
         "format": CARD_FORMAT,
         "method": cfg.method,
         "pattern": cfg.pattern,
         "target_sparsity": cfg.sparsity,
         # zeros / weights over the pruned layers; `oneshot push` checks it against the weights
-        "sparsity": pr.sparsity,
-        "zero_weights": pr.zero_params,
+        "sparsity": zeros / pr.pruned_params if pr.pruned_params else 0.0,
+        "zero_weights": zeros,
         "pruned_weights": pr.pruned_params,
         "pruned_layers": len(pr.layers),
         # zeros / weights over EVERY weight matrix of the decoder blocks (routers and skipped ones included)
-        "block_sparsity": pr.block_sparsity if pr.matrix_params else None,
+        "block_sparsity": block_zeros / pr.matrix_params if pr.matrix_params else None,
         "dense_matrices": len(pr.dense_matrices),
     }
 
@@ -506,13 +547,70 @@ def _recovery_section(record: RunRecord) -> list[str]:
     ]
 
 
+def _quantization_section(record: RunRecord) -> list[str]:
+    q = record.quantization
+    if q is None:
+        return []
+    run, calib = q.run, q.calibration
+    solver = (
+        "SparseGPT: each weight pruned to exactly 0 or rounded to its group's grid in one OBS solve"
+        if q.solver == "sparsegpt"
+        else "GPTQ: rounded column by column, each rounding error compensated in the later columns; weights "
+        "that were 0 stay 0"
+    )
+    rows = [
+        ["scheme", f"`{q.config.scheme}`: {q.label} ({q.bits}-bit integer weights, 16-bit activations)"],
+        ["solver", f"{solver}; damping {q.config.damp} x mean(diag H), block size {q.config.block_size}"],
+        ["scales", f"`{q.scale_dtype}`; {'integer zero-points' if not q.symmetric else 'zero-point 0'}"],
+        [
+            "bits per weight",
+            f"{fixed(q.bits_per_weight, 4)} over the {len(q.layers)} quantized matrices ({q.quantized_params:,} "
+            "weights; embeddings, norms and the LM head stay float)",
+        ],
+        [
+            "sizes",
+            f"checkpoint {q.checkpoint_bytes:,} bytes (fake-quantized float); the quantized matrices "
+            f"{q.dense_bytes:,} bytes as stored, {q.packed_bytes:,} packed; grids in `{q.file}` "
+            f"({q.file_bytes:,} bytes)",
+        ],
+        ["rounded to 0", f"{q.rounded_to_zero:,} weights that were not 0"],
+    ]
+    if q.source_run and run is not None:
+        corpus = f"`{calib.source if calib else run.calib}`"
+        rows.append(
+            ["calibration", f"{corpus}: {run.nsamples} random windows x {run.seqlen} tokens, seed {run.seed}"]
+        )
+        rows.append(["source run", f"`{Path(q.source_run).name}` (`oneshot {record.kind}`)"])
+    if q.ppl_before is not None and q.ppl_after is not None and q.source_run:
+        rows.append(
+            [
+                "quick ppl",
+                f"{fixed(q.ppl_before.value)} before -> {fixed(q.ppl_after.value)} quantized "
+                f"({q.ppl_after.windows} x {q.ppl_after.seqlen}, not the full protocol)",
+            ]
+        )
+    losses = [x.loss for x in q.layers if x.loss is not None]
+    out = ["## Quantization", "", md_table(["setting", "value"], rows), ""]
+    if losses:
+        out += [
+            f"Per-matrix reconstruction loss ||(W - W_q) X^T||^2 / n: min {min(losses):.3g}, max "
+            f"{max(losses):.3g} (every matrix in oneshot.json).",
+            "",
+        ]
+    if q.source_run and q.command:
+        out += ["```bash", shlex.join(q.command), "```", ""]
+    return out
+
+
 def _quick_section(record: RunRecord) -> list[str]:
     dense, pruned = record.quick_eval.dense, record.quick_eval.pruned
     if pruned is None:
         return []
     d = dense.value if dense is not None else None
     dataset = pruned.dataset or "wikitext2"
-    label = "shrunk" if record.kind == "shrink" else "pruned"
+    label = {"shrink": "shrunk", "quantize": "quantized"}.get(record.kind, "pruned")
+    if record.kind != "quantize" and record.quantization is not None:
+        label += " + quantized"
     return [
         f"### Quick check (`oneshot {record.kind}`)",
         "",
@@ -679,6 +777,21 @@ def _eval_section(ev: EvalRecord | None) -> list[str]:
 
 
 def _runtime_section(record: RunRecord) -> list[str]:
+    if record.quantization is not None:
+        q = record.quantization
+        return [
+            "## Runtimes and speed",
+            "",
+            f"- Plain `transformers`: the checkpoint holds the **fake-quantized** weights as ordinary floats "
+            f"(each one exactly `scale x (code - zero)` of its group), so it loads and runs like any dense model, "
+            f"with the quantized model's outputs but **no memory saving** ({q.checkpoint_bytes:,} bytes of "
+            "weights). No `quantization_config` is written.",
+            f"- Packed: the quantized matrices take {q.packed_bytes:,} bytes ({fixed(q.bits_per_weight, 3)} bits "
+            f"per weight) instead of {q.dense_bytes:,}. `oneshot export RUN_DIR --format compressed-tensors` "
+            "writes the `pack-quantized` checkpoint that vLLM and transformers (with the `compressed-tensors` "
+            "package) load; `--format gguf` writes a llama.cpp / Ollama file.",
+            "",
+        ]
     if record.kind == "shrink":
         return [
             "## Runtimes and speed",
@@ -739,7 +852,15 @@ def build_card(
     """
     data = card_metadata(record, eval_result, license=license)
     source = _source_text(record)
-    if record.kind == "shrink":
+    if record.kind == "quantize":
+        q = record.quantized
+        intro = (
+            f"{source[:1].upper()}{source[1:]}, quantized with oneshot to {q.label} "
+            f"({fixed(q.bits_per_weight, 3)} bits per weight). It loads with plain `transformers` (the weights "
+            "are stored as floats on the grid); see below for the packed formats."
+        )
+        method: list[str] = []
+    elif record.kind == "shrink":
         _, rep = record.shrunk
         intro = (
             f"{source[:1].upper()}{source[1:]}, shrunk by oneshot's structured pruning to a smaller dense model: "
@@ -755,6 +876,12 @@ def build_card(
             "`transformers`; see below for where the zeros give a speedup."
         )
         method = _pruning_section(record)
+    if record.kind != "quantize" and record.quantization is not None:
+        q = record.quantization
+        intro += (
+            f" Then quantized to {q.label} ({fixed(q.bits_per_weight, 3)} bits per weight; pruned weights "
+            "stay exactly 0), stored as floats on the grid."
+        )
     body = [
         f"# {_model_name(record)}",
         "",
@@ -762,6 +889,7 @@ def build_card(
         "",
         *method,
         *_recovery_section(record),
+        *_quantization_section(record),
         "## Evaluation",
         "",
         *_quick_section(record),

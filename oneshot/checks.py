@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from oneshot.config import PruneConfig
+from oneshot.config import QUANT_GROUP_SIZES, ConfigError, PruneConfig, QuantConfig
 from oneshot.errors import OneshotError
 from oneshot.models import load_model_config, max_positions
 from oneshot.pruner import plan_block
 from oneshot.walker import find_blocks
 
-__all__ = ["ConfigCheckError", "check_prunable", "model_skeleton"]
+__all__ = ["ConfigCheckError", "check_prunable", "check_quantizable", "model_skeleton"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +97,27 @@ def check_layers(model: torch.nn.Module, config: PruneConfig) -> None:
                 f"but {name} has {shape[1]} inputs ({len(bad)} layer(s) like it): keep them dense with "
                 "--ignore or choose another pattern"
             )
+
+
+def check_quantizable(model: torch.nn.Module, quant: QuantConfig, ignore: tuple[str, ...] = ()) -> None:
+    """The group size divides the input width of every matrix that would be quantized (those `prune` would
+    prune, less ``ignore``); the error names a layer and the group sizes that fit every width."""
+    group = quant.groups
+    layers = prunable_layers(model, ignore)
+    if group is None or not layers:
+        return
+    bad = {name: shape for name, shape in layers.items() if shape[1] % group != 0}
+    if not bad:
+        return
+    name, (_, cols) = next(iter(bad.items()))
+    widths = sorted({shape[1] for shape in layers.values()})
+    fits = [g for g in QUANT_GROUP_SIZES if all(w % g == 0 for w in widths)]
+    advice = (
+        f"use --group-size {max(fits)} or -1 (one scale per output channel)"
+        if fits
+        else "use --group-size -1 (one scale per output channel)"
+    )
+    raise ConfigError(
+        f"--group-size {group} does not fit this model: {name} has {cols} input columns, which is not a multiple "
+        f"of {group} ({len(bad)} layer(s) like it; input widths {', '.join(map(str, widths))}); {advice}"
+    )

@@ -23,12 +23,14 @@ __all__ = [
     "MIXED_PRECISION",
     "MLP_BIAS_CHOICES",
     "PROPAGATE",
+    "QUANT_SCHEMES",
     "RECOVER_METHODS",
     "REFIT_TARGETS",
     "SHRINK_SCORES",
     "UNCALIBRATED",
     "ConfigError",
     "PruneConfig",
+    "QuantConfig",
     "RecoverConfig",
     "RunConfig",
     "ShrinkConfig",
@@ -46,6 +48,10 @@ REFIT_TARGETS = ("dense", "layer")
 MLP_BIAS_CHOICES = ("auto", "keep")
 RECOVER_METHODS = ("blockwise", "distill")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# weight-only integer schemes (compressed-tensors' preset names): bits, default group size (None = one scale
+# per output channel); the grids themselves are `oneshot.solvers.quant`
+QUANT_SCHEMES: dict[str, tuple[int, int | None]] = {"w4a16": (4, 128), "w8a16": (8, None)}
+QUANT_GROUP_SIZES = (32, 64, 128)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -154,6 +160,91 @@ class PruneConfig:
         out = dataclasses.asdict(self)
         out["ignore"] = list(self.ignore)
         return out
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization (`oneshot prune --quantize`, `oneshot quantize`): the scheme and the GPTQ
+    solve. Activations stay in 16 bits.
+
+    ``group_size`` None means the scheme's default (w4a16: 128, w8a16: one scale per output channel); -1 asks
+    for per-channel scales explicitly (``groups`` is the resolved value). ``symmetric``: signed codes with
+    zero-point 0, else unsigned codes with an integer zero-point (pruned weights stay exactly 0 either way).
+    ``act_order``: GPTQ takes the columns by descending diag(H) (quantization alone, not with pruning).
+    ``damp`` / ``block_size``: the OBS solve (as SparseGPT's).
+    """
+
+    scheme: str = "w4a16"
+    group_size: int | None = None
+    symmetric: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        scheme = str(self.scheme).strip().lower().replace("_", "-")
+        if scheme not in QUANT_SCHEMES:
+            raise ConfigError(
+                f"unknown quantization scheme {self.scheme!r}: choose one of {', '.join(QUANT_SCHEMES)}"
+            )
+        object.__setattr__(self, "scheme", scheme)
+        group = self.group_size
+        if group is not None and (
+            isinstance(group, bool) or not isinstance(group, int) or group not in (*QUANT_GROUP_SIZES, -1)
+        ):
+            raise ConfigError(
+                f"unsupported --group-size {group!r}: choose {', '.join(map(str, QUANT_GROUP_SIZES))} or -1 "
+                "(one scale per output channel)"
+            )
+        for name in ("symmetric", "act_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _positive_int("block_size", self.block_size)
+        if not math.isfinite(float(self.damp)) or float(self.damp) < 0:
+            raise ConfigError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        object.__setattr__(self, "damp", float(self.damp))
+
+    @property
+    def bits(self) -> int:
+        return QUANT_SCHEMES[self.scheme][0]
+
+    @property
+    def groups(self) -> int | None:
+        """Input columns per scale after the scheme's default; None = one scale per output channel."""
+        if self.group_size is None:
+            return QUANT_SCHEMES[self.scheme][1]
+        return None if self.group_size == -1 else self.group_size
+
+    @property
+    def label(self) -> str:
+        """``w4a16 g64 sym``: the scheme, the group size (``ch`` per channel) and the grid, short."""
+        group = f"g{self.groups}" if self.groups else "ch"
+        return f"{self.scheme} {group} {'sym' if self.symmetric else 'asym'}" + (
+            " act-order" if self.act_order else ""
+        )
+
+    def check_against(self, prune: PruneConfig) -> None:
+        """Settings that must agree with pruning in the same pass: no act-order (the masks follow the original
+        column order), and N:M groups inside quantization groups."""
+        if self.act_order:
+            raise ConfigError(
+                "--act-order cannot be combined with pruning (the masks follow the original column order): "
+                "prune first, then `oneshot quantize RUN_DIR --act-order`"
+            )
+        nm = prune.nm
+        if nm is not None and self.groups is not None and self.groups % nm[1] != 0:
+            raise ConfigError(
+                f"--group-size {self.groups} is not a multiple of {nm[1]}: every {prune.pattern} group must lie "
+                "inside one quantization group"
+            )
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
 
 
 def _optional_positive_int(flag: str, value: Any) -> None:

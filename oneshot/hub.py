@@ -152,11 +152,16 @@ class _Hub:
 
 def _commit_message(run_dir: Path) -> str:
     record = RunRecord.load(run_dir)
+    q = record.quantization
+    quant = f", quantized {q.config.scheme}" if q is not None else ""
+    if record.kind == "quantize":
+        assert q is not None
+        return f"Upload {q.label} quantized model with oneshot"
     if record.kind == "shrink":
         _, rep = record.shrunk
-        return f"Upload shrunk model ({rep.params_after:,} of {rep.params_before:,} parameters) with oneshot"
+        return f"Upload shrunk model ({rep.params_after:,} of {rep.params_before:,} parameters{quant}) with oneshot"
     cfg, pr = record.pruned
-    return f"Upload {cfg.method} {cfg.pattern} pruned model (sparsity {pr.sparsity:.4f}) with oneshot"
+    return f"Upload {cfg.method} {cfg.pattern} pruned model (sparsity {pr.sparsity:.4f}{quant}) with oneshot"
 
 
 def push(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oneshot.config import PruneConfig
+from oneshot.config import PruneConfig, QuantConfig
 from oneshot.errors import OneshotError
 from oneshot.models import max_positions, resolve_device
 from oneshot.moe import (
@@ -40,8 +40,24 @@ from oneshot.moe import (
     num_experts,
     set_expert_matrix,
 )
-from oneshot.runfolder import BlockReport, DenseMatrix, LayerReport, PruneReport
-from oneshot.solvers import SolverError, get_solver, prune_magnitude
+from oneshot.runfolder import (
+    BlockReport,
+    DenseMatrix,
+    LayerReport,
+    PruneReport,
+    QuantizationRecord,
+    QuantLayer,
+)
+from oneshot.solvers import (
+    PruneResult,
+    QuantizedWeight,
+    QuantScheme,
+    SolverError,
+    get_solver,
+    prune_magnitude,
+    quantize_gptq,
+)
+from oneshot.solvers.quant import check_group_size, packed_bits, quantize_rtn, scheme_of
 from oneshot.stats import InputStats
 from oneshot.walker import (
     InputCollector,
@@ -66,11 +82,14 @@ __all__ = [
     "LayerReport",
     "PruneError",
     "PruneReport",
+    "QuantizedModel",
     "Target",
     "dense_summary",
     "peak_memory",
     "plan_block",
     "prune",
+    "prune_and_quantize",
+    "quantize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +125,16 @@ class BlockPlan:
     experts: dict[str, nn.Module] = field(default_factory=dict)  # experts modules with matrices to prune
     dense: list[DenseMatrix] = field(default_factory=list)  # matrices kept dense before calibration
     accounted: set[int] = field(default_factory=set)  # ids of the parameters covered by the two above
+
+
+@dataclass
+class QuantizedModel:
+    """What `quantize` / `prune_and_quantize` did: the record section (scheme, per-matrix loss, sizes) and the
+    grid of every quantized matrix (codes, scales, zero-points, g_idx; on the CPU). The model's weights are
+    the dequantized ones."""
+
+    record: QuantizationRecord
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def _dense(name: str, params: int, reason: str) -> DenseMatrix:
@@ -195,7 +224,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
 
 
-@torch.no_grad()
 def prune(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -213,6 +241,115 @@ def prune(
     Returns a `PruneReport` with per-matrix sparsity, reconstruction loss and time, the sparsity over all
     weight matrices of the blocks and the list of matrices left dense with the reason.
     """
+    report, _ = _walk(
+        model, calibration, config, None, device=device, batch_size=batch_size, progress=progress
+    )
+    return report
+
+
+def prune_and_quantize(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: PruneConfig,
+    quant: QuantConfig,
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[PruneReport, QuantizedModel]:
+    """`prune`, every pruned matrix also quantized in the same block pass: SparseGPT prunes and rounds in one
+    OBS solve (`prune_sparsegpt(quant=...)`); magnitude and Wanda prune, then GPTQ quantizes with the zeros
+    as a fixed mask. Pruned weights stay exactly 0; the next block calibrates on the quantized block's
+    outputs (``config.propagate == "pruned"``). Matrices kept dense (``--ignore``, routers) are not quantized.
+
+    The report's zeros are those of the pruning; ``QuantizedModel.record`` counts the weights rounded to 0.
+    """
+    quant.check_against(config)
+    report, q = _walk(
+        model, calibration, config, quant, device=device, batch_size=batch_size, progress=progress
+    )
+    assert q is not None
+    return report, q
+
+
+def quantize(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    quant: QuantConfig,
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize every Linear and expert matrix of the decoder blocks with GPTQ, through the same block walk
+    as `prune` (the next block calibrates on the quantized block's outputs). Weights that are exactly 0 (a
+    pruned model's) are a fixed mask: they stay 0. Matrices without calibration tokens get round-to-nearest."""
+    config = PruneConfig(method="sparsegpt", sparsity=0.0, damp=quant.damp, block_size=quant.block_size)
+    _, q = _walk(
+        model,
+        calibration,
+        config,
+        quant,
+        quant_only=True,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    assert q is not None
+    return q
+
+
+def _exact_loss(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor | None) -> float | None:
+    """``trace(dW H dW^T) = ||(W - W') X^T||^2 / n`` in float32 (float64 for float64 weights)."""
+    if hessian is None:
+        return None
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    d = (weight.to(dtype) - new.to(dtype)).to(hessian.device)  # (rows, cols)
+    return float(((d @ hessian.to(dtype)) * d).sum())
+
+
+def _quant_solve(
+    weight: torch.Tensor,
+    stats: Any,
+    config: PruneConfig,
+    quant: QuantConfig,
+    scheme: QuantScheme,
+    *,
+    quant_only: bool,
+    solver: Callable[..., PruneResult],
+    solver_kwargs: dict[str, Any],
+) -> tuple[PruneResult, int, float | None]:
+    """One calibrated matrix pruned and quantized (or quantized only): the result (weight = dequantized, mask
+    = the pruned weights), the zeros of the pruning and the loss of the whole step against ``weight``."""
+    if quant_only:
+        zeros = weight == 0  # a pruned model's zeros stay zeros
+        result = quantize_gptq(
+            weight, stats, scheme, block_size=quant.block_size, damp=quant.damp, mask=zeros
+        )
+        return result, int(zeros.sum()), result.loss
+    if config.method == "sparsegpt":
+        result = solver(weight, stats, **solver_kwargs, quant=scheme)
+        return result, int(result.mask.sum()), result.loss
+    pruned = solver(weight, stats, **solver_kwargs)
+    zeros = pruned.weight == 0
+    q = quantize_gptq(pruned.weight, stats, scheme, block_size=quant.block_size, damp=quant.damp, mask=zeros)
+    result = PruneResult(weight=q.weight, mask=pruned.mask, loss=pruned.loss, quant=q.quant)
+    return result, int(zeros.sum()), _exact_loss(weight, q.weight, stats.hessian)
+
+
+@torch.no_grad()
+def _walk(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: PruneConfig,
+    quant: QuantConfig | None,
+    *,
+    quant_only: bool = False,
+    device: str | torch.device = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[PruneReport, QuantizedModel | None]:
+    """The block walk of `prune`, `prune_and_quantize` and `quantize`."""
     from tqdm.auto import tqdm
 
     if calibration.ndim != 2 or calibration.shape[0] < 1:
@@ -232,11 +369,26 @@ def prune(
     solver = get_solver(config.method)
     nm = config.nm
     sparsity = float(config.sparsity or 0.0)
-    need_stats = config.method != "magnitude" or config.layer_loss
-    keep_hessian = config.method == "sparsegpt" or config.layer_loss
+    need_stats = config.method != "magnitude" or config.layer_loss or quant is not None
+    keep_hessian = config.method == "sparsegpt" or config.layer_loss or quant is not None
     solver_kwargs: dict[str, Any] = {"sparsity": sparsity, "pattern": nm}
     if config.method == "sparsegpt":
         solver_kwargs.update(block_size=config.block_size, damp=config.damp)
+    scheme = scheme_of(quant) if quant is not None else None
+    qrec: QuantizationRecord | None = None
+    qweights: dict[str, QuantizedWeight] = {}
+    if quant is not None and scheme is not None:
+        qrec = QuantizationRecord(
+            config=quant,
+            solver="gptq" if quant_only or config.method != "sparsegpt" else "sparsegpt",
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            symmetric=scheme.symmetric,
+            act_order=scheme.act_order,
+            scale_dtype=scheme.scale_dtype,
+        )
+    qbits = 0
+    what = f"gptq {quant.label}" if quant_only and quant is not None else f"{config.method} {config.pattern}"
 
     blocks_name, blocks = find_blocks(model)
     report = PruneReport(device=str(device))
@@ -265,7 +417,7 @@ def prune(
 
         bar = tqdm(
             range(len(blocks)),
-            desc=f"{config.method} {config.pattern}",
+            desc=what,
             unit="block",
             disable=not progress,
             dynamic_ncols=True,
@@ -277,6 +429,8 @@ def prune(
             plan = plan_block(block, f"{blocks_name}.{i}", config.ignore)
             for target in plan.targets:
                 _check_finite(target.name, target.weight)
+                if scheme is not None:
+                    check_group_size(target.weight.shape[1], scheme.group_size, layer=target.name)
 
             dense_out: list[torch.Tensor] | None = None
             collector = InputCollector(plan.linears, keep_hessian, device) if need_stats else None
@@ -303,21 +457,47 @@ def prune(
 
             block_loss = 0.0
             block_layers: list[LayerReport] = []
+            block_rounded = 0  # weights quantization rounded to 0 (counted apart from the pruning's zeros)
             missing: list[str] = []  # targets without calibration tokens
             for target in plan.targets:
                 t_layer = time.perf_counter()
                 stats = stats_of.get(target.name)
                 weight = target.weight
-                if config.method != "magnitude" and (stats is None or stats.n == 0):
+                qloss: float | None = None
+                uncalibrated = (config.method != "magnitude" or scheme is not None) and (
+                    stats is None or stats.n == 0
+                )
+                if uncalibrated:
                     missing.append(target.name)
                     if config.uncalibrated == "dense":
                         plan.dense.append(_dense(target.name, weight.numel(), DENSE_UNCALIBRATED))
                         continue
                     report.uncalibrated.append(target.name)
-                    result = prune_magnitude(weight, None, sparsity=sparsity, pattern=nm)
+                    result = (
+                        PruneResult(weight, weight == 0, None)
+                        if quant_only
+                        else prune_magnitude(weight, None, sparsity=sparsity, pattern=nm)
+                    )
+                    zeros = int((result.weight == 0).sum())
+                    if scheme is not None:  # no Hessian: round to nearest (zeros stay zeros)
+                        rtn = quantize_rtn(result.weight, scheme)
+                        result = PruneResult(rtn.dequantize(weight.dtype), result.mask, None, rtn)
                 else:
                     try:
-                        result = solver(weight, stats, **solver_kwargs)
+                        if scheme is None or quant is None:
+                            result = solver(weight, stats, **solver_kwargs)
+                            zeros = int((result.weight == 0).sum())
+                        else:
+                            result, zeros, qloss = _quant_solve(
+                                weight,
+                                stats,
+                                config,
+                                quant,
+                                scheme,
+                                quant_only=quant_only,
+                                solver=solver,
+                                solver_kwargs=solver_kwargs,
+                            )
                     except SolverError as exc:
                         raise SolverError(f"layer {target.name}: {exc}") from exc
                 if not bool(torch.isfinite(result.weight).all()):
@@ -326,10 +506,30 @@ def prune(
                         "try --dtype float32 or more --damp; nothing was written"
                     )
                 target.write(result.weight)
-                zeros = int((result.weight == 0).sum())
                 report.pruned_params += weight.numel()
                 report.zero_params += zeros
                 loss = None if result.loss is None else float(result.loss)
+                if qrec is not None and scheme is not None and result.quant is not None:
+                    q = result.quant
+                    qweights[target.name] = QuantizedWeight(
+                        q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), q.scheme
+                    )
+                    rounded = int((result.weight == 0).sum()) - zeros
+                    block_rounded += rounded
+                    rows, cols = weight.shape
+                    qbits += packed_bits(rows, cols, scheme)
+                    qrec.quantized_params += weight.numel()
+                    qrec.rounded_to_zero += rounded
+                    qrec.dense_bytes += weight.numel() * weight.element_size()
+                    qrec.layers.append(
+                        QuantLayer(
+                            target.name,
+                            (rows, cols),
+                            qloss,
+                            time.perf_counter() - t_layer,
+                            rounded,
+                        )
+                    )
                 block_loss += loss or 0.0
                 block_layers.append(
                     LayerReport(
@@ -355,6 +555,7 @@ def prune(
             report.layers.extend(block_layers)
             params, zeros_all, others = _census(block, f"{blocks_name}.{i}", plan.accounted)
             report.matrix_params += params
+            zeros_all -= block_rounded  # the census counts zeros after quantization
             report.matrix_zero_params += zeros_all
             report.dense_matrices.extend(plan.dense + others)
 
@@ -401,6 +602,11 @@ def prune(
             model_config.use_cache = prev_cache
         model.train(was_training)
 
+    if report.pruned_params == 0 and quant_only:
+        raise PruneError(
+            f"nothing was quantized: every weight matrix of the {len(blocks)} blocks was kept dense "
+            f"({dense_summary(report.dense_matrices)})"
+        )
     if report.pruned_params == 0:
         raise PruneError(
             f"nothing was pruned: every weight matrix of the {len(blocks)} blocks was kept dense "
@@ -416,7 +622,14 @@ def prune(
         )
     report.total_seconds = time.perf_counter() - start
     report.peak_memory_bytes, report.peak_memory_kind = peak_memory(device)
-    return report
+    if qrec is None:
+        return report, None
+    qrec.bits_per_weight = qbits / max(1, qrec.quantized_params)
+    qrec.packed_bytes = -(-qbits // 8)
+    qrec.blocks = list(report.blocks)
+    qrec.total_seconds = report.total_seconds
+    qrec.device = report.device
+    return report, QuantizedModel(qrec, qweights)
 
 
 def dense_summary(dense_matrices: list[DenseMatrix]) -> str:

@@ -26,14 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oneshot.config import PruneConfig, RecoverConfig, RunConfig, ShrinkConfig
+from oneshot.config import PruneConfig, QuantConfig, RecoverConfig, RunConfig, ShrinkConfig
 from oneshot.errors import OneshotError
 
 __all__ = [
     "CARD_FILE",
     "EVAL_FILE",
+    "EXPORT_FILE",
     "FORBIDDEN_CONFIG_KEYS",
     "INDEX_FILE",
+    "QUANT_FILE",
     "REPORT_DIR",
     "RUN_FILE",
     "BaselineRecord",
@@ -41,6 +43,8 @@ __all__ = [
     "Calibration",
     "DenseMatrix",
     "EvalRecord",
+    "ExportCheck",
+    "ExportManifest",
     "ExportRecord",
     "FileHash",
     "FrequencyBucket",
@@ -50,6 +54,8 @@ __all__ = [
     "MaskCheck",
     "PerplexityRecord",
     "PruneReport",
+    "QuantLayer",
+    "QuantizationRecord",
     "QuickEval",
     "RecordError",
     "RecoveryRecord",
@@ -68,8 +74,10 @@ __all__ = [
     "from_dict",
     "library_versions",
     "pack_bits",
+    "read_quant_file",
     "to_dict",
     "unpack_bits",
+    "write_quant_file",
 ]
 
 RUN_FILE = "oneshot.json"
@@ -77,7 +85,18 @@ EVAL_FILE = "eval.json"
 CARD_FILE = "README.md"
 REPORT_DIR = "report"
 INDEX_FILE = "model.safetensors.index.json"
-RUN_FORMAT, RUN_SCHEMA = "oneshot-run", 3  # 3: shrink runs (config/prune null, shrink set)
+# the grids of a quantized run beside its (fake-quantized, plain float) checkpoint: per quantized matrix
+# ``<name>.weight_scale`` (rows, groups), ``<name>.weight_zero_point`` (rows, groups) and ``<name>.weight_g_idx``
+# (cols,); the codes are ``round(W / scale) + zero_point`` of the checkpoint's weights (see `read_quant_file`)
+QUANT_FILE = "quantization.safetensors"
+# the record of `oneshot export` inside an export folder (what was written from which run, and the check)
+EXPORT_FILE = "oneshot-export.json"
+EXPORT_FORMAT, EXPORT_SCHEMA = "oneshot-export", 1
+QUANT_FORMAT = "oneshot-quant/1"
+QUANT_TENSORS = ("weight_scale", "weight_zero_point", "weight_g_idx")
+# 3: shrink runs (config/prune null, shrink set); 4: quantized runs (``quantization`` set; a run of
+# `oneshot quantize` on a plain model has config, prune and shrink null)
+RUN_FORMAT, RUN_SCHEMA = "oneshot-run", 4
 EVAL_FORMAT, EVAL_SCHEMA = "oneshot-eval", 1
 # keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
 FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
@@ -240,6 +259,47 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_quant_file(folder: Path, tensors: dict[str, Any], facts: dict[str, Any]) -> Path:
+    """Write ``QUANT_FILE`` into ``folder``: ``tensors`` maps ``<matrix name>.<one of QUANT_TENSORS>`` to a
+    tensor; ``facts`` (the scheme: bits, group_size, symmetric, act_order, scale_dtype) go into the header."""
+    from safetensors.torch import save_file
+
+    bad = sorted(k for k in tensors if k.rsplit(".", 1)[-1] not in QUANT_TENSORS)
+    if bad:
+        raise ValueError(f"{QUANT_FILE} holds only {', '.join(QUANT_TENSORS)} tensors, not {bad[0]}")
+    path = Path(folder) / QUANT_FILE
+    meta = {"format": QUANT_FORMAT, "scheme": json.dumps(facts, sort_keys=True)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+def read_quant_file(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The grids of a quantized run folder: ``{matrix name: {tensor kind: tensor}}`` and the scheme facts.
+    `RecordError` naming the file when it is missing, unreadable or of another format."""
+    from safetensors import safe_open
+
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        raise RecordError(f"{path} not found: {folder} is not a quantized run folder")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
+        raise RecordError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from exc
+    if meta.get("format") != QUANT_FORMAT:
+        raise RecordError(f"{path} has format {meta.get('format')!r}, expected {QUANT_FORMAT}")
+    try:
+        facts = json.loads(meta.get("scheme", ""))
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path}: the scheme in its header is not valid JSON") from exc
+    out: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, _, kind = key.rpartition(".")
+        out.setdefault(name, {})[kind] = tensor
+    return out, facts
+
+
 def library_versions() -> dict[str, str]:
     """Versions of Python and of every library a result depends on (those installed)."""
     import importlib.metadata as md
@@ -252,6 +312,7 @@ def library_versions() -> dict[str, str]:
         "accelerate",
         "safetensors",
         "gguf",
+        "compressed-tensors",
         "triton",
         "lm_eval",
         "datasets",
@@ -460,6 +521,59 @@ class ExportRecord:
 
 
 @dataclass
+class ExportCheck:
+    """The export read back by its consumer's own loader and compared with the run's model on the same
+    tokens: the largest absolute logit difference (``None`` when the check could not run: ``note`` says
+    why) against the tolerance (``None``: reported only)."""
+
+    loader: str  # e.g. "transformers + compressed-tensors 0.20.1", "transformers GGUF reader"
+    tokens: int = 0
+    max_abs_diff: float | None = None
+    max_abs_logit: float | None = None  # the scale of the logits compared
+    tolerance: float | None = None
+    passed: bool | None = None
+    note: str | None = None
+
+
+@dataclass
+class ExportManifest:
+    """``oneshot-export.json``: an export folder of `oneshot export` (which run, which format, the files
+    with their hashes, the read-back check)."""
+
+    format: str  # compressed-tensors | gguf
+    source_run: str
+    scheme: str | None = None  # the run's quantization (its label), None for a float run
+    gguf_type: str | None = None
+    architecture: str | None = None  # gguf: the llama.cpp architecture written
+    files: dict[str, FileHash] = field(default_factory=dict)
+    check: ExportCheck | None = None
+    command: list[str] = field(default_factory=list)
+    created: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: Path) -> ExportManifest:
+        path = Path(folder) / EXPORT_FILE
+        data = _read_json(path, "an export folder (written by `oneshot export`)")
+        _schema(path, data, EXPORT_FORMAT, EXPORT_SCHEMA)
+        data = dict(data)
+        data["format"] = data.pop("export_format", None)  # "format" holds the record's own schema
+        try:
+            return from_dict(cls, data)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{path} does not hold a valid export record ({exc})") from exc
+
+    def save(self, folder: Path) -> Path:
+        data = to_dict(self)
+        data["export_format"] = data.pop("format")
+        path = Path(folder) / EXPORT_FILE
+        text = json.dumps({"format": f"{EXPORT_FORMAT}/{EXPORT_SCHEMA}", **data}, indent=2) + "\n"
+        atomic_write_text(path, text)
+        return path
+
+
+@dataclass
 class FileHash:
     sha256: str
     bytes: int
@@ -511,6 +625,67 @@ class RecoveryRecord:
 
 
 @dataclass
+class QuantLayer:
+    """One quantized weight matrix."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    # ||(W - W_q) X^T||^2 / n on the calibration inputs, W the weight before this pass (the dense weight when
+    # pruned in the same pass, so pruning and rounding together); None without a Hessian
+    loss: float | None
+    seconds: float
+    rounded_to_zero: int = 0  # weights that were not zero and quantized to exactly 0 (pruned ones stay 0)
+
+
+@dataclass
+class QuantizationRecord:
+    """Weight-only quantization of a run (`oneshot prune --quantize`, `oneshot quantize`).
+
+    The checkpoint holds the fake-quantized weights (every quantized weight is ``scale * (code - zero)`` of
+    its group, stored as plain float); the grids are in ``file`` (`QUANT_FILE`), listed in the record's
+    content hashes. ``group_size`` None = one scale per output channel. ``bits_per_weight``: codes, scales,
+    zero-points (asymmetric) and group indices (act-order) of the quantized matrices, per weight.
+    A pass of `oneshot quantize` over an earlier run folder keeps that run's record and states here its own
+    run, calibration, command and quick perplexity (``source_run`` names the folder).
+    """
+
+    config: QuantConfig
+    solver: str  # "sparsegpt" (pruned and quantized in one pass) | "gptq" (zeros kept as a fixed mask)
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    act_order: bool
+    scale_dtype: str = "float16"
+    bits_per_weight: float = 0.0
+    quantized_params: int = 0
+    rounded_to_zero: int = 0
+    layers: list[QuantLayer] = field(default_factory=list)
+    blocks: list[BlockReport] = field(default_factory=list)  # `oneshot quantize`: per-block output error
+    file: str = QUANT_FILE
+    packed_bytes: int = 0  # the quantized matrices in the packed form (codes at `bits` bits, scales, ...)
+    dense_bytes: int = 0  # the same matrices in the checkpoint's dtype
+    checkpoint_bytes: int = 0  # the float checkpoint's safetensors files, as written
+    file_bytes: int = 0  # QUANT_FILE
+    total_seconds: float = 0.0
+    device: str = "cpu"
+    source_run: str | None = None
+    run: RunConfig | None = None
+    calibration: Calibration | None = None
+    command: list[str] = field(default_factory=list)
+    started: str | None = None
+    ppl_before: PerplexityRecord | None = None
+    ppl_after: PerplexityRecord | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``w4a16, groups of 64, symmetric``."""
+        group = f"groups of {self.group_size}" if self.group_size else "one scale per output channel"
+        grid = "symmetric" if self.symmetric else "asymmetric"
+        return f"{self.config.scheme}, {group}, {grid}" + (", act-order" if self.act_order else "")
+
+
+@dataclass
 class RunRecord:
     """``oneshot.json``: everything needed to understand, check and repeat a run."""
 
@@ -530,6 +705,7 @@ class RunRecord:
     shrink_config: ShrinkConfig | None = None  # `oneshot shrink` runs
     shrink: ShrinkReport | None = None
     recoveries: list[RecoveryRecord] = field(default_factory=list)  # `oneshot recover` passes, in order
+    quantization: QuantizationRecord | None = None  # `--quantize` / `oneshot quantize`
     schema: int = RUN_SCHEMA  # the version read (records are always written as the newest)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -570,8 +746,31 @@ class RunRecord:
 
     @property
     def kind(self) -> str:
-        """ "shrink" for an `oneshot shrink` run, else "prune"."""
-        return "shrink" if self.shrink is not None else "prune"
+        """ "shrink" for an `oneshot shrink` run, "quantize" for `oneshot quantize` of a plain model (no pruning
+        or shrinking before), else "prune". A quantized prune or shrink run keeps its kind."""
+        if self.shrink is not None:
+            return "shrink"
+        if self.prune is None and self.quantization is not None:
+            return "quantize"
+        return "prune"
+
+    @property
+    def quantized(self) -> QuantizationRecord:
+        """The quantization section; `RecordError` for a run that was not quantized."""
+        if self.quantization is None:
+            raise RecordError(f"this `oneshot {self.kind}` run was not quantized")
+        return self.quantization
+
+    def stored_zeros(self) -> tuple[int, int]:
+        """(zeros of the pruned matrices, zeros of every weight matrix of the blocks) in the checkpoint: the
+        pruning report's, plus the weights quantization rounded to zero afterwards."""
+        _, pr = self.pruned
+        q = self.quantization
+        if q is None:
+            return pr.zero_params, pr.matrix_zero_params
+        pruned = {layer.name for layer in pr.layers}
+        rounded = sum(layer.rounded_to_zero for layer in q.layers if layer.name in pruned)
+        return pr.zero_params + rounded, pr.matrix_zero_params + q.rounded_to_zero
 
     @property
     def pruned(self) -> tuple[PruneConfig, PruneReport]:

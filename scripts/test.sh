@@ -2,7 +2,8 @@
 # The test command: set up (fresh machine included), lint, then the test sets, each its own timed step.
 #
 #   ruff, mypy    lint and type checks
-#   main          pytest -m "not slow and not interpreter and not cuda" (CPU, TRITON_INTERPRET unset)
+#   main          pytest -m "not slow and not interpreter and not cuda and not compile" (CPU, TRITON_INTERPRET unset)
+#   compile       pytest -m compile: the kernels' custom ops under opcheck / torch.compile, in their own process
 #   interpreter   pytest -m interpreter with TRITON_INTERPRET=1: the Triton kernels on the CPU interpreter
 #   slow          pytest -m slow: the few tests that load the real SmolLM2 model
 #   cuda          pytest -m cuda (compiled kernels, TRITON_INTERPRET unset) when torch.cuda.is_available(),
@@ -10,7 +11,7 @@
 #
 # Extra arguments go to every pytest step (`bash scripts/test.sh -x`, `-k name`, a test file); a step that
 # they leave without tests passes ("nothing selected"). Do not pass -m: each step has its own.
-# ONESHOT_TEST_STEPS picks steps (default "ruff mypy main interpreter slow cuda").
+# ONESHOT_TEST_STEPS picks steps (default "ruff mypy main compile interpreter slow cuda").
 # Every step runs even when an earlier one fails; a summary with each step's wall time follows, and the exit
 # status is 1 if any step failed.
 set -euo pipefail
@@ -20,7 +21,7 @@ bash scripts/setup_browser.sh  # Debian's chromium, for the report's headless-br
 export ONESHOT_DATA_DIR="${ONESHOT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-all_steps="ruff mypy main interpreter slow cuda"
+all_steps="ruff mypy main compile interpreter slow cuda"
 steps="${ONESHOT_TEST_STEPS:-$all_steps}"
 for name in $steps; do
   case " $all_steps " in
@@ -67,7 +68,8 @@ step() {
 
 step ruff .venv/bin/ruff check .
 step mypy .venv/bin/mypy
-step main run_pytest env -u TRITON_INTERPRET "${pytest_[@]}" -m "not slow and not interpreter and not cuda" "$@"
+step main run_pytest env -u TRITON_INTERPRET "${pytest_[@]}" -m "not slow and not interpreter and not cuda and not compile" "$@"
+step compile run_pytest env -u TRITON_INTERPRET "${pytest_[@]}" -m "compile and not slow and not interpreter and not cuda" "$@"
 step interpreter run_pytest env TRITON_INTERPRET=1 "${pytest_[@]}" -m interpreter "$@"
 step slow run_pytest env -u TRITON_INTERPRET "${pytest_[@]}" -m "slow and not interpreter and not cuda" "$@"
 case " $steps " in

@@ -153,6 +153,46 @@ BASE = "prune --model model --calib calib.txt --nsamples 2 --seqlen 16 --eval-wi
 SHRINK = (
     "shrink --model model --calib calib.txt --nsamples 2 --seqlen 16 --eval-windows 0 -q --data-dir {data}"
 )
+MINIMAL_RECORD = {
+    "format": "oneshot-run/4",
+    "config": None,
+    "prune": None,
+    "run": {},
+    "source": {"kind": "local"},
+}
+QUANTIZE = "quantize {model} --calib calib.txt --nsamples 2 --seqlen 16 --eval-windows 0 -q --data-dir {data}"
+
+
+def _pruned_run(ws: Path, name: str) -> None:
+    """A finished run folder of `oneshot prune` (unquantized)."""
+    argv = [
+        *BASE.split(),
+        "--data-dir",
+        os.environ.get("ONESHOT_DATA_DIR", str(REPO.parent / "shared" / "data")),
+    ]
+    assert main([*argv, "--out", name]) == 0
+
+
+def _quantized_run(ws: Path) -> None:
+    """A run folder whose record says it is quantized already."""
+    shutil.copytree(ws / "model", ws / "qrun")
+    quantization = {
+        "config": {"scheme": "w4a16", "group_size": 64},
+        "solver": "gptq",
+        "bits": 4,
+        "group_size": 64,
+        "symmetric": True,
+        "act_order": False,
+    }
+    record = {
+        "format": "oneshot-run/4",
+        "config": None,
+        "prune": None,
+        "run": {},
+        "source": {"kind": "local"},
+    }
+    record["quantization"] = quantization
+    (ws / "qrun" / "oneshot.json").write_text(json.dumps(record))
 
 
 def _tiny_mixtral(folder: Path) -> None:
@@ -471,10 +511,144 @@ CASES: dict[str, Case] = {
     "shrink-negative-damp": Case(
         f"{SHRINK} --intermediate-size 64 --damp -1 --out out", 2, ("damp must be",), base=False
     ),
+    # --- quantization: `oneshot prune --quantize` and `oneshot quantize`; checked before any weight is read
+    "quantize-unknown-scheme": Case(
+        "--quantize w3a16 --out out", 2, ("unknown quantization scheme 'w3a16'",)
+    ),
+    "quantize-unsupported-group-size": Case(
+        "--quantize w4a16 --group-size 100 --out out",
+        2,
+        ("unsupported --group-size 100", "32, 64, 128 or -1"),
+    ),
+    "quantize-group-size-does-not-fit-the-model": Case(  # the tiny model's widths are 64 and 128
+        "--quantize w4a16 --out out",
+        2,
+        ("--group-size 128 does not fit", "has 64 input columns", "use --group-size 64"),
+    ),
+    "quantize-group-size-without-a-scheme": Case(
+        "--group-size 64 --out out", 2, ("--group-size needs --quantize SCHEME",)
+    ),
+    "quantize-act-order-with-pruning": Case(
+        "--quantize w4a16 --group-size 64 --act-order --out out", 2, ("--act-order cannot be combined",)
+    ),
+    "quantize-nm-group-across-quantization-groups": Case(
+        "--pattern 1:64 --quantize w4a16 --group-size 32 --out out", 2, ("not a multiple of 64",)
+    ),
+    "quantize-sym-and-asym": Case(
+        "--quantize w4a16 --sym --asym --out out", 2, ("not allowed with argument",)
+    ),
+    "prune-and-quantize": Case(
+        "--pattern 2:4 --quantize w4a16 --group-size 32 --out out",
+        0,
+        ("quantization", "w4a16, groups of 32", "bits per weight"),
+        None,
+        ("out",),
+    ),
+    "quantize-command-unknown-scheme": Case(
+        QUANTIZE.format(model="model", data="{data}") + " --scheme w4 --out out",
+        2,
+        ("unknown quantization scheme 'w4'",),
+        base=False,
+    ),
+    "quantize-command-group-size-does-not-fit": Case(
+        QUANTIZE.format(model="model", data="{data}") + " --group-size 128 --out out",
+        2,
+        ("--group-size 128 does not fit", "use --group-size 64"),
+        base=False,
+    ),
+    "quantize-command-already-quantized": Case(
+        QUANTIZE.format(model="qrun", data="{data}") + " --group-size 64 --out out",
+        2,
+        ("qrun is already quantized", "w4a16, groups of 64"),
+        _quantized_run,
+        base=False,
+    ),
+    "quantize-command-broken-record": Case(
+        QUANTIZE.format(model="broken", data="{data}") + " --group-size 64 --out out",
+        2,
+        ("broken/oneshot.json", "not valid JSON"),
+        lambda ws: (
+            shutil.copytree(ws / "model", ws / "broken"),
+            (ws / "broken" / "oneshot.json").write_text('{"format": '),
+        ),
+        base=False,
+    ),
+    "quantize-command-out-is-the-model": Case(
+        QUANTIZE.format(model="model", data="{data}") + " --group-size 64 --out model --overwrite",
+        2,
+        ("is the model source",),
+        base=False,
+    ),
+    "quantize-command": Case(
+        QUANTIZE.format(model="model", data="{data}") + " --scheme w8a16 --asym --out out",
+        0,
+        ("w8a16, one scale per output channel, asymmetric", "bits per weight"),
+        None,
+        ("out",),
+        base=False,
+    ),
+    # --- oneshot export: a bad request is one line before anything is written
+    "export-not-a-run-folder": Case(
+        "export model --format gguf --out exp", 2, ("model/oneshot.json not found",), base=False
+    ),
+    "export-unknown-format": Case(
+        "export run --format onnx --out exp", 2, ("--format", "invalid choice: 'onnx'"), base=False
+    ),
+    "export-unknown-gguf-type": Case(
+        "export run --format gguf --gguf-type q4_k --out exp", 2, ("invalid choice: 'q4_k'",), base=False
+    ),
+    "export-gguf-type-with-compressed-tensors": Case(
+        "export run --format compressed-tensors --gguf-type f16 --out exp",
+        2,
+        ("--gguf-type is an option of --format gguf",),
+        lambda ws: _pruned_run(ws, "run"),
+        base=False,
+    ),
+    "export-compressed-tensors-of-an-unquantized-run": Case(
+        "export run --format compressed-tensors --out exp",
+        2,
+        ("run is not quantized", "oneshot quantize"),
+        lambda ws: _pruned_run(ws, "run"),
+        base=False,
+    ),
+    "export-gguf-of-an-unsupported-architecture": Case(
+        "export moe --format gguf --out exp",
+        2,
+        ("GGUF export supports the architectures llama, qwen2", "'mixtral'"),
+        lambda ws: (
+            _tiny_mixtral(ws / "moe"),
+            (ws / "moe" / "oneshot.json").write_text(json.dumps(MINIMAL_RECORD)),
+        ),
+        base=False,
+    ),
+    "export-out-is-the-run-folder": Case(
+        "export run --format gguf --out run --overwrite",
+        2,
+        ("is the run folder",),
+        lambda ws: _pruned_run(ws, "run"),
+        base=False,
+    ),
+    "export-gguf": Case(
+        "export run --format gguf --gguf-type f32 --out exp",
+        0,
+        ("gguf (f32, llama)", "within 1e-05"),
+        lambda ws: _pruned_run(ws, "run"),
+        ("exp",),
+        base=False,
+    ),
+    "export-help": Case("export --help", 0, ("examples:", "--format", "--gguf-type"), base=False),
+    "quantize-help": Case("quantize --help", 0, ("examples:", "--scheme", "--group-size"), base=False),
     "shrink-help": Case("shrink --help", 0, ("examples:", "--intermediate-size", "--params"), base=False),
     "recover-help": Case("recover --help", 0, ("examples:", "--method", "--resume", "--teacher"), base=False),
     "recover-tokens-0": Case(
         "recover model --tokens 0", 2, ("--tokens must be a positive integer",), base=False
+    ),
+    "recover-a-quantized-run": Case(
+        "recover qrun --out out",
+        2,
+        ("qrun is quantized", "recover the run before quantizing"),
+        _quantized_run,
+        base=False,
     ),
     "recover-not-a-run-folder": Case("recover model --out out", 2, ("oneshot.json not found",), base=False),
     # --- the command itself

@@ -20,6 +20,8 @@ from oneshot.kernels.ops import bitmask_linear, config_fields, sparse24_linear
 from tests.test_kernels_dispatch import FakeTimer, decompressions  # noqa: F401  (fixture)
 from tests.test_kernels_linear import prune_24_, prune_unstructured_
 
+pytestmark = pytest.mark.compile
+
 COMPILER = "inductor" if shutil.which("g++") or shutil.which("clang++") else "aot_eager"
 
 

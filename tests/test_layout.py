@@ -63,6 +63,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oneshot.walker",
             "oneshot.stats",
             "oneshot.solvers",
+            "oneshot.exporters",
             "oneshot.moe",
             "oneshot.pruner",
             "oneshot.checks",

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import NoReturn
 
-from oneshot.cli import card, evaluate, prune, push, recover, report, shrink
+from oneshot.cli import card, evaluate, export, prune, push, quantize, recover, report, shrink
 from oneshot.errors import Interrupted
 
 __all__ = ["build_parser", "main"]
@@ -25,6 +25,8 @@ COMMANDS = {
     "prune": prune,
     "shrink": shrink,
     "recover": recover,
+    "quantize": quantize,
+    "export": export,
     "eval": evaluate,
     "report": report,
     "push": push,
@@ -38,6 +40,9 @@ EXAMPLES = """examples:
   oneshot prune --model ./my-llama --method wanda --sparsity 0.5 --ignore '*.mlp.down_proj' --out runs/w50
   # structured pruning: a smaller dense model (MLP width 1536 -> 1152), faster on every runtime
   oneshot shrink --intermediate-size 1152 --out runs/smollm2-i1152
+  # 2:4 and 4-bit weights in one pass; packed for vLLM (compressed-tensors) or llama.cpp (GGUF)
+  oneshot prune --pattern 2:4 --quantize w4a16 --group-size 64 --out runs/smollm2-2of4-w4
+  oneshot export runs/smollm2-2of4-w4 --format compressed-tensors --out export/smollm2-2of4-w4
   # recovery fine-tuning toward the dense model, pruned weights kept exactly zero
   oneshot recover runs/smollm2-2of4 --method blockwise --tokens 200000
   # perplexity and the nine zero-shot tasks against the dense model; a report; a Hub upload check

@@ -8,7 +8,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oneshot.config import DTYPES, METHODS, PROPAGATE, UNCALIBRATED, ConfigError, PruneConfig, RunConfig
+from oneshot.config import (
+    DTYPES,
+    METHODS,
+    PROPAGATE,
+    QUANT_SCHEMES,
+    UNCALIBRATED,
+    ConfigError,
+    PruneConfig,
+    QuantConfig,
+    RunConfig,
+)
 from oneshot.errors import Interrupted
 from oneshot.runfolder import RunRecord
 
@@ -20,6 +30,7 @@ PRUNE_EXAMPLES = """examples:
   oneshot prune --method sparsegpt --pattern 2:4 --out runs/smollm2-2of4
   oneshot prune --model ./my-llama --method wanda --sparsity 0.5 --nsamples 64 --seqlen 1024 --out runs/w50
   oneshot prune --model org/model --calib my_corpus.jsonl --ignore '*.mlp.down_proj' --out runs/m
+  oneshot prune --pattern 2:4 --quantize w4a16 --group-size 64 --out runs/2of4-w4   # one pass, zeros kept
   oneshot prune ... --out runs/w50 --overwrite   # replaces an earlier oneshot output, nothing else
 """
 
@@ -70,7 +81,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="magnitude/Wanda: skip the Hessians that give the exact per-layer reconstruction loss",
     )
-    add_run_arguments(p, out_help="output folder (default: runs/<model>-<method>-<pattern>)")
+    add_quant_arguments(p, required=False)
+    add_run_arguments(p, out_help="output folder (default: runs/<model>-<method>-<pattern>[-<scheme>])")
     p.add_argument(
         "--export",
         default=None,
@@ -78,6 +90,59 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="also write the compressed form for the sparse kernels into <out>/compressed-<format>/",
     )
     return p
+
+
+def add_quant_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """The quantization options (`QuantConfig`): ``--quantize`` on `oneshot prune`, ``--scheme`` on
+    `oneshot quantize`."""
+    flag = "--scheme" if required else "--quantize"
+    p.add_argument(
+        flag,
+        dest="scheme",
+        default="w4a16" if required else None,
+        help=f"weight-only integer scheme, one of {', '.join(QUANT_SCHEMES)} (activations stay 16-bit)"
+        + ("" if required else "; the pruned weights stay exactly 0 (SparseGPT: one joint solve)"),
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="input columns per scale: 32, 64, 128, or -1 for one scale per output channel (default: the "
+        "scheme's, w4a16 128, w8a16 per channel); must divide every quantized layer's width",
+    )
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument(
+        "--sym", dest="symmetric", action="store_true", default=True, help="signed codes, zero-point 0"
+    )
+    grid.add_argument(
+        "--asym", dest="symmetric", action="store_false", help="unsigned codes with an integer zero-point"
+    )
+    p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="GPTQ takes the columns by descending activation energy (groups follow that order: g_idx)"
+        + ("" if required else "; not with pruning in the same pass"),
+    )
+
+
+def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size: int) -> QuantConfig | None:
+    """`QuantConfig` of the quantization options, or None without a scheme; the group options without one
+    are an error."""
+    if args.scheme is None:
+        given = [f for f, v in (("--group-size", args.group_size), ("--act-order", args.act_order)) if v]
+        if given or not args.symmetric:
+            raise ConfigError(
+                f"{', '.join(given) or '--asym'} needs --quantize SCHEME (e.g. --quantize w4a16)"
+            )
+        return None
+    return QuantConfig(
+        scheme=args.scheme,
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        act_order=args.act_order,
+        damp=damp,
+        block_size=block_size,
+    )
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -160,11 +225,21 @@ def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]
     return config, run_config_from_args(args, args.export)
 
 
-def default_out(config: PruneConfig, run: RunConfig) -> str:
-    """``runs/<model>-<method>-<pattern>[-<sparsity>]``."""
+def default_out(config: PruneConfig, run: RunConfig, quant: QuantConfig | None = None) -> str:
+    """``runs/<model>-<method>-<pattern>[-<sparsity>][-<scheme>-g<group>]``."""
     pattern = config.pattern.replace(":", "of")
     suffix = f"-{config.sparsity:g}" if config.pattern == "unstructured" else ""
+    if quant is not None:
+        suffix += f"-{quant_slug(quant)}"
     return os.path.join("runs", f"{model_stem(run)}-{config.method}-{pattern}{suffix}")
+
+
+def quant_slug(quant: QuantConfig) -> str:
+    """``w4a16-g64`` / ``w8a16-ch-asym``."""
+    group = f"g{quant.groups}" if quant.groups else "ch"
+    return (
+        f"{quant.scheme}-{group}" + ("" if quant.symmetric else "-asym") + ("-act" if quant.act_order else "")
+    )
 
 
 def model_stem(run: RunConfig) -> str:
@@ -183,11 +258,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from oneshot.jobs.prune import run_prune
 
     config, run_config = configs_from_args(args)
+    quant = quant_config_from_args(args, damp=config.damp, block_size=config.block_size)
     check_out(args.out)
     result = run_prune(
         config,
         run_config,
-        args.out or default_out(config, run_config),
+        args.out or default_out(config, run_config, quant),
+        quant=quant,
         overwrite=args.overwrite,
         progress=not args.quiet,
         argv=["oneshot", *argv],
@@ -219,6 +296,8 @@ def write_run_report(run_dir: Path) -> None:
 
 
 def _fmt_bytes(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -248,6 +327,8 @@ def summary(record: RunRecord, out: Path) -> str:
         rows.append(("left dense", dense_summary(rep.dense_matrices)))
     if rep.uncalibrated:
         rows.append(("no calibration tokens", f"{len(rep.uncalibrated)} matrices pruned by magnitude"))
+    if record.quantization is not None:
+        rows += quant_rows(record)
     rows += [
         (
             "calibration",
@@ -257,6 +338,29 @@ def summary(record: RunRecord, out: Path) -> str:
         ("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_kind})"),
     ]
     return summary_tail(rows, record, out, "pruned")
+
+
+def quant_rows(record: RunRecord) -> list[tuple[str, str]]:
+    """Summary lines of a quantized run: the scheme, bits per weight, sizes, the weights rounded to 0."""
+    q = record.quantized
+    rows = [
+        ("quantization", f"{q.label} ({q.solver}): {q.bits_per_weight:.3f} bits per weight"),
+        (
+            "quantized weights",
+            f"{q.quantized_params:,} in {len(q.layers)} matrices; {q.rounded_to_zero:,} rounded to 0",
+        ),
+        (
+            "sizes",
+            f"checkpoint {_fmt_bytes(q.checkpoint_bytes)} (fake-quantized float), quantized matrices "
+            f"{_fmt_bytes(q.dense_bytes)} -> {_fmt_bytes(q.packed_bytes)} packed (`oneshot export`)",
+        ),
+    ]
+    if record.prune is not None:
+        zeros, _ = record.stored_zeros()
+        rows.append(
+            ("zeros stored", f"{zeros / max(1, record.prune.pruned_params):.4f} of the pruned matrices")
+        )
+    return rows
 
 
 def summary_tail(rows: list[tuple[str, str]], record: RunRecord, out: Path, label: str) -> str:

@@ -20,15 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oneshot.checks import check_layers, check_prunable
-from oneshot.config import PruneConfig, RunConfig
+from oneshot.checks import check_layers, check_prunable, check_quantizable, model_skeleton
+from oneshot.config import PruneConfig, QuantConfig, RunConfig
 from oneshot.data import calibration_windows, load_text_source, resolve_data_dir
 from oneshot.errors import Interrupted, OneshotError
-from oneshot.models import check_finite, load_model, model_location, resolve_device, strip_quantization
+from oneshot.models import (
+    check_finite,
+    load_model,
+    load_model_config,
+    max_positions,
+    model_location,
+    resolve_device,
+    strip_quantization,
+)
 from oneshot.output import OutputSlot, reserve_output
-from oneshot.pruner import prune
+from oneshot.pruner import prune, prune_and_quantize
 from oneshot.runfolder import (
     FORBIDDEN_CONFIG_KEYS,
+    QUANT_FILE,
     Calibration,
     ExportRecord,
     PerplexityRecord,
@@ -38,7 +47,9 @@ from oneshot.runfolder import (
     file_hashes,
     from_dict,
     library_versions,
+    write_quant_file,
 )
+from oneshot.solvers import QuantizedWeight
 
 __all__ = [
     "RunError",
@@ -54,6 +65,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Finish = Callable[[Path], object]  # a step run on the finished folder before it is moved into place
+Finalize = Callable[[RunRecord], RunRecord]  # the record a job writes, from the one the frame built
+GRIDS = "quant_weights"  # the key of `operate`'s result that carries the grids of a quantized model
 
 
 class RunError(OneshotError):
@@ -71,15 +84,45 @@ def export_folder(fmt: str) -> str:
     return f"compressed-{fmt.replace(':', 'of')}"
 
 
-def write_run_folder(model: Any, tokenizer: Any, folder: Path, record: RunRecord) -> None:
+def write_run_folder(
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    record: RunRecord,
+    *,
+    grids: dict[str, QuantizedWeight] | None = None,
+) -> None:
     """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` (with the content
     hashes of every file) into an existing ``folder``. config.json never carries a quantization or sparsity
-    config. ``record.run.export`` ("2:4" or "bitmask") also writes the compressed form for
+    config: a quantized model is stored fake-quantized (plain float on the grid), its ``grids`` (scales,
+    zero-points, g_idx per matrix) in ``quantization.safetensors`` beside it, and the sizes go into
+    ``record.quantization``. ``record.run.export`` ("2:4" or "bitmask") also writes the compressed form for
     `oneshot.kernels` into ``compressed-<format>/`` (the model's pruned Linear layers are converted in place).
     """
     strip_quantization(model)
     model.save_pretrained(folder, max_shard_size="2GB")
     tokenizer.save_pretrained(folder)
+    q = record.quantization
+    if q is not None:
+        if grids is None:
+            raise RunError("a quantized run needs its grids to be written (scales, zero-points)")
+        tensors: dict[str, Any] = {}
+        for name, g in grids.items():
+            tensors[f"{name}.weight_scale"] = g.scales
+            tensors[f"{name}.weight_zero_point"] = g.zeros
+            tensors[f"{name}.weight_g_idx"] = g.g_idx
+        facts = {
+            "scheme": q.config.scheme,
+            "bits": q.bits,
+            "group_size": q.group_size,
+            "symmetric": q.symmetric,
+            "act_order": q.act_order,
+            "scale_dtype": q.scale_dtype,
+        }
+        q.file_bytes = write_quant_file(folder, tensors, facts).stat().st_size
+        q.checkpoint_bytes = sum(
+            f.stat().st_size for f in folder.glob("*.safetensors") if f.name != QUANT_FILE
+        )
     export = record.run.export
     if export is not None:
         from oneshot import kernels
@@ -202,6 +245,7 @@ def run_prune(
     run: RunConfig,
     out: str | os.PathLike[str],
     *,
+    quant: QuantConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
     argv: list[str] | None = None,
@@ -210,20 +254,43 @@ def run_prune(
     """Load ``run.model``, calibrate, prune with ``config``, evaluate a few windows and save the run folder
     to ``out`` (the ``finish`` steps, e.g. writing the model card, run on it before it is moved into place).
 
+    ``quant``: also quantize every pruned matrix in the same pass (`oneshot.pruner.prune_and_quantize`); the
+    group size is checked against every layer's width before the weights are loaded.
+
     Raises `OneshotError` subclasses for bad input (before any expensive step where the check allows it)
     and `Interrupted` on Ctrl-C, saying what is on disk.
     """
     run.check_against(config)
+    if quant is not None:
+        quant.check_against(config)
 
     def operate(model: Any, calib: Any) -> dict[str, Any]:
-        report = prune(model, calib, config, device=run.device, batch_size=run.batch_size, progress=progress)
-        return {"config": config, "prune": report}
+        kwargs: dict[str, Any] = dict(device=run.device, batch_size=run.batch_size, progress=progress)
+        if quant is None:
+            return {"config": config, "prune": prune(model, calib, config, **kwargs)}
+        report, q = prune_and_quantize(model, calib, config, quant, **kwargs)
+        return {"config": config, "prune": report, "quantization": q.record, GRIDS: q.weights}
+
+    def check(spec: str | None) -> tuple[int | None, bool]:
+        if quant is None:
+            return check_prunable(config, spec)
+        model_config = load_model_config(spec)
+        skeleton = model_skeleton(model_config)
+        if skeleton is not None:
+            check_layers(skeleton, config)
+            check_quantizable(skeleton, quant, config.ignore)
+        return max_positions(model_config), skeleton is not None
+
+    def check_loaded(model: Any) -> None:
+        check_layers(model, config)
+        if quant is not None:
+            check_quantizable(model, quant, config.ignore)
 
     return run_job(
         run,
         out,
-        check=lambda spec: check_prunable(config, spec),
-        check_loaded=lambda model: check_layers(model, config),
+        check=check,
+        check_loaded=check_loaded,
         operate=operate,
         label="pruned",
         overwrite=overwrite,
@@ -245,11 +312,14 @@ def run_job(
     progress: bool,
     argv: list[str] | None,
     finish: Sequence[Finish],
+    finalize: Finalize | None = None,
 ) -> RunResult:
     """The frame every model-changing job shares: take the output, read the data, ``check`` the model spec
     (its config and a weightless skeleton: returns the context length and whether the layer checks ran),
     load, ``check_loaded`` when they did not, calibrate, quick dense perplexity, ``operate(model,
-    calibration)`` (returns the algorithm's `RunRecord` fields), quick perplexity again, save atomically."""
+    calibration)`` (returns the algorithm's `RunRecord` fields, and the grids of a quantized model under
+    ``GRIDS``), quick perplexity again, ``finalize`` the record (e.g. merge it into an earlier run's), save
+    atomically."""
     resolve_device(run.device)  # a device this machine does not have fails now
     try:
         slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run))
@@ -266,6 +336,7 @@ def run_job(
             progress=progress,
             argv=argv,
             finish=finish,
+            finalize=finalize,
         )
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted; {slot.state()}") from exc
@@ -284,6 +355,7 @@ def _run_in_slot(
     progress: bool,
     argv: list[str] | None,
     finish: Sequence[Finish],
+    finalize: Finalize | None,
 ) -> RunResult:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -316,6 +388,7 @@ def _run_in_slot(
     if run.eval_windows > 0:
         quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
     fields = operate(model, calib)
+    grids = fields.pop(GRIDS, None)
     if run.eval_windows > 0 and quick.dense is not None:
         quick.pruned = quick_perplexity(model, tok, run, eval_seq, label=label, progress=progress)
 
@@ -333,10 +406,12 @@ def _run_in_slot(
         **fields,
     )
     record.total_seconds = time.perf_counter() - t0
+    if finalize is not None:
+        record = finalize(record)
     assert slot.tmp is not None
     check_finite(model, f"the {label} model")  # never save NaN, whatever the quick check did or skipped
     logger.info("writing %s", slot.out)
-    write_run_folder(model, tok, slot.tmp, record)
+    write_run_folder(model, tok, slot.tmp, record, grids=grids)
     for step in finish:
         step(slot.tmp)
     slot.commit()

@@ -225,6 +225,11 @@ def run_recover(
     record = _read_run(run_dir)
     if record.kind == "prune" and record.prune is not None and not record.prune.layers:
         raise RecoverError(f"{run_dir / 'oneshot.json'} lists no pruned matrices")
+    if record.quantization is not None:
+        raise RecoverError(
+            f"{run_dir} is quantized ({record.quantization.label}): training would move its weights off their "
+            "grid; recover the run before quantizing, then `oneshot quantize` the recovered run"
+        )
     resolve_device(device)
     if isinstance(eval_windows, bool) or not isinstance(eval_windows, int) or eval_windows < 0:
         raise RecoverError(f"--eval-windows must be an integer >= 0, got {eval_windows!r}")

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oneshot.config import ConfigError
+from oneshot.config import ConfigError, QuantConfig
 
 __all__ = [
     "BITS",
@@ -59,8 +59,11 @@ __all__ = [
     "fake_quantize",
     "group_index",
     "group_params",
+    "packed_bits",
     "quantize",
     "quantize_rtn",
+    "recover_codes",
+    "scheme_of",
 ]
 
 BITS = (4, 8)
@@ -151,6 +154,26 @@ class QuantScheme:
         """Number of scale groups per row for ``cols`` input columns (checked with `check_group_size`)."""
         check_group_size(cols, self.group_size)
         return 1 if self.group_size is None else cols // self.group_size
+
+
+def scheme_of(config: QuantConfig) -> QuantScheme:
+    """The grid of a `QuantConfig` (its scheme's bits, the resolved group size, symmetric, act-order)."""
+    return QuantScheme(
+        bits=config.bits, group_size=config.groups, symmetric=config.symmetric, act_order=config.act_order
+    )
+
+
+def packed_bits(rows: int, cols: int, scheme: QuantScheme) -> int:
+    """Bits of a (rows, cols) matrix in the packed form: codes at ``bits`` bits, one scale per group (and a
+    zero-point at ``bits`` bits when asymmetric), and a 32-bit group index per column under act-order."""
+    groups = scheme.groups(cols)
+    scale_bits = torch.finfo(scheme.scale_torch_dtype).bits
+    out = rows * cols * scheme.bits + rows * groups * scale_bits
+    if not scheme.symmetric:
+        out += rows * groups * scheme.bits
+    if scheme.act_order:
+        out += cols * 32
+    return out
 
 
 def check_group_size(cols: int, group_size: int | None, *, layer: str | None = None) -> None:
@@ -348,3 +371,20 @@ class ColumnQuantizer:
             g_idx=group_index(cols, self.scheme.group_size, self.order).to(codes_t.device),
             scheme=self.scheme,
         )
+
+
+def recover_codes(
+    weight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, scheme: QuantScheme
+) -> tuple[QuantizedWeight, int]:
+    """The codes of a stored fake-quantized (rows, cols) ``weight`` from its grid, and how many weights are
+    NOT exactly ``scale * (code - zero)`` cast to the weight's dtype (0 for an untouched quantized weight).
+
+    ``scales``, ``zeros``: (rows, groups); ``g_idx``: (cols,) group of every column."""
+    index = g_idx.to(device=weight.device, dtype=torch.long)
+    scale, zero = scales[:, index], zeros[:, index]  # (rows, cols)
+    codes = quantize(weight, scale, zero, scheme)
+    back = dequantize(codes, scale, zero, _work_dtype(weight)).to(weight.dtype)
+    off = int((back != weight).sum())
+    return QuantizedWeight(
+        codes=codes, scales=scales, zeros=zeros, g_idx=g_idx.to(torch.int32), scheme=scheme
+    ), off
