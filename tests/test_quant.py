@@ -28,6 +28,7 @@ from oneshot.solvers.quant import (
     quantize_rtn,
 )
 from oneshot.stats import InputStats
+from tests.test_solvers import _gen, correlated_inputs
 
 F64 = torch.float64
 SCHEMES = [
@@ -38,19 +39,6 @@ SCHEMES = [
     QuantScheme(bits=8, group_size=64, symmetric=False, scale_dtype="float32"),
     QuantScheme(bits=4, group_size=32, scale_dtype="bfloat16"),
 ]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def correlated_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """(tokens, cols) float64 LLM-like inputs: a few shared latent factors plus noise, uneven scales."""
-    g = _gen(seed)
-    latent = torch.randn(tokens, 8, generator=g, dtype=F64) @ torch.randn(8, cols, generator=g, dtype=F64)
-    noise = 0.3 * torch.randn(tokens, cols, generator=g, dtype=F64)
-    scales = torch.logspace(-0.5, 0.5, cols, dtype=F64)[torch.randperm(cols, generator=g)]
-    return (latent + noise) * scales
 
 
 def direct_loss(weight: torch.Tensor, new: torch.Tensor, x: torch.Tensor) -> float:
