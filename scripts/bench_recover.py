@@ -23,131 +23,34 @@ same code (commit and a hash of the uncommitted changes to the library).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PROTOCOL = ["--calib", "c4", "--nsamples", "32", "--seqlen", "2048", "--seed", "0", "--eval-windows", "0"]
-SOURCES = {
-    "2of4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *PROTOCOL],
-    "50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--pattern", "unstructured", *PROTOCOL],
-    "i1152": ["shrink", "--intermediate-size", "1152", *PROTOCOL],
-}
+sys.path.insert(0, str(REPO / "scripts"))
+from benchlib import SOURCES, code_version, evaluate, logger, recipe_ok, run_oneshot, source  # noqa: E402
+
 # issue #12: (before, target) perplexity; the shrunk target is relative to dense
 TARGETS = {"2of4": (98.6, 60.0), "50": (44.2, 34.0), "i1152": (None, "1.3 x dense")}
 NM = {"2of4": (2, 4)}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def _oneshot() -> list[str]:
-    return [sys.executable, "-m", "oneshot"]
-
-
-def _code_version() -> list[str]:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "diff", "HEAD", "--", "oneshot", "kernels", "eval"], capture_output=True
-        )
-        return [head.stdout.strip(), hashlib.sha256(dirty.stdout).hexdigest()[:16]]
-    except OSError:
-        return ["unknown"]
-
-
-def _log(msg: str) -> None:
-    print(f"[bench_recover] {msg}", file=sys.stderr, flush=True)
-
-
-def _recipe_ok(path: Path, recipe: list[str], reuse: bool) -> dict | None:
-    if reuse and path.exists():
-        old = json.loads(path.read_text())
-        if old.get("bench_recipe") == recipe:
-            _log(f"reusing {path}")
-            return old
-        _log(f"{path} was made with other options or code: recomputing")
-    return None
+_log = logger("bench_recover")
 
 
 def _source(name: str, args: argparse.Namespace) -> Path:
-    """The protocol run folder of a source (made when missing; its command must match)."""
-    folder = Path(args.out) / "sources" / name
-    cmd = [*SOURCES[name], "--out", str(folder), "--quiet", "--overwrite"]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
-    record = folder / "oneshot.json"
-    if record.exists():
-        made = json.loads(record.read_text()).get("command", [])[1:]
-        if [a for a in made if a not in ("--overwrite",)][: len(SOURCES[name])] == SOURCES[name]:
-            return folder
-    _log(f"making the source run {name}: oneshot {shlex.join(cmd)}")
-    subprocess.run([*_oneshot(), *cmd], check=True, env=_env())
-    return folder
+    return source(name, Path(args.out) / "sources" / name, args.data_dir, _log)
 
 
 def _evaluate(folder: Path | None, args: argparse.Namespace, result: Path) -> dict:
-    """WikiText-2 perplexity of a folder (None: the dense model) in a subprocess."""
-    recipe = ["eval", str(folder), str(args.eval_windows), str(args.eval_seqlen), *_code_version()]
-    if folder is not None and (folder / "oneshot.json").exists():
-        files = json.loads((folder / "oneshot.json").read_text()).get("files") or {}
-        recipe.append(hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16])
-    old = _recipe_ok(result, recipe, args.reuse)
-    if old is not None:
-        return old
-    cmd = [
-        sys.executable,
-        __file__,
-        "--eval-folder",
-        "dense" if folder is None else str(folder),
-        "--result",
-        str(result),
-        "--eval-windows",
-        str(args.eval_windows),
-        "--eval-seqlen",
-        str(args.eval_seqlen),
-    ]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
-    subprocess.run(cmd, check=True, env=_env())
-    res = json.loads(result.read_text())
-    res["bench_recipe"] = recipe
-    result.write_text(json.dumps(res, indent=2))
-    return res
+    return evaluate(folder, args, result, _log)
 
 
-def _eval_step(args: argparse.Namespace) -> dict:
-    from oneshot import load_model
-    from oneshot.eval.corpora import ppl_token_ids
-    from oneshot.eval.perplexity import perplexity
-
-    loaded = load_model(None if args.eval_folder == "dense" else args.eval_folder)
-    ids = ppl_token_ids("wikitext2", loaded.tokenizer, args.data_dir)
-    t0 = time.perf_counter()
-    res = perplexity(
-        loaded.model, ids, args.eval_seqlen, batch_size=1, limit=args.eval_windows, progress=False
-    )
-    return {
-        "ppl": res.value,
-        "windows": res.windows,
-        "seqlen": res.seqlen,
-        "seconds": time.perf_counter() - t0,
-    }
-
-
-def _structure(source: Path, result: Path, nm: tuple[int, int] | None) -> dict:
+def _structure(source: Path, result: Path, nm: tuple[int, int] | None, masked: bool = True) -> dict:
     """Zeros of the source checkpoint revived in the result, N:M groups broken, shapes changed: read from
-    the two model.safetensors files here, with nothing of oneshot."""
+    the two model.safetensors files here, with nothing of oneshot. ``masked`` False (a shrunk source, whose
+    few zeros are not a sparsity pattern): only the shapes count for ``exact``."""
     from safetensors.torch import load_file
 
     before, after = load_file(str(source / "model.safetensors")), load_file(str(result / "model.safetensors"))
@@ -170,8 +73,12 @@ def _structure(source: Path, result: Path, nm: tuple[int, int] | None) -> dict:
             groups = (a.reshape(-1, nm[1]) == 0).sum(-1)
             out["nm_groups"] += groups.numel()
             out["nm_broken"] += int((groups < nm[0]).sum())
+    out["masked"] = masked
     out["exact"] = (
-        not out["missing"] and out["shapes_changed"] == 0 and out["revived"] == 0 and out["nm_broken"] == 0
+        not out["missing"]
+        and out["shapes_changed"] == 0
+        and (not masked or out["revived"] == 0)
+        and out["nm_broken"] == 0
     )
     return out
 
@@ -204,16 +111,13 @@ def _recover(name: str, method: str, src: Path, args: argparse.Namespace) -> dic
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     result = Path(args.out) / f"recover-{name}-{method}.json"
-    recipe = [*cmd, *_code_version()]
+    recipe = [*cmd, *code_version()]
     if method == "both":  # depends on the blockwise result it starts from
         recipe.append(json.loads((src / "oneshot.json").read_text())["recoveries"][-1]["started"])
-    old = _recipe_ok(result, recipe, args.reuse)
+    old = recipe_ok(result, recipe, args.reuse, _log)
     if old is not None and (folder / "oneshot.json").exists():
         return old
-    _log(f"oneshot {shlex.join(cmd)}")
-    t0 = time.perf_counter()
-    subprocess.run([*_oneshot(), *cmd], check=True, env=_env())
-    wall = time.perf_counter() - t0
+    wall = run_oneshot(cmd, _log)
     rec = json.loads((folder / "oneshot.json").read_text())["recoveries"][-1]
     res = {
         "folder": str(folder),
@@ -228,7 +132,9 @@ def _recover(name: str, method: str, src: Path, args: argparse.Namespace) -> dic
         "steps": rec["steps"],
         "peak_memory_bytes": rec["peak_memory_bytes"],
         "record_masks": rec["masks"],
-        "structure": _structure(Path(args.out) / "sources" / name, folder, NM.get(name)),
+        "structure": _structure(
+            Path(args.out) / "sources" / name, folder, NM.get(name), masked=SOURCES[name][0] == "prune"
+        ),
         "bench_recipe": recipe,
     }
     result.write_text(json.dumps(res, indent=2))
@@ -257,12 +163,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--data-dir", default=os.environ.get("ONESHOT_DATA_DIR"))
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-recover"))
-    parser.add_argument("--eval-folder", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.result:  # a subprocess step
-        Path(args.result).write_text(json.dumps(_eval_step(args), indent=2))
-        return 0
     if args.smoke:
         args.blockwise = "--tokens 1024 --seqlen 128 --epochs 1 --batch-size 4"
         args.distill = "--tokens 1024 --seqlen 128 --batch-size 4"
@@ -325,7 +226,7 @@ def main() -> int:
             ppl = r["eval"]["ppl"]
             print(
                 f"| {name} | {method} | {ppl:.2f} | {ppl / dense:.2f} | {unique:,} | {passes:,} | {wall / 60:.1f} min | "
-                f"{train / 60:.1f} min | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {s['revived']} | "
+                f"{train / 60:.1f} min | {r['peak_memory_bytes'] / 2**30:.2f} GiB | {s['revived'] if s.get('masked', True) else 'n/a'} | "
                 f"{s['nm_broken'] if name in NM else '-'} | {'same' if not s['shapes_changed'] and not s['missing'] else 'CHANGED'} "
                 f"| {tgt} |"
             )
