@@ -9,8 +9,8 @@ WikiText-2, the first 40 windows x 2048 tokens of the raw test set, in its own s
 - SparseGPT 2:4 and SparseGPT 2:4 + W4A16 joint;
 - shrunk (a) (`oneshot shrink --intermediate-size 1152`) and shrunk (a) + W4A16 (`oneshot quantize` on it).
 
-Every quantized run is exported as compressed-tensors (pack-quantized) and every float run as GGUF f16 (the
-shrunk one also as q8_0); `oneshot export` reads each export back with its runtime's reader (transformers +
+Every quantized run is exported as compressed-tensors (pack-quantized) and the shrunk float run as GGUF f16
+and q8_0 (``--gguf-rows``); `oneshot export` reads each export back with its runtime's reader (transformers +
 compressed-tensors, transformers' GGUF reader) and compares logits with the run's model: the check is printed.
 
 Printed per row: perplexity, x its unquantized source, the target, bits per Linear weight and the ratio to
@@ -53,8 +53,9 @@ ROWS: dict[str, tuple[str, str, str | None, float | None]] = {
     "i1152": ("shrunk (a) i1152", "source i1152", None, None),
     "i1152-w4a16": ("shrunk (a) + W4A16 g64 (GPTQ)", "quantize i1152 w4a16", "i1152", 1.05),
 }
-# float runs are exported as GGUF (these types), quantized runs as compressed-tensors
-GGUF_EXPORTS = {"50": ["f16"], "2of4": ["f16"], "i1152": ["f16", "q8_0"]}
+# quantized runs are exported as compressed-tensors; float runs as GGUF with these types (--gguf-rows picks
+# which: a pruned float run's GGUF has the dense model's size, as its checkpoint does)
+GGUF_TYPES = ["f16", "q8_0"]
 LINEAR_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -265,6 +266,9 @@ def main() -> int:
     parser.add_argument(
         "--quant-options", default="", help="extra options of every quantization (e.g. --act-order)"
     )
+    parser.add_argument(
+        "--gguf-rows", default="i1152", help="float rows exported as GGUF f16 and q8_0 (comma-separated)"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 short calibration and eval windows")
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
@@ -306,10 +310,8 @@ def main() -> int:
             rec = json.loads((folder / "oneshot.json").read_text())
             if rec.get("quantization"):
                 row["exports"] = [_export(name, folder, "compressed-tensors", None, args, out)]
-            else:
-                row["exports"] = [
-                    _export(name, folder, "gguf", t, args, out) for t in GGUF_EXPORTS.get(name, ["f16"])
-                ]
+            elif name in args.gguf_rows.split(","):
+                row["exports"] = [_export(name, folder, "gguf", t, args, out) for t in GGUF_TYPES]
         _log(f"{name}: ppl {row['eval']['ppl']:.3f}")
         (out / "results.json").write_text(json.dumps(results, indent=2))
     _table(results, names, args)
