@@ -383,7 +383,53 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
         rows.append(["kept dense", ", ".join(f"`{p}`" for p in cfg.ignore)])
     if pr.total_seconds:
         rows.append(["prune time", f"{pr.total_seconds:.1f} s on {pr.device}"])
+    rows += _allocation_rows(record)
     return rows
+
+
+def _allocation_rows(record: RunRecord) -> list[list[str]]:
+    """Settings rows of a non-uniform allocation (`--allocation owl|sensitivity`)."""
+    a = record.allocation
+    if a is None:
+        return []
+    values = list(a.sparsities.values()) or [0.0]
+    how = {
+        "owl": f"OWL (M = {a.config.owl_m:g}, lambda = {a.config.owl_lambda:g}): blocks with more activation "
+        "outliers pruned less",
+        "sensitivity": "from measured reconstruction-loss curves, least summed loss",
+    }.get(a.config.method, a.config.method)
+    rows = [
+        ["allocation", how],
+        [
+            "overall sparsity (allocation)",
+            f"target {fixed(a.target, 4)}, achieved {fixed(a.achieved, 6) if a.achieved is not None else 'n/a'} "
+            f"({a.zeros:,} / {a.params:,} weights); per matrix {fixed(min(values), 4)} to {fixed(max(values), 4)}",
+        ],
+    ]
+    if a.note:
+        rows.append(["allocation note", a.note])
+    return rows
+
+
+def _allocation_table(record: RunRecord) -> list[str]:
+    """Per block: its weights, the allocated sparsity (and OWL's outlier ratio)."""
+    a = record.allocation
+    if a is None or not a.blocks:
+        return []
+    owl = any("outlier_ratio" in b for b in a.blocks)
+    rows = []
+    for b in a.blocks:
+        row = [str(b.get("index")), f"{int(b.get('params', 0)):,}", fixed(float(b.get("sparsity", 0.0)), 4)]
+        if owl:
+            row.append(fixed(float(b.get("outlier_ratio", 0.0)), 5))
+        rows.append(row)
+    head = ["block", "weights", "sparsity"] + (["outlier ratio"] if owl else [])
+    return [
+        f"Sparsity per decoder block chosen by `--allocation {a.config.method}` (every matrix's own in oneshot.json):",
+        "",
+        md_table(head, rows),
+        "",
+    ]
 
 
 def _pruning_section(record: RunRecord) -> list[str]:
@@ -412,7 +458,7 @@ def _pruning_section(record: RunRecord) -> list[str]:
             md_table(["layer type", "layers", "weights", "min", "mean", "max"], rows),
             "",
         ]
-    return out
+    return out + _allocation_table(record)
 
 
 _REFIT_TEXT = {

@@ -17,6 +17,7 @@ from typing import Any
 from oneshot.errors import OneshotError
 
 __all__ = [
+    "ALLOCATIONS",
     "DTYPES",
     "EXPORT_FORMATS",
     "METHODS",
@@ -28,6 +29,7 @@ __all__ = [
     "REFIT_TARGETS",
     "SHRINK_SCORES",
     "UNCALIBRATED",
+    "AllocationConfig",
     "ConfigError",
     "PruneConfig",
     "QuantConfig",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl", "sensitivity")  # how the sparsity is spread over the layers
 DTYPES = ("float32", "bfloat16", "float16")
 PROPAGATE = ("pruned", "dense")
 UNCALIBRATED = ("magnitude", "dense")
@@ -103,7 +106,7 @@ class PruneConfig:
     block_size: int = 128  # SparseGPT: columns per lazy-update block
     ignore: tuple[str, ...] = ()  # fnmatch patterns of weight names to keep dense
     propagate: str = "pruned"  # feed the pruned ("pruned") or the dense ("dense") block outputs forward
-    layer_loss: bool = True  # also collect Hessians for magnitude/Wanda to report exact per-layer loss
+    layer_loss: bool = False  # magnitude/Wanda: also build Hessians to report the exact per-layer loss
     # weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear that never
     # runs): "magnitude" prunes them by magnitude with a warning, "dense" keeps them dense (reported)
     uncalibrated: str = "magnitude"
@@ -521,3 +524,72 @@ class RecoverConfig:
         out = self.to_dict()
         out.pop("checkpoint_minutes")
         return out
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How the target sparsity is spread over the weight matrices (`oneshot.allocation`).
+
+    ``uniform``: every matrix at the target. ``owl``: outlier-weighted layerwise sparsity (Yin et al. 2023):
+    blocks with more Wanda-score outliers (``> owl_m`` x the block's mean score) are pruned less, within
+    ``[s - owl_lambda, s + owl_lambda]``, the parameter-weighted mean exactly ``s``. ``sensitivity``: per
+    matrix from measured reconstruction-loss curves (``sensitivity_file``, a `oneshot sensitivity` output, or
+    measured on the fly) so that the summed loss is least under the parameter budget. With an N:M pattern a
+    matrix is either N:M or kept dense. ``sparsity``: the overall target over the pruned matrices; None = the
+    `PruneConfig`'s (with an N:M pattern it may be below N/M: the allocation keeps some matrices dense).
+    """
+
+    method: str = "uniform"
+    sparsity: float | None = None
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    sensitivity_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.method!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.sparsity is not None:
+            try:
+                sparsity = float(self.sparsity)
+            except (TypeError, ValueError):
+                sparsity = math.nan
+            if not math.isfinite(sparsity) or not 0.0 <= sparsity < 1.0:
+                raise ConfigError(f"sparsity must be a fraction in [0, 1), got {self.sparsity!r}")
+            object.__setattr__(self, "sparsity", sparsity)
+        object.__setattr__(self, "owl_m", _positive_number("--owl-m", self.owl_m))
+        object.__setattr__(self, "owl_lambda", _positive_number("--owl-lambda", self.owl_lambda, zero=True))
+        if self.sensitivity_file is not None and self.method != "sensitivity":
+            raise ConfigError("--sensitivity-file needs --allocation sensitivity")
+
+    def target(self, prune: PruneConfig) -> float:
+        """The overall target sparsity over the pruned matrices."""
+        return float(self.sparsity if self.sparsity is not None else prune.sparsity or 0.0)
+
+    def check_against(self, prune: PruneConfig) -> None:
+        """Settings that must agree with the pruning: a pattern caps the target at N/M; OWL's sparsities
+        ``s + lambda`` must stay below 1; ``uniform`` takes the pruning's own sparsity."""
+        target = self.target(prune)
+        nm = prune.nm
+        if self.method == "uniform":
+            if self.sparsity is not None and abs(self.sparsity - float(prune.sparsity or 0.0)) > 1e-12:
+                raise ConfigError(
+                    f"--allocation uniform prunes every matrix at {prune.sparsity:g}: a target of "
+                    f"{self.sparsity:g} needs --allocation owl or sensitivity"
+                )
+            return
+        if nm is not None:
+            if target > nm[0] / nm[1] + 1e-12:
+                raise ConfigError(
+                    f"target sparsity {target:g} is above what pattern {prune.pattern} allows ({nm[0] / nm[1]:g}): "
+                    "with a pattern the allocation can only keep whole matrices dense"
+                )
+            return
+        if self.method == "owl" and target + self.owl_lambda >= 1.0:
+            raise ConfigError(
+                f"--owl-lambda {self.owl_lambda:g} is too large for sparsity {target:g}: the blocks would reach "
+                f"{target + self.owl_lambda:g} >= 1; use --owl-lambda below {1.0 - target:g}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)

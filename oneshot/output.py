@@ -42,6 +42,8 @@ from oneshot.runfolder import RUN_FILE
 
 __all__ = [
     "MARKER_FILE",
+    "RESUME_DIR",
+    "RESUME_STATE",
     "OutputSlot",
     "Replaceable",
     "is_oneshot_output",
@@ -52,6 +54,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = ".oneshot-partial"  # inside a temporary output folder until it is committed
+# A temporary folder holding a block checkpoint (`oneshot.resume`: RESUME_DIR/RESUME_STATE) is resumable: it
+# survives its run's death and errors (not removed by `release` nor by the next run), and the next run on
+# the same output either adopts it (``resume=True``) or refuses to start, saying how to resume it.
+RESUME_DIR = ".resume"
+RESUME_STATE = "state.json"
 # Whether an existing, non-empty folder may be replaced by --overwrite: None, or why not (the message goes
 # after "--out X ...").
 Replaceable = Callable[[Path], "str | None"]
@@ -259,10 +266,21 @@ class OutputSlot:
             _write_marker(self.tmp, out=str(self.out), kept=True)
         raise OutputError(f"{why}: nothing was replaced; the finished output is kept in {self.tmp}")
 
-    def release(self) -> None:
-        """Remove the temporary folder (unless committed), unlock, remove the parent folders this run
-        created (when still empty)."""
+    @property
+    def resumable(self) -> bool:
+        """Whether the temporary folder holds a block checkpoint (then it is kept when the run fails)."""
+        return not self.committed and self.tmp is not None and _resume_progress(self.tmp) is not None
+
+    def forget_checkpoint(self) -> None:
+        """The run failed for good (an error, not an interruption): `release` then removes the temporary
+        folder even though it held a block checkpoint."""
         if not self.committed and self.tmp is not None:
+            shutil.rmtree(self.tmp / RESUME_DIR, ignore_errors=True)
+
+    def release(self) -> None:
+        """Remove the temporary folder (unless committed or resumable), unlock, remove the parent folders
+        this run created (when still empty)."""
+        if not self.committed and self.tmp is not None and not self.resumable:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -279,6 +297,12 @@ class OutputSlot:
         """What is on disk now, for an interruption message."""
         if self.committed:
             return f"the output {self.out} is complete"
+        if self.resumable:
+            assert self.tmp is not None
+            return (
+                f"nothing was written to {self.out}; the completed blocks ({_resume_progress(self.tmp)}) are "
+                f"kept in {self.tmp}: run the same command with --resume to continue"
+            )
         return f"nothing was written to {self.out} (the temporary folder is removed)"
 
     def __enter__(self) -> OutputSlot:
@@ -409,12 +433,25 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
-def _clean_leftovers(out: Path) -> None:
-    """Report and remove the temporary folders of dead runs on the same output.
+def _resume_progress(folder: Path) -> str | None:
+    """ "k of n blocks done" when ``folder`` holds a block checkpoint, else None."""
+    try:
+        state = _parse_json((folder / RESUME_DIR / RESUME_STATE).read_bytes())
+    except OSError:
+        return None
+    if "next_block" not in state:
+        return None
+    return f"{state.get('next_block')} of {state.get('blocks')} blocks done"
+
+
+def _clean_leftovers(out: Path) -> list[Path]:
+    """Report and remove the temporary folders of dead runs on the same output; return those that hold a
+    block checkpoint (resumable: kept), newest first.
 
     Only called while we hold the output's lock. A folder is removed only when its name has our exact form
     for this ``out``, its marker names this ``out``, and the process that made it is gone (same host).
     """
+    resumable: list[Path] = []
     ours = re.compile(rf"^\.{re.escape(out.name)}\.tmp-\d+-[0-9a-f]{{8}}$")
     for entry in sorted(out.parent.iterdir()):
         if not entry.name.startswith(f".{out.name}.tmp-") or entry.is_symlink() or not entry.is_dir():
@@ -437,9 +474,13 @@ def _clean_leftovers(out: Path) -> None:
         if marker.get("host") == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
             logger.warning("%s belongs to a running process (pid %d); left alone", entry, pid)
             continue
+        if not marker.get("replaced") and _resume_progress(entry) is not None:
+            resumable.append(entry)
+            continue
         what = "an earlier output being replaced" if marker.get("replaced") else "the unfinished output"
         logger.warning("removing %s: %s of an interrupted run (pid %d, no longer running)", entry, what, pid)
         shutil.rmtree(entry, ignore_errors=True)
+    return sorted(resumable, key=lambda p: (p / RESUME_DIR / RESUME_STATE).stat().st_mtime, reverse=True)
 
 
 def reserve_output(
@@ -448,8 +489,13 @@ def reserve_output(
     overwrite: bool,
     protected: Iterable[tuple[str, Path]] = (),
     replaceable: Replaceable = replaceable_run,
+    resume: bool = False,
 ) -> OutputSlot:
     """Check, lock and test-write ``out`` before any work; see the module docstring.
+
+    A resumable temporary folder of a dead run on ``out`` (it holds a block checkpoint) is adopted as this
+    run's temporary folder with ``resume``; without ``resume`` its presence is an `OutputError` saying how
+    to resume it, and ``resume`` without one is an `OutputError` too.
 
     ``protected``: (description, path) pairs that ``out`` must neither be nor contain (the model source,
     the data directory). ``replaceable``: the rule for replacing an existing folder with ``overwrite`` (run
@@ -473,7 +519,22 @@ def reserve_output(
     try:
         slot._lock_fd = _lock(slot.lock_path, out)
         _check_target(out, overwrite, protected, replaceable)  # again, now that no other run can change it
-        _clean_leftovers(out)
+        resumable = _clean_leftovers(out)
+        if resumable and not resume:
+            raise OutputError(
+                f"an interrupted run on --out {out} exists ({_resume_progress(resumable[0])}, in "
+                f"{resumable[0]}): run the same command with --resume to continue it, or remove that folder "
+                "to start over"
+            )
+        if resume and not resumable:
+            raise OutputError(f"--resume: there is no interrupted run on --out {out} to resume")
+        if resumable:
+            for other in resumable[1:]:
+                logger.warning("another interrupted run on --out %s is left alone: %s", out, other)
+            slot.tmp = resumable[0]
+            _write_marker(slot.tmp, out=str(out))  # ours now: a concurrent run sees a live process
+            logger.info("resuming the interrupted run in %s (%s)", slot.tmp, _resume_progress(slot.tmp))
+            return slot
         tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()

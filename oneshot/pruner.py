@@ -19,7 +19,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from oneshot.moe import (
     num_experts,
     set_expert_matrix,
 )
+from oneshot.resume import BlockCheckpoint
 from oneshot.runfolder import (
     BlockReport,
     DenseMatrix,
@@ -58,6 +59,7 @@ from oneshot.solvers import (
     quantize_gptq,
 )
 from oneshot.solvers.quant import check_group_size, packed_bits, quantize_rtn, scheme_of
+from oneshot.solvers.sparsegpt import ObsFactor, factorize
 from oneshot.stats import InputStats
 from oneshot.walker import (
     InputCollector,
@@ -72,6 +74,7 @@ from oneshot.walker import (
 )
 
 __all__ = [
+    "DENSE_ALLOCATION",
     "DENSE_IGNORED",
     "DENSE_OTHER",
     "DENSE_ROUTER",
@@ -85,6 +88,7 @@ __all__ = [
     "QuantizedModel",
     "Target",
     "dense_summary",
+    "device_reserve",
     "peak_memory",
     "plan_block",
     "prune",
@@ -105,6 +109,7 @@ DENSE_IGNORED = "--ignore"
 DENSE_UNCALIBRATED = "no calibration tokens (--uncalibrated dense)"
 DENSE_UNSUPPORTED_EXPERTS = "experts module without use_experts_implementation layout flags (not supported)"
 DENSE_OTHER = "not a Linear or fused experts weight (not supported)"
+DENSE_ALLOCATION = "kept dense by the allocation (--allocation with an N:M pattern)"
 
 
 @dataclass
@@ -201,12 +206,79 @@ def _census(block: nn.Module, prefix: str, accounted: set[int]) -> tuple[int, in
     return params, zeros, others
 
 
-def _store_device(device: torch.device, nbytes: int) -> torch.device:
-    """Keep calibration activations on the compute device when three copies fit in half its free memory."""
+class _SharedFactors:
+    """One `factorize` per distinct input statistics of a block (q/k/v read one input, gate/up one),
+    dropped after the last layer that reads it. With ``release`` the statistics give their Hessian up to
+    the factorisation (`InputStats.take_hessian`), so it is freed once factorised."""
+
+    def __init__(self, stats: list[InputStats], *, damp: float, act_order: bool, release: bool) -> None:
+        self.damp, self.act_order, self.release = damp, act_order, release
+        self.left: dict[int, int] = {}
+        for st in stats:
+            self.left[id(st)] = self.left.get(id(st), 0) + 1
+        self.cache: dict[int, ObsFactor] = {}
+
+    def get(self, stats: InputStats, weight: torch.Tensor) -> ObsFactor:
+        factor = self.cache.get(id(stats))
+        if factor is None:
+            hessian = stats.take_hessian() if self.release else stats.hessian
+            assert hessian is not None
+            dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+            factor = factorize(
+                hessian, damp=self.damp, act_order=self.act_order, dtype=dtype, device=weight.device
+            )
+            del hessian
+            self.cache[id(stats)] = factor
+        return factor
+
+    def done(self, stats: InputStats) -> None:
+        self.left[id(stats)] = self.left.get(id(stats), 1) - 1
+        if self.left[id(stats)] <= 0:
+            self.cache.pop(id(stats), None)
+
+
+def _store_device(
+    device: torch.device, nbytes: int, *, reserved: int = 0, free: int | None = None
+) -> torch.device:
+    """Keep calibration activations on the compute device when three copies fit in half of its free memory
+    less ``reserved`` (what a block needs besides them: `device_reserve`). ``free``: measured when None."""
     if device.type != "cuda":
         return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if 3 * nbytes < free // 2 else torch.device("cpu")
+    if free is None:
+        free, _ = torch.cuda.mem_get_info(device)
+    return device if 3 * nbytes < max(0, free - reserved) // 2 else torch.device("cpu")
+
+
+def device_reserve(
+    model: nn.Module, calibration: torch.Tensor, config: PruneConfig, *, hessians: bool
+) -> int:
+    """Bytes the compute device holds besides the calibration activations while a block is pruned.
+
+    * The Hessians (``hessians``): a float32 (cols, cols) sum per pruned matrix of the largest block (an
+      upper bound: layers reading the same input share one), plus one factorisation of the widest.
+    * The attention masks of eager attention, kept on the device with every block's captured call: a
+      (batch, 1, seqlen, seqlen) mask per batch and per kind of layer (full / sliding window); SDPA and
+      flash attention pass no such tensor for causal windows.
+    """
+    _, blocks = find_blocks(model)
+    total = 0
+    if hessians:
+        widest = 0
+        per_block = 0
+        for block in blocks:
+            plan = plan_block(block, "block", config.ignore)
+            cols = [int(t.weight.shape[1]) for t in plan.targets]
+            per_block = max(per_block, sum(c * c for c in cols))
+            widest = max([widest, *cols])
+        total += 4 * (per_block + widest * widest)
+    model_config: Any = model.config
+    text_config = model_config.get_text_config()
+    if getattr(model_config, "_attn_implementation", None) == "eager":
+        kinds = len(set(getattr(text_config, "layer_types", None) or ["full_attention"]))
+        nsamples, seqlen = calibration.shape
+        elsize = torch.finfo(next(model.parameters()).dtype).bits // 8
+        total += kinds * nsamples * seqlen * seqlen * elsize
+    return total
 
 
 def _check_finite(name: str, weight: torch.Tensor) -> None:
@@ -232,17 +304,31 @@ def prune(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    layer_sparsity: Mapping[str, float] | None = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> PruneReport:
     """Prune every Linear and every expert matrix inside the decoder blocks of ``model`` in place.
 
     ``calibration``: (nsamples, seqlen) int64 token ids. ``device``: where each block runs ("auto": CUDA
     when available); ``batch_size``: calibration windows per block forward. Embeddings, the LM head and MoE
     routers stay dense.
+    ``layer_sparsity``: the sparsity of single matrices by name (`oneshot.allocation`), the others at
+    ``config.sparsity``; with an N:M pattern a matrix is N:M or, at 0, kept dense (`DENSE_ALLOCATION`).
+    ``checkpoint``: after every block, persist what the next one needs (`oneshot.resume`); when it holds
+    a state, continue from it (the result is bit for bit that of an uninterrupted run).
     Returns a `PruneReport` with per-matrix sparsity, reconstruction loss and time, the sparsity over all
     weight matrices of the blocks and the list of matrices left dense with the reason.
     """
     report, _ = _walk(
-        model, calibration, config, None, device=device, batch_size=batch_size, progress=progress
+        model,
+        calibration,
+        config,
+        None,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        layer_sparsity=layer_sparsity,
+        checkpoint=checkpoint,
     )
     return report
 
@@ -256,6 +342,8 @@ def prune_and_quantize(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    layer_sparsity: Mapping[str, float] | None = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> tuple[PruneReport, QuantizedModel]:
     """`prune`, every pruned matrix also quantized in the same block pass: SparseGPT prunes and rounds in one
     OBS solve (`prune_sparsegpt(quant=...)`); magnitude and Wanda prune, then GPTQ quantizes with the zeros
@@ -266,7 +354,15 @@ def prune_and_quantize(
     """
     quant.check_against(config)
     report, q = _walk(
-        model, calibration, config, quant, device=device, batch_size=batch_size, progress=progress
+        model,
+        calibration,
+        config,
+        quant,
+        device=device,
+        batch_size=batch_size,
+        progress=progress,
+        layer_sparsity=layer_sparsity,
+        checkpoint=checkpoint,
     )
     assert q is not None
     return report, q
@@ -318,21 +414,22 @@ def _quant_solve(
     quant_only: bool,
     solver: Callable[..., PruneResult],
     solver_kwargs: dict[str, Any],
+    factor: ObsFactor | None = None,
 ) -> tuple[PruneResult, int, float | None]:
     """One calibrated matrix pruned and quantized (or quantized only): the result (weight = dequantized, mask
-    = the pruned weights), the zeros of the pruning and the loss of the whole step against ``weight``."""
+    = the pruned weights), the zeros of the pruning and the loss of the whole step against ``weight``.
+    ``factor``: the shared factorisation of ``stats``' Hessian for the OBS solve (None: factorised here)."""
+    obs = stats if factor is None else factor
     if quant_only:
         zeros = weight == 0  # a pruned model's zeros stay zeros
-        result = quantize_gptq(
-            weight, stats, scheme, block_size=quant.block_size, damp=quant.damp, mask=zeros
-        )
+        result = quantize_gptq(weight, obs, scheme, block_size=quant.block_size, damp=quant.damp, mask=zeros)
         return result, int(zeros.sum()), result.loss
     if config.method == "sparsegpt":
-        result = solver(weight, stats, **solver_kwargs, quant=scheme)
+        result = solver(weight, obs, **solver_kwargs, quant=scheme)
         return result, int(result.mask.sum()), result.loss
     pruned = solver(weight, stats, **solver_kwargs)
     zeros = pruned.weight == 0
-    q = quantize_gptq(pruned.weight, stats, scheme, block_size=quant.block_size, damp=quant.damp, mask=zeros)
+    q = quantize_gptq(pruned.weight, obs, scheme, block_size=quant.block_size, damp=quant.damp, mask=zeros)
     result = PruneResult(weight=q.weight, mask=pruned.mask, loss=pruned.loss, quant=q.quant)
     return result, int(zeros.sum()), _exact_loss(weight, q.weight, stats.hessian)
 
@@ -348,6 +445,8 @@ def _walk(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    layer_sparsity: Mapping[str, float] | None = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> tuple[PruneReport, QuantizedModel | None]:
     """The block walk of `prune`, `prune_and_quantize` and `quantize`."""
     from tqdm.auto import tqdm
@@ -375,6 +474,14 @@ def _walk(
     if config.method == "sparsegpt":
         solver_kwargs.update(block_size=config.block_size, damp=config.damp)
     scheme = scheme_of(quant) if quant is not None else None
+    # The OBS solve (SparseGPT, GPTQ) factorises each distinct input's Hessian once for all the layers
+    # reading it; the statistics give their Hessian up when nothing else reads it (exact losses do).
+    obs_solve: dict[str, Any] | None = None
+    if quant_only or (config.method != "sparsegpt" and quant is not None):
+        assert quant is not None and scheme is not None
+        obs_solve = {"damp": quant.damp, "act_order": scheme.act_order, "release": quant_only}
+    elif config.method == "sparsegpt":
+        obs_solve = {"damp": config.damp, "act_order": False, "release": True}
     qrec: QuantizationRecord | None = None
     qweights: dict[str, QuantizedWeight] = {}
     if quant is not None and scheme is not None:
@@ -395,7 +502,10 @@ def _walk(
     model_config: Any = model.config
     hidden_size = int(getattr(model_config.get_text_config(), "hidden_size", 0) or 0)
     act_bytes = calibration.numel() * hidden_size * torch.finfo(next(model.parameters()).dtype).bits // 8
-    store = _store_device(device, act_bytes)
+    reserved = (
+        device_reserve(model, calibration, config, hessians=keep_hessian) if device.type == "cuda" else 0
+    )
+    store = _store_device(device, act_bytes, reserved=reserved)
 
     prev_cache = getattr(model_config, "use_cache", None)
     was_training = model.training
@@ -414,9 +524,26 @@ def _walk(
         )
         hidden, calls = capture_block_calls(model, blocks, batches, device, store, progress=progress)
         move_non_block_modules(model, blocks, torch.device("cpu"))
+        first = 0
+        resumed = None if checkpoint is None else checkpoint.load(len(blocks), scheme)
+        if checkpoint is not None and resumed is not None:  # blocks 0 .. first-1 are done: restore them
+            first = resumed.next_block
+            for j in range(first):
+                checkpoint.restore_block(j, blocks[j])
+            hidden = [h.to(store) for h in resumed.hidden]
+            torch.set_rng_state(resumed.rng)
+            resumed.report.device = report.device
+            report = resumed.report
+            if qrec is not None and resumed.quant is not None:
+                qrec, qbits = resumed.quant, resumed.qbits
+                qweights.update(resumed.grids)
+            logger.info("resuming at block %d of %d", first + 1, len(blocks))
+            del resumed
 
         bar = tqdm(
-            range(len(blocks)),
+            range(first, len(blocks)),
+            initial=first,
+            total=len(blocks),
             desc=what,
             unit="block",
             disable=not progress,
@@ -427,6 +554,10 @@ def _walk(
             block = blocks[i]
             block.to(device)
             plan = plan_block(block, f"{blocks_name}.{i}", config.ignore)
+            if layer_sparsity is not None and nm is not None:  # N:M or kept dense, nothing between
+                for target in [t for t in plan.targets if layer_sparsity.get(t.name) == 0.0]:
+                    plan.targets.remove(target)
+                    plan.dense.append(_dense(target.name, target.weight.numel(), DENSE_ALLOCATION))
             for target in plan.targets:
                 _check_finite(target.name, target.weight)
                 if scheme is not None:
@@ -439,21 +570,26 @@ def _walk(
                 if need_stats and plan.experts
                 else None
             )
-            if collector is not None or config.propagate == "dense":
-                dense_out = []
-                with contextlib.ExitStack() as hooks:
+            # the dense outputs: the statistics' pass, the per-block output error, and --propagate dense
+            dense_out = []
+            with contextlib.ExitStack() as hooks:
+                if collector is not None:
+                    hooks.enter_context(collector.hooks())
+                if expert_collector is not None:
+                    hooks.enter_context(expert_collector.hooks())
+                for b, h in enumerate(hidden):
                     if collector is not None:
-                        hooks.enter_context(collector.hooks())
-                    if expert_collector is not None:
-                        hooks.enter_context(expert_collector.hooks())
-                    for b, h in enumerate(hidden):
-                        if collector is not None:
-                            collector.new_batch()
-                        dense_out.append(_finite(run_block(block, h, calls[i][b], device), i).to(store))
+                        collector.new_batch()
+                    dense_out.append(_finite(run_block(block, h, calls[i][b], device), i).to(store))
             stats_of: dict[str, InputStats] = {
                 **(collector.stats if collector is not None else {}),
                 **(expert_collector.stats if expert_collector is not None else {}),
             }
+            factors = (
+                _SharedFactors([stats_of[t.name] for t in plan.targets if t.name in stats_of], **obs_solve)
+                if obs_solve is not None
+                else None
+            )
 
             block_loss = 0.0
             block_layers: list[LayerReport] = []
@@ -464,6 +600,9 @@ def _walk(
                 stats = stats_of.get(target.name)
                 weight = target.weight
                 qloss: float | None = None
+                layer_kwargs = solver_kwargs
+                if layer_sparsity is not None and nm is None and target.name in layer_sparsity:
+                    layer_kwargs = {**solver_kwargs, "sparsity": float(layer_sparsity[target.name])}
                 uncalibrated = (config.method != "magnitude" or scheme is not None) and (
                     stats is None or stats.n == 0
                 )
@@ -476,7 +615,7 @@ def _walk(
                     result = (
                         PruneResult(weight, weight == 0, None)
                         if quant_only
-                        else prune_magnitude(weight, None, sparsity=sparsity, pattern=nm)
+                        else prune_magnitude(weight, None, sparsity=layer_kwargs["sparsity"], pattern=nm)
                     )
                     zeros = int((result.weight == 0).sum())
                     if scheme is not None:  # no Hessian: round to nearest (zeros stay zeros)
@@ -484,8 +623,9 @@ def _walk(
                         result = PruneResult(rtn.dequantize(weight.dtype), result.mask, None, rtn)
                 else:
                     try:
+                        factor = None if factors is None or stats is None else factors.get(stats, weight)
                         if scheme is None or quant is None:
-                            result = solver(weight, stats, **solver_kwargs)
+                            result = solver(weight, stats if factor is None else factor, **layer_kwargs)
                             zeros = int((result.weight == 0).sum())
                         else:
                             result, zeros, qloss = _quant_solve(
@@ -496,10 +636,14 @@ def _walk(
                                 scheme,
                                 quant_only=quant_only,
                                 solver=solver,
-                                solver_kwargs=solver_kwargs,
+                                solver_kwargs=layer_kwargs,
+                                factor=factor,
                             )
+                        del factor
                     except SolverError as exc:
                         raise SolverError(f"layer {target.name}: {exc}") from exc
+                    if factors is not None and stats is not None:
+                        factors.done(stats)
                 if not bool(torch.isfinite(result.weight).all()):
                     raise PruneError(
                         f"pruning {target.name} produced NaN/Inf weights (overflow in {weight.dtype}?): "
@@ -540,7 +684,7 @@ def _walk(
                         time.perf_counter() - t_layer,
                     )
                 )
-            del collector, expert_collector, stats_of
+            del collector, expert_collector, stats_of, factors
             if missing:
                 logger.warning(
                     "block %d: %d weight(s) received no calibration tokens (an expert no token was routed to, "
@@ -590,6 +734,18 @@ def _walk(
                 "n/a" if output_error is None else f"{output_error:.3g}",
                 seconds,
             )
+            if checkpoint is not None:
+                names = {r.name for r in block_layers}
+                checkpoint.save(
+                    i,
+                    block,
+                    hidden,
+                    report,
+                    blocks=len(blocks),
+                    quant=qrec,
+                    qbits=qbits,
+                    grids={n: g for n, g in qweights.items() if n in names},
+                )
         bar.close()
     except torch.OutOfMemoryError as exc:
         raise PruneError(
@@ -612,7 +768,9 @@ def _walk(
             f"nothing was pruned: every weight matrix of the {len(blocks)} blocks was kept dense "
             f"({dense_summary(report.dense_matrices)})"
         )
-    unexpected = [d for d in report.dense_matrices if d.reason not in (DENSE_ROUTER, DENSE_IGNORED)]
+    unexpected = [
+        d for d in report.dense_matrices if d.reason not in (DENSE_ROUTER, DENSE_IGNORED, DENSE_ALLOCATION)
+    ]
     if unexpected:
         share = sum(d.params for d in unexpected) / max(1, report.matrix_params)
         logger.warning(

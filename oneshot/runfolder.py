@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from oneshot.config import PruneConfig, QuantConfig, RecoverConfig, RunConfig, ShrinkConfig
+from oneshot.config import AllocationConfig, PruneConfig, QuantConfig, RecoverConfig, RunConfig, ShrinkConfig
 from oneshot.errors import OneshotError
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "QUANT_FILE",
     "REPORT_DIR",
     "RUN_FILE",
+    "SENSITIVITY_FILE",
+    "AllocationRecord",
     "BaselineRecord",
     "BlockReport",
     "Calibration",
@@ -60,6 +62,9 @@ __all__ = [
     "RecordError",
     "RecoveryRecord",
     "RunRecord",
+    "SensitivityBlock",
+    "SensitivityLayer",
+    "SensitivityRecord",
     "ShrinkChoice",
     "ShrinkReport",
     "SkippedSlice",
@@ -98,6 +103,9 @@ QUANT_TENSORS = ("weight_scale", "weight_zero_point", "weight_g_idx")
 # `oneshot quantize` on a plain model has config, prune and shrink null)
 RUN_FORMAT, RUN_SCHEMA = "oneshot-run", 4
 EVAL_FORMAT, EVAL_SCHEMA = "oneshot-eval", 1
+# the output of `oneshot sensitivity`: per-layer reconstruction losses at several sparsities
+SENSITIVITY_FILE = "sensitivity.json"
+SENSITIVITY_FORMAT, SENSITIVITY_SCHEMA = "oneshot-sensitivity", 1
 # keys that would make loaders treat the dense-stored checkpoint as quantized or compressed
 FORBIDDEN_CONFIG_KEYS = ("quantization_config", "sparsity_config")
 # files `oneshot eval` / `oneshot card` (re)write after the run: not covered by the content hashes
@@ -686,6 +694,123 @@ class QuantizationRecord:
 
 
 @dataclass
+class AllocationRecord:
+    """How `oneshot prune --allocation` spread the target sparsity over the weight matrices.
+
+    ``sparsities``: the chosen sparsity of every matrix the allocation covered (0 for one kept dense under
+    an N:M pattern, listed in ``dense``); ``achieved``: zeros / weights over those matrices after pruning.
+    ``blocks``: per decoder block its weights, its sparsity and (OWL) its outlier ratio. ``predicted_loss``
+    (sensitivity): the summed interpolated reconstruction loss of the choice, ``uniform_loss`` the same for
+    every matrix at the target. ``seconds``: the statistics pass (OWL) or the measurement (sensitivity) that
+    ran before the pruning walk.
+    """
+
+    config: AllocationConfig
+    target: float
+    sparsities: dict[str, float] = field(default_factory=dict)
+    dense: list[str] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    params: int = 0
+    zeros: int = 0
+    achieved: float | None = None
+    predicted_loss: float | None = None
+    uniform_loss: float | None = None
+    source: str | None = None  # "owl statistics pass", "measured", or the sensitivity file read
+    source_sha256: str | None = None
+    seconds: float = 0.0
+    note: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SensitivityLayer:
+    """One weight matrix of `oneshot sensitivity`: its reconstruction loss ``||(W - W')X^T||^2 / n`` at each
+    of the record's sparsities (None: no calibration tokens)."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]  # (out_features, in_features)
+    losses: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class SensitivityBlock:
+    index: int
+    # ||Y_dense - Y_s||^2 / ||Y_dense||^2 with every matrix of the block pruned at each sparsity (the dense
+    # block inputs; on the first ``error_windows`` calibration windows)
+    output_error: list[float | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class SensitivityRecord:
+    """``sensitivity.json``: per-layer loss curves of the dense model (every block calibrated on the dense
+    outputs of the block before), read by ``oneshot prune --allocation sensitivity --sensitivity-file``."""
+
+    config: PruneConfig
+    sparsities: list[float]
+    layers: list[SensitivityLayer] = field(default_factory=list)
+    blocks: list[SensitivityBlock] = field(default_factory=list)
+    error_windows: int = 0
+    run: RunConfig | None = None
+    source: Source | None = None
+    calibration: Calibration | None = None
+    model_type: str | None = None
+    command: list[str] = field(default_factory=list)
+    started: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    total_seconds: float = 0.0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def curve(self, name: str) -> list[tuple[float, float]] | None:
+        """(sparsity, loss) points of one matrix, sparsity 0 (loss 0) first; None without losses."""
+        for layer in self.layers:
+            if layer.name == name:
+                if any(v is None for v in layer.losses):
+                    return None
+                return [
+                    (0.0, 0.0),
+                    *(
+                        (s, float(v))
+                        for s, v in zip(self.sparsities, layer.losses, strict=True)
+                        if v is not None
+                    ),
+                ]
+        return None
+
+    @classmethod
+    def load(cls, path: Path) -> SensitivityRecord:
+        """A ``sensitivity.json`` (the file, or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SENSITIVITY_FILE
+        data = _read_json(path, "a sensitivity folder (written by `oneshot sensitivity`)")
+        _schema(path, data, SENSITIVITY_FORMAT, SENSITIVITY_SCHEMA)
+        data = {k: v for k, v in data.items() if k != "format"}
+        try:
+            record = from_dict(cls, data)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{path} does not hold a valid sensitivity record ({exc})") from exc
+        if not isinstance(record.sparsities, list) or not record.sparsities:
+            raise RecordError(f"{path} lists no sparsities")
+        if any(len(layer.losses) != len(record.sparsities) for layer in record.layers):
+            raise RecordError(
+                f"{path}: a layer's losses do not match the {len(record.sparsities)} sparsities"
+            )
+        return record
+
+    def to_json(self) -> str:
+        data = {"format": f"{SENSITIVITY_FORMAT}/{SENSITIVITY_SCHEMA}", **to_dict(self)}
+        return json.dumps(data, indent=2) + "\n"
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / SENSITIVITY_FILE
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+@dataclass
 class RunRecord:
     """``oneshot.json``: everything needed to understand, check and repeat a run."""
 
@@ -706,6 +831,7 @@ class RunRecord:
     shrink: ShrinkReport | None = None
     recoveries: list[RecoveryRecord] = field(default_factory=list)  # `oneshot recover` passes, in order
     quantization: QuantizationRecord | None = None  # `--quantize` / `oneshot quantize`
+    allocation: AllocationRecord | None = None  # `--allocation owl|sensitivity`: the per-matrix sparsities
     schema: int = RUN_SCHEMA  # the version read (records are always written as the newest)
     extra: dict[str, Any] = field(default_factory=dict)
 

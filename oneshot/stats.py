@@ -51,7 +51,7 @@ class InputStats:
         self._full = bool(hessian)
         # Raw sums: (cols, cols) sum_t x_t^T x_t with the Hessian, else (cols,) sum_t x_t^2.
         shape = (cols, cols) if self._full else (cols,)
-        self._sum = torch.zeros(shape, device=self.device, dtype=dtype)
+        self._sum: Tensor | None = torch.zeros(shape, device=self.device, dtype=dtype)
 
     @property
     def has_hessian(self) -> bool:
@@ -79,26 +79,44 @@ class InputStats:
                 f"{self.dtype}) in the calibration inputs of a layer with {self.cols} input features; "
                 "check the model dtype (try float32) and the calibration data"
             )
-        self._sum += part
+        self._live_sum().add_(part)
         self.n += tokens
 
-    def _require_tokens(self) -> None:
+    def _live_sum(self) -> Tensor:
+        if self._sum is None:
+            raise ValueError("InputStats: the Hessian was taken (take_hessian); these statistics are spent")
+        return self._sum
+
+    def _require_tokens(self) -> Tensor:
+        """The running sum; ValueError when no tokens were seen or the Hessian was taken."""
+        total = self._live_sum()
         if self.n == 0:
             raise ValueError("InputStats has seen no tokens; call add() with calibration inputs first")
+        return total
 
     @property
     def hessian(self) -> Tensor | None:
         """``X^T X / n``, shape (cols, cols), or None when built with ``hessian=False``. A new tensor."""
         if not self._full:
             return None
-        self._require_tokens()
-        return self._sum / self.n
+        return self._require_tokens() / self.n
+
+    def take_hessian(self) -> Tensor:
+        """``X^T X / n`` computed in place in the running sum, which these statistics give up: no (cols, cols)
+        copy is made, and the Hessian is freed as soon as the caller drops it. Afterwards ``n`` and
+        ``has_hessian`` still answer, while ``add``, ``hessian``, ``sq_norms`` and ``take_hessian`` raise
+        ValueError. Bit for bit equal to ``hessian``."""
+        if not self._full:
+            raise ValueError("InputStats.take_hessian: built with hessian=False")
+        hessian = self._require_tokens().div_(self.n)
+        self._sum = None
+        return hessian
 
     @property
     def sq_norms(self) -> Tensor:
         """``sum_t x_tj^2 / n``, shape (cols,) (equals ``diag(hessian)`` when the Hessian is kept)."""
-        self._require_tokens()
-        return (torch.diagonal(self._sum) if self._full else self._sum) / self.n
+        total = self._require_tokens()
+        return (torch.diagonal(total) if self._full else total) / self.n
 
     def __repr__(self) -> str:
         return (

@@ -195,6 +195,37 @@ def _quantized_run(ws: Path) -> None:
     (ws / "qrun" / "oneshot.json").write_text(json.dumps(record))
 
 
+_TINY_SHAPES = {
+    "self_attn.q_proj": (64, 64),
+    "self_attn.k_proj": (32, 64),
+    "self_attn.v_proj": (32, 64),
+    "self_attn.o_proj": (64, 64),
+    "mlp.gate_proj": (128, 64),
+    "mlp.up_proj": (128, 64),
+    "mlp.down_proj": (64, 128),
+}
+
+
+def _sens_file(ws: Path, pattern: str = "unstructured", prefix: str = "model.layers") -> None:
+    """A hand-written `oneshot sensitivity` record for the tiny model, measured at 0.5 and 0.7."""
+    layers = [
+        {"name": f"{prefix}.{b}.{k}", "block": b, "shape": list(shape), "losses": [0.1, 0.3]}
+        for b in range(2)
+        for k, shape in _TINY_SHAPES.items()
+    ]
+    record = {
+        "format": "oneshot-sensitivity/1",
+        "config": {"method": "sparsegpt", "pattern": pattern},
+        "sparsities": [0.5, 0.7],
+        "layers": layers,
+    }
+    (ws / "sens").mkdir()
+    (ws / "sens" / "sensitivity.json").write_text(json.dumps(record))
+
+
+SENS = "sensitivity --model model --calib calib.txt --nsamples 2 --seqlen 16 -q --data-dir {data}"
+
+
 def _tiny_mixtral(folder: Path) -> None:
     import transformers as tf
 
@@ -651,6 +682,72 @@ CASES: dict[str, Case] = {
         base=False,
     ),
     "recover-not-a-run-folder": Case("recover model --out out", 2, ("oneshot.json not found",), base=False),
+    # --- non-uniform allocation and `oneshot sensitivity`
+    "allocation-owl-lambda-too-large": Case(
+        "--sparsity 0.95 --allocation owl --out out", 2, ("--owl-lambda 0.08 is too large", "below 0.05")
+    ),
+    "allocation-above-the-pattern": Case(
+        "--pattern 2:4 --sparsity 0.6 --allocation owl --out out", 2, ("above what pattern 2:4 allows",)
+    ),
+    "allocation-unknown": Case("--allocation greedy --out out", 2, ("invalid choice", "greedy")),
+    "allocation-above-the-measured-curves": Case(
+        "--sparsity 0.8 --allocation sensitivity --sensitivity-file sens/sensitivity.json --out out",
+        2,
+        ("above the largest sparsity the sensitivity file measured (0.7)",),
+        _sens_file,
+    ),
+    "allocation-file-of-another-pattern": Case(
+        "--pattern 2:4 --allocation sensitivity --sensitivity-file sens --out out",
+        2,
+        ("measured with sparsegpt unstructured", "prunes with sparsegpt 2:4"),
+        _sens_file,
+    ),
+    "allocation-file-of-another-model": Case(
+        "--sparsity 0.6 --allocation sensitivity --sensitivity-file sens/sensitivity.json --out out",
+        2,
+        ("no curve for model.layers.0.self_attn.q_proj",),
+        lambda ws: _sens_file(ws, prefix="transformer.h"),
+    ),
+    "allocation-file-missing": Case(
+        "--allocation sensitivity --sensitivity-file nope.json --out out", 2, ("nope.json not found",)
+    ),
+    "sensitivity-file-without-allocation": Case(
+        "--sensitivity-file sens --out out", 2, ("--sensitivity-file needs --allocation sensitivity",)
+    ),
+    "allocation-negative-owl-lambda": Case(
+        "--allocation uniform --sparsity 0.5 --owl-lambda -1 --out out",
+        2,
+        ("--owl-lambda must be a finite number",),
+    ),
+    "sensitivity-bad-sparsities": Case(
+        f"{SENS} --sparsities 0.5,1.2 --out sens-out", 2, ("fractions in (0, 1)", "1.2"), base=False
+    ),
+    "sensitivity-sparsities-not-numbers": Case(
+        f"{SENS} --sparsities 0.5,half --out sens-out", 2, ("comma list of fractions", "half"), base=False
+    ),
+    "sensitivity-pattern-with-other-sparsities": Case(
+        f"{SENS} --pattern 2:4 --sparsities 0.3 --out sens-out",
+        2,
+        ("the only sparsity measured is 0.5",),
+        base=False,
+    ),
+    "sensitivity-overwrite-a-run-folder": Case(
+        f"{SENS} --out prev --overwrite",
+        2,
+        ("not an earlier `oneshot sensitivity` output",),
+        lambda ws: _earlier_output(ws, "prev"),
+        base=False,
+    ),
+    "sensitivity-writes-its-folder": Case(
+        f"{SENS} --sparsities 0.5 --out sens-out",
+        0,
+        ("sensitivity.json", "sens-out"),
+        changed=("sens-out",),
+        base=False,
+    ),
+    "sensitivity-help": Case(
+        "sensitivity --help", 0, ("examples:", "--sparsities", "--error-windows"), base=False
+    ),
     # --- the command itself
     "version": Case("--version", 0, ("oneshot 0.1.0",), base=False),
     "help-has-examples": Case(

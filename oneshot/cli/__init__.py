@@ -16,13 +16,14 @@ import os
 import sys
 from typing import NoReturn
 
-from oneshot.cli import card, evaluate, export, prune, push, quantize, recover, report, shrink
+from oneshot.cli import card, evaluate, export, prune, push, quantize, recover, report, sensitivity, shrink
 from oneshot.errors import Interrupted
 
 __all__ = ["build_parser", "main"]
 
 COMMANDS = {
     "prune": prune,
+    "sensitivity": sensitivity,
     "shrink": shrink,
     "recover": recover,
     "quantize": quantize,

@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from oneshot.config import (
+    ALLOCATIONS,
     DTYPES,
     METHODS,
     PROPAGATE,
     QUANT_SCHEMES,
     UNCALIBRATED,
+    AllocationConfig,
     ConfigError,
     PruneConfig,
     QuantConfig,
     RunConfig,
+    parse_pattern,
 )
 from oneshot.errors import Interrupted
 from oneshot.runfolder import RunRecord
@@ -32,6 +35,9 @@ PRUNE_EXAMPLES = """examples:
   oneshot prune --model org/model --calib my_corpus.jsonl --ignore '*.mlp.down_proj' --out runs/m
   oneshot prune --pattern 2:4 --quantize w4a16 --group-size 64 --out runs/2of4-w4   # one pass, zeros kept
   oneshot prune ... --out runs/w50 --overwrite   # replaces an earlier oneshot output, nothing else
+  oneshot prune --sparsity 0.7 --allocation owl --out runs/owl70        # per-block sparsities from outliers
+  oneshot sensitivity --sparsities 0.5,0.6,0.7,0.8,0.9 --out sens/
+  oneshot prune --sparsity 0.7 --allocation sensitivity --sensitivity-file sens/sensitivity.json --out runs/s70
 """
 
 
@@ -77,9 +83,40 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "that never runs): prune them by magnitude with a warning, or keep them dense (reported either way)",
     )
     p.add_argument(
-        "--no-layer-loss",
+        "--resume",
         action="store_true",
-        help="magnitude/Wanda: skip the Hessians that give the exact per-layer reconstruction loss",
+        help="continue the interrupted run on --out from its last complete block (same options; the result "
+        "is bit for bit that of an uninterrupted run). Every block is checkpointed in the output's "
+        "temporary folder; a run started without --resume while one exists says so and stops",
+    )
+    p.add_argument(
+        "--layer-loss",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="magnitude/Wanda: also build the (in_features x in_features) Hessians that give the exact "
+        "per-layer reconstruction loss (off: no Hessian is built, the loss is reported as n/a; SparseGPT "
+        "always reports it)",
+    )
+    p.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=ALLOCATIONS,
+        help="how the sparsity is spread over the matrices: the same everywhere, OWL (blocks with more "
+        "activation outliers pruned less) or from measured loss curves (least summed loss); the overall "
+        "sparsity stays the target. With an N:M pattern a matrix is N:M or dense (--sparsity may then be "
+        "below N/M)",
+    )
+    p.add_argument(
+        "--owl-m", type=float, default=5.0, help="OWL: outlier = Wanda score above M x the block mean"
+    )
+    p.add_argument(
+        "--owl-lambda", type=float, default=0.08, help="OWL: block sparsities within target +- lambda"
+    )
+    p.add_argument(
+        "--sensitivity-file",
+        default=None,
+        help="--allocation sensitivity: the sensitivity.json of `oneshot sensitivity` (same model, method and "
+        "pattern); without it the curves are measured first (the target and +-0.1, +-0.2)",
     )
     add_quant_arguments(p, required=False)
     add_run_arguments(p, out_help="output folder (default: runs/<model>-<method>-<pattern>[-<scheme>])")
@@ -209,17 +246,33 @@ def run_config_from_args(args: argparse.Namespace, export: str | None = None) ->
     )
 
 
+def allocation_from_args(args: argparse.Namespace) -> AllocationConfig:
+    """The allocation options; with an N:M pattern and a non-uniform allocation ``--sparsity`` is the overall
+    target (the matrices that stay N:M are at N/M)."""
+    nm_target = args.allocation != "uniform" and parse_pattern(args.pattern) is not None
+    return AllocationConfig(
+        method=args.allocation,
+        sparsity=args.sparsity if nm_target else None,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
+        sensitivity_file=args.sensitivity_file,
+    )
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]:
     """The algorithm and the run settings of ``oneshot prune``'s arguments (validated)."""
+    nm_target = (
+        getattr(args, "allocation", "uniform") != "uniform" and parse_pattern(args.pattern) is not None
+    )
     config = PruneConfig(
         method=args.method,
-        sparsity=args.sparsity,
+        sparsity=None if nm_target else args.sparsity,
         pattern=args.pattern,
         damp=args.damp,
         block_size=args.blocksize,
         ignore=tuple(args.ignore),
         propagate=args.propagate,
-        layer_loss=not args.no_layer_loss,
+        layer_loss=args.layer_loss,
         uncalibrated=args.uncalibrated,
     )
     return config, run_config_from_args(args, args.export)
@@ -259,16 +312,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     config, run_config = configs_from_args(args)
     quant = quant_config_from_args(args, damp=config.damp, block_size=config.block_size)
+    allocation = allocation_from_args(args)
+    allocation.check_against(config)
     check_out(args.out)
+    out = args.out or default_out(config, run_config, quant)
+    if args.out is None and allocation.method != "uniform":
+        out += f"-{allocation.method}" + (
+            f"-{allocation.sparsity:g}" if allocation.sparsity is not None else ""
+        )
     result = run_prune(
         config,
         run_config,
-        args.out or default_out(config, run_config, quant),
+        out,
         quant=quant,
+        allocation=allocation,
         overwrite=args.overwrite,
         progress=not args.quiet,
         argv=["oneshot", *argv],
         finish=[write_card],  # the card is part of the atomic folder
+        resume=args.resume,
     )
     write_run_report(result.out)
     print(summary(result.record, result.out))
@@ -329,6 +391,8 @@ def summary(record: RunRecord, out: Path) -> str:
         rows.append(("no calibration tokens", f"{len(rep.uncalibrated)} matrices pruned by magnitude"))
     if record.quantization is not None:
         rows += quant_rows(record)
+    if record.allocation is not None:
+        rows += allocation_rows(record)
     rows += [
         (
             "calibration",
@@ -338,6 +402,28 @@ def summary(record: RunRecord, out: Path) -> str:
         ("peak memory", f"{_fmt_bytes(rep.peak_memory_bytes)} ({rep.peak_memory_kind})"),
     ]
     return summary_tail(rows, record, out, "pruned")
+
+
+def allocation_rows(record: RunRecord) -> list[tuple[str, str]]:
+    """Summary lines of a non-uniform allocation: the target, what was achieved, the spread."""
+    a = record.allocation
+    assert a is not None
+    values = list(a.sparsities.values())
+    rows = [
+        (
+            "allocation",
+            f"{a.config.method}: target {a.target:.4f}, achieved {a.achieved if a.achieved is not None else float('nan'):.4f} "
+            f"over the {len(values)} allocated matrices ({a.zeros:,} / {a.params:,} weights); per matrix "
+            f"{min(values):.4f} .. {max(values):.4f}",
+        )
+    ]
+    if a.note:
+        rows.append(("allocation note", a.note))
+    if a.predicted_loss is not None:
+        uniform = f" (uniform: {a.uniform_loss:.4g})" if a.uniform_loss is not None else ""
+        rows.append(("predicted loss", f"{a.predicted_loss:.4g} summed over the matrices{uniform}"))
+    rows.append(("allocation time", f"{a.seconds:.1f} s ({a.source})"))
+    return rows
 
 
 def quant_rows(record: RunRecord) -> list[tuple[str, str]]:

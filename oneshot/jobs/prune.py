@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oneshot.checks import check_layers, check_prunable, check_quantizable, model_skeleton
-from oneshot.config import PruneConfig, QuantConfig, RunConfig
+from oneshot.allocation import allocate, check_sensitivity
+from oneshot.checks import check_layers, check_prunable, check_quantizable, model_skeleton, prunable_layers
+from oneshot.config import AllocationConfig, PruneConfig, QuantConfig, RunConfig
 from oneshot.data import calibration_windows, load_text_source, resolve_data_dir
 from oneshot.errors import Interrupted, OneshotError
 from oneshot.models import (
@@ -35,18 +36,23 @@ from oneshot.models import (
 )
 from oneshot.output import OutputSlot, reserve_output
 from oneshot.pruner import prune, prune_and_quantize
+from oneshot.resume import BlockCheckpoint, ResumeError, fingerprint_tensor
 from oneshot.runfolder import (
     FORBIDDEN_CONFIG_KEYS,
     QUANT_FILE,
+    AllocationRecord,
     Calibration,
     ExportRecord,
     PerplexityRecord,
+    PruneReport,
     QuickEval,
     RunRecord,
+    SensitivityRecord,
     Source,
     file_hashes,
     from_dict,
     library_versions,
+    to_dict,
     write_quant_file,
 )
 from oneshot.solvers import QuantizedWeight
@@ -246,16 +252,25 @@ def run_prune(
     out: str | os.PathLike[str],
     *,
     quant: QuantConfig | None = None,
+    allocation: AllocationConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
     argv: list[str] | None = None,
     finish: Sequence[Finish] = (),
+    resume: bool = False,
 ) -> RunResult:
     """Load ``run.model``, calibrate, prune with ``config``, evaluate a few windows and save the run folder
     to ``out`` (the ``finish`` steps, e.g. writing the model card, run on it before it is moved into place).
 
+    After every block a checkpoint goes into the output's temporary folder (`oneshot.resume`); an
+    interrupted run is continued by the same call with ``resume`` (bit for bit the same result), and a
+    call without ``resume`` refuses to start while one exists. The configuration must be the same.
+
     ``quant``: also quantize every pruned matrix in the same pass (`oneshot.pruner.prune_and_quantize`); the
     group size is checked against every layer's width before the weights are loaded.
+    ``allocation``: per-matrix sparsities (`oneshot.allocation.allocate`, before the pruning walk), recorded
+    in ``oneshot.json`` under ``allocation``; a sensitivity file is read and checked against the model's
+    matrices before any weight is loaded.
 
     Raises `OneshotError` subclasses for bad input (before any expensive step where the check allows it)
     and `Interrupted` on Ctrl-C, saying what is on disk.
@@ -263,28 +278,53 @@ def run_prune(
     run.check_against(config)
     if quant is not None:
         quant.check_against(config)
+    if allocation is not None and allocation.method == "uniform":
+        allocation.check_against(config)
+        allocation = None
+    sensitivity: SensitivityRecord | None = None
+    if allocation is not None:
+        allocation.check_against(config)
+        if allocation.sensitivity_file is not None:
+            sensitivity = SensitivityRecord.load(Path(allocation.sensitivity_file))
+            check_sensitivity(sensitivity, config, target=allocation.target(config))
 
-    def operate(model: Any, calib: Any) -> dict[str, Any]:
+    def operate(model: Any, calib: Any, checkpoint: BlockCheckpoint | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(device=run.device, batch_size=run.batch_size, progress=progress)
+        fields: dict[str, Any] = {"config": config}
+        layer_sparsity = None
+        if allocation is not None:
+            fields["allocation"] = allocate(
+                model, calib, config, allocation, sensitivity=sensitivity, **kwargs
+            )
+            layer_sparsity = fields["allocation"].sparsities
         if quant is None:
-            return {"config": config, "prune": prune(model, calib, config, **kwargs)}
-        report, q = prune_and_quantize(model, calib, config, quant, **kwargs)
-        return {"config": config, "prune": report, "quantization": q.record, GRIDS: q.weights}
+            fields["prune"] = prune(
+                model, calib, config, layer_sparsity=layer_sparsity, checkpoint=checkpoint, **kwargs
+            )
+        else:
+            report, q = prune_and_quantize(
+                model, calib, config, quant, layer_sparsity=layer_sparsity, checkpoint=checkpoint, **kwargs
+            )
+            fields.update({"prune": report, "quantization": q.record, GRIDS: q.weights})
+        if allocation is not None:
+            _achieved(fields["allocation"], fields["prune"])
+        return fields
 
     def check(spec: str | None) -> tuple[int | None, bool]:
-        if quant is None:
+        if quant is None and sensitivity is None:
             return check_prunable(config, spec)
         model_config = load_model_config(spec)
         skeleton = model_skeleton(model_config)
         if skeleton is not None:
-            check_layers(skeleton, config)
-            check_quantizable(skeleton, quant, config.ignore)
+            check_loaded(skeleton)
         return max_positions(model_config), skeleton is not None
 
     def check_loaded(model: Any) -> None:
         check_layers(model, config)
         if quant is not None:
             check_quantizable(model, quant, config.ignore)
+        if sensitivity is not None:
+            check_sensitivity(sensitivity, config, list(prunable_layers(model, config.ignore)))
 
     return run_job(
         run,
@@ -297,7 +337,38 @@ def run_prune(
         progress=progress,
         argv=argv,
         finish=finish,
+        resume=resume,
+        resume_key=_resume_key(config, run, quant, allocation),
     )
+
+
+def _resume_key(
+    config: PruneConfig, run: RunConfig, quant: QuantConfig | None, allocation: AllocationConfig | None
+) -> dict[str, Any]:
+    """The options a checkpoint must have been made with (the quick evaluation and the export aside)."""
+    key: dict[str, Any] = {f"--{k.replace('_', '-')}": v for k, v in to_dict(run).items()}
+    for name in ("--eval-windows", "--eval-seqlen", "--export"):
+        key.pop(name, None)
+    key.update(
+        {
+            "job": "prune",
+            "pruning": to_dict(config),
+            "quantization": None if quant is None else to_dict(quant),
+            "allocation": None if allocation is None else to_dict(allocation),
+        }
+    )
+    return key
+
+
+def _achieved(rec: AllocationRecord, report: PruneReport) -> None:
+    """The allocation's achieved sparsity: zeros / weights over the matrices it covered, after pruning."""
+    zeros = sum(
+        round(layer.sparsity * layer.shape[0] * layer.shape[1])
+        for layer in report.layers
+        if layer.name in rec.sparsities
+    )
+    rec.zeros = zeros
+    rec.achieved = zeros / rec.params if rec.params else None
 
 
 def run_job(
@@ -306,26 +377,34 @@ def run_job(
     *,
     check: Callable[[str | None], tuple[int | None, bool]],
     check_loaded: Callable[[Any], None],
-    operate: Callable[[Any, Any], dict[str, Any]],
+    operate: Callable[..., dict[str, Any]],
     label: str,
     overwrite: bool,
     progress: bool,
     argv: list[str] | None,
     finish: Sequence[Finish],
     finalize: Finalize | None = None,
+    resume: bool = False,
+    resume_key: dict[str, Any] | None = None,
 ) -> RunResult:
     """The frame every model-changing job shares: take the output, read the data, ``check`` the model spec
     (its config and a weightless skeleton: returns the context length and whether the layer checks ran),
     load, ``check_loaded`` when they did not, calibrate, quick dense perplexity, ``operate(model,
     calibration)`` (returns the algorithm's `RunRecord` fields, and the grids of a quantized model under
     ``GRIDS``), quick perplexity again, ``finalize`` the record (e.g. merge it into an earlier run's), save
-    atomically."""
+    atomically.
+
+    ``resume_key`` (the options that fix the result): the job checkpoints its blocks (`oneshot.resume`),
+    ``operate`` gets the `BlockCheckpoint` as a third argument, and ``resume`` continues an interrupted
+    run on ``out`` (refused, one line, when its options differ)."""
     resolve_device(run.device)  # a device this machine does not have fails now
     try:
-        slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run))
+        slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run), resume=resume)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted; nothing was written to {out}") from exc
     try:
+        if resume_key is not None and slot.tmp is not None:
+            BlockCheckpoint(slot.tmp, resume_key).check(resume_key)  # the options, before any loading
         return _run_in_slot(
             slot,
             run,
@@ -337,9 +416,14 @@ def run_job(
             argv=argv,
             finish=finish,
             finalize=finalize,
+            resume_key=resume_key,
         )
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted; {slot.state()}") from exc
+    except OneshotError as exc:  # a definitive failure writes nothing; an interruption or a crash keeps
+        if not isinstance(exc, ResumeError):  # the checkpoint, and so does a refused resume
+            slot.forget_checkpoint()
+        raise
     finally:
         slot.release()
 
@@ -350,12 +434,13 @@ def _run_in_slot(
     *,
     check: Callable[[str | None], tuple[int | None, bool]],
     check_loaded: Callable[[Any], None],
-    operate: Callable[[Any, Any], dict[str, Any]],
+    operate: Callable[..., dict[str, Any]],
     label: str,
     progress: bool,
     argv: list[str] | None,
     finish: Sequence[Finish],
     finalize: Finalize | None,
+    resume_key: dict[str, Any] | None = None,
 ) -> RunResult:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -385,9 +470,21 @@ def _run_in_slot(
     )
     eval_seq = min(run.eval_seqlen or run.seqlen, max_pos or run.seqlen)
     quick = QuickEval()
+    checkpoint = None
+    if resume_key is not None and slot.tmp is not None:
+        import torch
+        import transformers
+
+        data_key = {
+            "calibration token ids (sha256)": fingerprint_tensor(calib),
+            "model source": loaded.source,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        checkpoint = BlockCheckpoint(slot.tmp, {**resume_key, **data_key})
+        checkpoint.check()  # the model and the calibration windows, before any compute
     if run.eval_windows > 0:
         quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
-    fields = operate(model, calib)
+    fields = operate(model, calib) if checkpoint is None else operate(model, calib, checkpoint)
     grids = fields.pop(GRIDS, None)
     if run.eval_windows > 0 and quick.dense is not None:
         quick.pruned = quick_perplexity(model, tok, run, eval_seq, label=label, progress=progress)
@@ -411,6 +508,8 @@ def _run_in_slot(
     assert slot.tmp is not None
     check_finite(model, f"the {label} model")  # never save NaN, whatever the quick check did or skipped
     logger.info("writing %s", slot.out)
+    if checkpoint is not None:
+        checkpoint.clear()  # the folder becomes the output (a failure from here on starts over)
     write_run_folder(model, tok, slot.tmp, record, grids=grids)
     for step in finish:
         step(slot.tmp)

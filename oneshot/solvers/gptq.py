@@ -23,7 +23,13 @@ from torch import Tensor
 from oneshot.solvers import PruneResult
 from oneshot.solvers.masks import check_weight
 from oneshot.solvers.quant import QuantScheme, check_group_size
-from oneshot.solvers.sparsegpt import check_block_size_and_damp, hessian_of, solve_obs
+from oneshot.solvers.sparsegpt import (
+    ObsFactor,
+    check_block_size_and_damp,
+    hessian_cols,
+    hessian_of,
+    solve_obs,
+)
 from oneshot.stats import InputStats
 
 __all__ = ["quantize_gptq"]
@@ -31,7 +37,7 @@ __all__ = ["quantize_gptq"]
 
 def quantize_gptq(
     weight: Tensor,
-    stats: InputStats | Tensor,
+    stats: InputStats | Tensor | ObsFactor,
     scheme: QuantScheme,
     *,
     block_size: int = 128,
@@ -42,7 +48,8 @@ def quantize_gptq(
 
     Args:
         weight: (rows, cols) Linear weight (not modified).
-        stats: input statistics with a Hessian (``hessian=True``), or the (cols, cols) Hessian itself.
+        stats: input statistics with a Hessian (``hessian=True``), the (cols, cols) Hessian itself, or its
+            `factorize` result (same ``damp`` and act-order), shared by the layers reading the same input.
         scheme: bits, group size (must divide cols), symmetric or not, act-order, scale dtype.
         block_size: columns per lazy-update block (blocks also start at every group start).
         damp: added to diag(H) as ``damp * mean(diag(H))`` over the live columns; 0 is allowed.
@@ -63,7 +70,7 @@ def quantize_gptq(
     if not isinstance(scheme, QuantScheme):
         raise ValueError(f"scheme must be a QuantScheme (e.g. QuantScheme.parse('w4a16')), got {scheme!r}")
     hessian = hessian_of(stats, "gptq")
-    check_weight(weight, hessian.shape[0])
+    check_weight(weight, hessian_cols(hessian))
     check_group_size(weight.shape[1], scheme.group_size)
     check_block_size_and_damp(block_size, damp)
     if mask is None:

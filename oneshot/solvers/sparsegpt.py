@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,7 +36,16 @@ from oneshot.solvers.masks import check_pattern, check_sparsity, check_weight, l
 from oneshot.solvers.quant import ColumnQuantizer, QuantScheme, check_group_size
 from oneshot.stats import InputStats
 
-__all__ = ["check_block_size_and_damp", "hessian_of", "inverse_cholesky", "prune_sparsegpt", "solve_obs"]
+__all__ = [
+    "ObsFactor",
+    "check_block_size_and_damp",
+    "factorize",
+    "hessian_cols",
+    "hessian_of",
+    "inverse_cholesky",
+    "prune_sparsegpt",
+    "solve_obs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,7 @@ _MAX_RETRIES = 3
 _MIN_RETRY_DAMP = 1e-4  # first retry damping when damp == 0
 _MAX_RETRY_DAMP = 1.0  # retries never add more than mean(diag(H)) to the diagonal
 _INNER = 16  # columns per eagerly-updated panel inside a lazy-update block
+_CHUNK = 256  # rows / columns per chunk of the checks that avoid (cols, cols) temporaries
 
 
 def _damping_schedule(damp: float) -> Iterator[float]:
@@ -58,6 +69,72 @@ def _damping_schedule(damp: float) -> Iterator[float]:
         yield current
 
 
+def _check_hessian(hessian: Tensor, dtype: torch.dtype) -> Tensor:
+    """Raise SolverError on a non-finite Hessian or a negative diagonal; return diag(H) as ``dtype``.
+
+    The check runs over row chunks, so it needs no (cols, cols) temporary."""
+    cols = hessian.shape[0]
+    for r1 in range(0, cols, _CHUNK):
+        if not bool(torch.isfinite(hessian[r1 : r1 + _CHUNK].to(dtype)).all()):
+            raise SolverError("the Hessian contains NaN or Inf; check the calibration activations")
+    diag = hessian.diagonal().to(dtype=dtype, copy=True)  # (cols,)
+    if bool((diag < 0).any()):
+        raise SolverError("the Hessian has negative diagonal entries; it is not X^T X / n of real inputs")
+    return diag
+
+
+def _all_finite(matrix: Tensor) -> bool:
+    return all(
+        bool(torch.isfinite(matrix[:, c1 : c1 + _CHUNK]).all()) for c1 in range(0, matrix.shape[1], _CHUNK)
+    )
+
+
+def _factor_in_place(
+    work: Tensor, fill: Callable[[], None], damp: float, scale: float
+) -> tuple[Tensor, float]:
+    """Damp, factorise, invert and factorise again in the column-major (cols, cols) buffer ``work``.
+
+    ``fill()`` writes the undamped Hessian into ``work`` (again before every retry). LAPACK works in place on
+    a column-major buffer, so no step allocates another (cols, cols) matrix, and the arithmetic is that of
+    ``cholesky -> cholesky_inverse -> cholesky(upper=True)`` on fresh tensors (bit for bit).
+    Returns ``(work, damp_used)`` with ``work`` holding the upper factor ``U``: ``(H + lam I)^{-1} = U^T U``.
+    """
+    info = torch.zeros((), dtype=torch.int32, device=work.device)
+    tried: list[float] = []
+    for d in _damping_schedule(damp):
+        fill()
+        work.diagonal().add_(d * scale)
+        if tried:
+            logger.warning(
+                "Cholesky factorisation failed with damp=%g; retrying with damp=%g (results are less "
+                "accurate; more calibration samples or a higher --damp avoid this)",
+                tried[-1],
+                d,
+            )
+        tried.append(d)
+        try:
+            torch.linalg.cholesky_ex(work, out=(work, info))  # lower L: H + lam I = L L^T
+            if int(info.item()) != 0:
+                continue
+            torch.cholesky_inverse(work, out=work)  # (H + lam I)^{-1}
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+        except torch.linalg.LinAlgError:
+            continue
+        if int(info.item()) == 0 and _all_finite(work):
+            return work, d
+    cols = work.shape[0]
+    raise SolverError(
+        f"Cholesky factorisation of the {cols}x{cols} Hessian failed with "
+        f"damp={', '.join(f'{d:g}' for d in tried)} (relative to mean(diag(H)) = {scale:g}); the Hessian "
+        "is not positive definite. Raise --damp or use more calibration samples (or float32 statistics)."
+    )
+
+
+def _column_major(cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised (cols, cols) column-major matrix, the layout LAPACK factorises in place."""
+    return torch.empty((cols, cols), dtype=dtype, device=device).mT
+
+
 def inverse_cholesky(hessian: Tensor, damp: float, scale: float | None = None) -> tuple[Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp * scale * I)^{-1}``, i.e. ``(H + ...)^{-1} = U^T U``.
 
@@ -70,42 +147,100 @@ def inverse_cholesky(hessian: Tensor, damp: float, scale: float | None = None) -
     10 up to 3 times (at most ``1.0 * scale``) with a logged warning; then SolverError is raised. There is
     no identity fallback (that would silently turn SparseGPT into magnitude pruning).
 
+    Memory: one (cols, cols) buffer, which becomes ``U``; everything is computed in place in it.
+
     Returns:
         ``(U, damp_used)``: the (cols, cols) upper factor and the relative damping that succeeded.
     """
     if scale is None:
         scale = float(hessian.diagonal().mean().item())
-    tried: list[float] = []
-    for d in _damping_schedule(damp):
-        damped = hessian.clone()
-        damped.diagonal().add_(d * scale)
-        if tried:
-            logger.warning(
-                "Cholesky factorisation failed with damp=%g; retrying with damp=%g (results are less "
-                "accurate; more calibration samples or a higher --damp avoid this)",
-                tried[-1],
-                d,
-            )
-        tried.append(d)
-        try:
-            lower, info = torch.linalg.cholesky_ex(damped)
-            if int(info.item()) != 0:
-                continue
-            inverse = torch.cholesky_inverse(lower)  # (cols, cols)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        except torch.linalg.LinAlgError:
-            continue
-        if int(info.item()) == 0 and bool(torch.isfinite(upper).all()):
-            return upper, d
-    raise SolverError(
-        f"Cholesky factorisation of the {hessian.shape[0]}x{hessian.shape[1]} Hessian failed with "
-        f"damp={', '.join(f'{d:g}' for d in tried)} (relative to mean(diag(H)) = {scale:g}); the Hessian "
-        "is not positive definite. Raise --damp or use more calibration samples (or float32 statistics)."
-    )
+    work = _column_major(hessian.shape[0], hessian.dtype, hessian.device)
+
+    def fill() -> None:
+        work.copy_(hessian)
+
+    return _factor_in_place(work, fill, damp, scale)
 
 
-def hessian_of(stats: InputStats | Tensor, method: str = "sparsegpt") -> Tensor:
-    """The (cols, cols) Hessian of ``stats`` (or ``stats`` itself); ValueError naming ``method`` if absent."""
+@dataclass(frozen=True)
+class ObsFactor:
+    """A factorised Hessian, computed once and shared by every layer reading the same input (q/k/v, gate/up).
+
+    Attributes:
+        upper: (cols, cols) upper Cholesky factor ``U`` of ``(H + lam I)^{-1}`` in processing order.
+        dead: (cols,) bool, inputs with ``diag(H) == 0`` (no calibration signal), in processing order.
+        order: (cols,) processing order (act-order: descending ``diag(H)``), or None for the natural one.
+        scale: mean(diag(H)) over the live inputs: the unit of the damping.
+        damp: the relative damping asked for; ``damp_used``: the one that succeeded (after retries).
+    """
+
+    upper: Tensor
+    dead: Tensor
+    order: Tensor | None
+    scale: float
+    damp: float
+    damp_used: float
+
+    @property
+    def cols(self) -> int:
+        return int(self.upper.shape[0])
+
+
+def factorize(
+    hessian: Tensor,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> ObsFactor:
+    """Factorise the (cols, cols) Hessian for `solve_obs` (`prune_sparsegpt`, `quantize_gptq`) once.
+
+    ``hessian`` is not modified; the caller may free it afterwards (the factor does not refer to it).
+    ``dtype``: float32, or float64 for float64 weights (default: float64 iff the Hessian is); ``device``:
+    that of the weights (default: the Hessian's). Memory: one (cols, cols) matrix (the factor) and (cols,)
+    vectors; act-order permutes the Hessian into the factor's buffer by row chunks.
+
+    Raises:
+        ValueError: a bad ``damp`` or a non-square Hessian.
+        SolverError: the Hessian is non-finite or cannot be factorised even after damping retries.
+    """
+    if not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    _check_square(hessian)
+    if dtype is None:
+        dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    device = hessian.device if device is None else torch.device(device)
+    cols = hessian.shape[0]
+    diag = _check_hessian(hessian, dtype).to(device)  # (cols,)
+    dead = diag == 0  # (cols,) inputs that were always zero: no calibration signal
+    live_diag = diag[~dead]
+    scale = float(live_diag.mean().item()) if live_diag.numel() else 1.0
+    order = None  # processing order: order[j] = original column processed j-th
+    if act_order:
+        order = torch.argsort(diag, descending=True, stable=True)  # (cols,)
+        dead = dead[order]
+    work = _column_major(cols, dtype, device)
+
+    def fill() -> None:
+        if order is None:
+            work.copy_(hessian)
+        else:  # H[order][:, order], a chunk of rows at a time
+            src_order = order.to(hessian.device)
+            for r1 in range(0, cols, _CHUNK):
+                rows = hessian.index_select(0, src_order[r1 : r1 + _CHUNK])  # (chunk, cols)
+                work[r1 : r1 + _CHUNK].copy_(rows.index_select(1, src_order))
+        work.diagonal()[dead] = 1.0
+
+    upper, damp_used = _factor_in_place(work, fill, damp, scale)
+    return ObsFactor(upper, dead, order, scale, float(damp), damp_used)
+
+
+def hessian_of(stats: InputStats | Tensor | ObsFactor, method: str = "sparsegpt") -> Tensor | ObsFactor:
+    """The (cols, cols) Hessian of ``stats`` (or ``stats`` itself, or a `factorize` result as it is);
+    ValueError naming ``method`` if absent."""
+    if isinstance(stats, ObsFactor):
+        return stats
     if isinstance(stats, Tensor):
         hessian = stats
     else:
@@ -113,9 +248,18 @@ def hessian_of(stats: InputStats | Tensor, method: str = "sparsegpt") -> Tensor:
         if hessian_or_none is None:
             raise ValueError(f"{method} needs the input Hessian: build InputStats(..., hessian=True)")
         hessian = hessian_or_none
+    _check_square(hessian)
+    return hessian
+
+
+def _check_square(hessian: Tensor) -> None:
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"Hessian must be a square (cols, cols) matrix, got {tuple(hessian.shape)}")
-    return hessian
+
+
+def hessian_cols(hessian: Tensor | ObsFactor) -> int:
+    """Input features of a Hessian or of its factor."""
+    return hessian.cols if isinstance(hessian, ObsFactor) else int(hessian.shape[0])
 
 
 def check_block_size_and_damp(block_size: int, damp: float) -> None:
@@ -128,7 +272,7 @@ def check_block_size_and_damp(block_size: int, damp: float) -> None:
 
 def prune_sparsegpt(
     weight: Tensor,
-    stats: InputStats | Tensor,
+    stats: InputStats | Tensor | ObsFactor,
     *,
     sparsity: float,
     pattern: Pattern = None,
@@ -140,7 +284,8 @@ def prune_sparsegpt(
 
     Args:
         weight: (rows, cols) Linear weight (not modified).
-        stats: input statistics with a Hessian (``hessian=True``), or the (cols, cols) Hessian itself.
+        stats: input statistics with a Hessian (``hessian=True``), the (cols, cols) Hessian itself, or its
+            `factorize` result (made with the same ``damp``), shared by the layers reading the same input.
         sparsity: fraction pruned in every (rows, block) tile (unstructured); ignored for an N:M pattern.
         pattern: (n, m) = n zeros per m consecutive input weights of a row, or None for unstructured.
         block_size: columns per lazy-update block (and per unstructured mask tile). For an N:M pattern it
@@ -171,7 +316,7 @@ def prune_sparsegpt(
         SolverError: the Hessian is non-finite or cannot be factorised even after damping retries.
     """
     hessian = hessian_of(stats)
-    check_weight(weight, hessian.shape[0])
+    check_weight(weight, hessian_cols(hessian))
     check_sparsity(sparsity)
     cols = weight.shape[1]
     check_pattern(pattern, cols)
@@ -203,7 +348,7 @@ def _check_joint(quant: QuantScheme, pattern: Pattern, cols: int) -> None:
 
 def solve_obs(
     weight: Tensor,
-    hessian: Tensor,
+    hessian: Tensor | ObsFactor,
     *,
     sparsity: float,
     pattern: Pattern,
@@ -214,54 +359,78 @@ def solve_obs(
 ) -> PruneResult:
     """The shared OBS core of SparseGPT and GPTQ on checked arguments (see `prune_sparsegpt`).
 
-    ``fixed_mask`` (rows, cols), True = prune, replaces the mask selection (``sparsity`` and ``pattern``
-    are then unused). ``quant.act_order`` processes the columns by descending ``diag(H)`` (dead columns
-    last); everything returned is in the original column order.
-    """
-    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
-    h = hessian.detach().to(device=weight.device, dtype=dtype, copy=True)  # (cols, cols)
-    if not bool(torch.isfinite(h).all()):
-        raise SolverError("the Hessian contains NaN or Inf; check the calibration activations")
-    diag = h.diagonal()  # view (cols,)
-    if bool((diag < 0).any()):
-        raise SolverError("the Hessian has negative diagonal entries; it is not X^T X / n of real inputs")
-    dead = diag == 0  # (cols,) inputs that were always zero: no calibration signal
-    live_diag = diag[~dead]
-    scale = float(live_diag.mean().item()) if live_diag.numel() else 1.0
-    order = None  # processing order: order[j] = original column processed j-th
-    if quant is not None and quant.act_order:
-        order = torch.argsort(diag, descending=True, stable=True)  # (cols,)
-        h = h[order][:, order]
-        dead = dead[order]
-        diag = h.diagonal()
-    diag[dead] = 1.0
-    upper, damp_used = inverse_cholesky(h, damp, scale)  # (cols, cols)
+    ``hessian``: the (cols, cols) Hessian (not modified), or its `factorize` result made with the same
+    ``damp`` and act-order (then nothing of size (cols, cols) is allocated here). ``fixed_mask`` (rows, cols),
+    True = prune, replaces the mask selection (``sparsity`` and ``pattern`` are then unused).
+    ``quant.act_order`` processes the columns by descending ``diag(H)`` (dead columns last); everything
+    returned is in the original column order.
 
-    w_t = weight.detach().to(dtype).t().contiguous()  # (cols, rows): column i of W is row i here
+    Memory besides the inputs and the factor: the (cols, rows) working weight and mask, then the result.
+    """
+    act_order = quant is not None and quant.act_order
+    if isinstance(hessian, ObsFactor):
+        factor = hessian
+        dtype = torch.float64 if weight.dtype == torch.float64 else factor.upper.dtype
+        if factor.upper.dtype != dtype:
+            raise ValueError(
+                f"a {factor.upper.dtype} factor cannot solve {weight.dtype} weights: factorize(dtype={dtype})"
+            )
+        if factor.damp != damp or (factor.order is not None) != act_order:
+            raise ValueError(
+                f"the factor was made with damp={factor.damp:g}, act_order={factor.order is not None}; "
+                f"this solve asks for damp={damp:g}, act_order={act_order}"
+            )
+    else:
+        dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+        factor = factorize(hessian, damp=damp, act_order=act_order, dtype=dtype, device=weight.device)
+    upper = factor.upper.to(weight.device)  # (cols, cols)
+    dead = factor.dead.to(weight.device)  # (cols,)
+    order = None if factor.order is None else factor.order.to(weight.device)
+    damp_used, scale = factor.damp_used, factor.scale
+    del factor  # a factor made here is freed with ``upper``
+
+    cols, rows = weight.shape[1], weight.shape[0]
+    w_t = torch.empty((cols, rows), dtype=dtype, device=weight.device)  # column i of W is row i here
+    w_t.copy_(weight.detach().t())
     fixed_t = None if fixed_mask is None else fixed_mask.to(weight.device).t().contiguous()  # (cols, rows)
     if order is not None:
-        w_t = w_t[order]
+        w_t = w_t.index_select(0, order)
         fixed_t = None if fixed_t is None else fixed_t[order]
     w_t[dead] = 0.0  # no loss either way: X has zeros there
-    start = w_t.clone() if damp_used > 0 else None
-    cols, rows = w_t.shape
     grid = None
     if quant is not None:
         grid = ColumnQuantizer(quant, cols, rows, device=w_t.device, dtype=dtype, order=order)
     mask_t, damped_loss = _sparsegpt_columns(w_t, upper, sparsity, pattern, block_size, grid, fixed_t)
+    del upper
     mask_t[dead] = True
     loss = damped_loss
-    if start is not None:  # remove the damping term lam * ||dW||^2 (dead columns: dW == 0 here)
-        loss -= damp_used * scale * float((start - w_t).square().sum().item())
+    if damp_used > 0:  # remove the damping term lam * ||dW||^2 (dead columns: dW == 0 here)
+        loss -= damp_used * scale * _moved_square(weight, w_t, dead, order)
     if order is not None:
         inverse = torch.argsort(order)  # back to the original column order
-        w_t, mask_t = w_t[inverse], mask_t[inverse]
+        w_t, mask_t = w_t.index_select(0, inverse), mask_t[inverse]
+    out = torch.empty((rows, cols), dtype=weight.dtype, device=weight.device)
+    out.copy_(w_t.t())
+    del w_t
     return PruneResult(
-        weight=w_t.t().to(weight.dtype).contiguous(),
+        weight=out,
         mask=mask_t.t().contiguous(),
         loss=loss,
         quant=None if grid is None else grid.result(),
     )
+
+
+def _moved_square(weight: Tensor, w_t: Tensor, dead: Tensor, order: Tensor | None) -> float:
+    """``||W - W'||_F^2`` over the live columns, ``w_t`` = W'^T in processing order, by column chunks."""
+    total = 0.0
+    cols = w_t.shape[0]
+    for c1 in range(0, cols, _CHUNK):
+        c2 = min(c1 + _CHUNK, cols)
+        idx = torch.arange(c1, c2, device=w_t.device) if order is None else order[c1:c2]
+        start = weight.detach().index_select(1, idx).t().to(w_t.dtype)  # (chunk, rows)
+        start[dead[c1:c2]] = 0.0
+        total += float((start - w_t[c1:c2]).square().sum().item())
+    return total
 
 
 def _sparsegpt_columns(

@@ -1,0 +1,285 @@
+"""Scale guards of issue #15: the solver's scratch memory (item 4) and crash-safe resume (item 2).
+
+``memory``: the peak scratch memory of one SparseGPT solve of a (rows, cols) fp32 layer, measured as the
+process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs) above the resident size
+with the Hessian and the weight allocated, each measurement in a fresh subprocess. "before" runs the
+solver of the git revision ``--before`` (default 2ab0513, the last commit before this work; loaded from ``git show``), "after" the working tree;
+"after, shared" is the pruner's path: the statistics give their Hessian up (`InputStats.take_hessian`),
+it is factorised once (`factorize`) and the layer solved from the factor. Figures in units of one Hessian
+(cols x cols x 4 bytes). Defaults: down_proj of a 7B Llama (4096 x 11008) and 4096 input columns (its
+gate_proj, 11008 x 4096).
+
+``resume``: a synthetic small Llama is pruned by ``oneshot prune`` in a subprocess that is killed with
+SIGKILL at a random block; ``oneshot prune --resume`` finishes the run, and every tensor of the result
+is compared byte for byte with an uninterrupted run.
+
+    python scripts/bench_scale.py memory                 # 4096x11008 and 11008x4096, before and after
+    python scripts/bench_scale.py memory --shapes 512x2048
+    python scripts/bench_scale.py resume --seed 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BEFORE = "2ab0513"  # the last commit with the old solver (issue #15 item 4 landed after it)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _measure_child(variant: str, rows: int, cols: int, before_file: str) -> dict:
+    """One measurement, in its own process: peak resident bytes above the baseline during one solve."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    g = torch.Generator().manual_seed(0)
+    rank = 256
+    a = torch.randn(cols, rank, generator=g)
+    hessian = a @ a.T / rank  # (cols, cols), positive definite after the ridge
+    hessian.diagonal().add_(0.1)
+    del a
+    weight = torch.randn(rows, cols, generator=g)
+    kwargs = {"sparsity": 0.5, "pattern": None, "block_size": 128, "damp": 0.01}
+    if variant == "before":
+        spec = importlib.util.spec_from_file_location("sparsegpt_before", before_file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        solve = module.prune_sparsegpt
+    else:
+        from oneshot.solvers.sparsegpt import factorize, prune_sparsegpt
+
+        solve = prune_sparsegpt
+    if variant == "after, shared":
+        from oneshot.stats import InputStats
+
+        stats = InputStats(cols, hessian=True)
+        stats._sum = hessian  # the running sum X^T X with n = 1: the Hessian itself
+        stats.n = 1
+        del hessian
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident high-water mark
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    if variant == "after, shared":
+        h = stats.take_hessian()
+        factor = factorize(h, damp=0.01)
+        del h
+        result = solve(weight, factor, **kwargs)
+        del factor
+    else:
+        result = solve(weight, hessian, **kwargs)
+    seconds = time.perf_counter() - t0
+    peak = _status("VmHWM") - base
+    assert result.weight.shape == (rows, cols)
+    return {"variant": variant, "rows": rows, "cols": cols, "peak_bytes": peak, "seconds": seconds}
+
+
+def _memory(args: argparse.Namespace) -> int:
+    before = subprocess.run(
+        ["git", "show", f"{args.before}:oneshot/solvers/sparsegpt.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        before_file = Path(tmp) / "sparsegpt_before.py"
+        before_file.write_text(before)
+        print(f"solver scratch (peak resident bytes above Hessian + weight), before = {args.before}")
+        print(f"{'layer (rows x cols)':>22} {'variant':>14} {'peak MiB':>9} {'Hessians':>9} {'seconds':>8}")
+        for shape in args.shapes:
+            rows, cols = (int(v) for v in shape.lower().split("x"))
+            for variant in ("before", "after", "after, shared"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "_child", variant, str(rows), str(cols), str(before_file)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                )
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                hess = r["peak_bytes"] / (4 * cols * cols)
+                print(
+                    f"{f'{rows} x {cols}':>22} {variant:>14} {r['peak_bytes'] / 2**20:9.0f} {hess:9.2f} "
+                    f"{r['seconds']:8.1f}",
+                    flush=True,
+                )
+    return 0
+
+
+def _synthetic_llama(folder: Path, layers: int, hidden: int, seed: int) -> Path:
+    """A random Llama (``layers`` blocks of width ``hidden``) with a byte-level BPE tokenizer, saved."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(400)
+    ]
+    text = " ".join(rng.choice(words) for _ in range(40_000))
+    (folder / "calib.txt").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([text], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875),
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        vocab_size=len(fast),
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    model_dir = folder / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    return model_dir
+
+
+def _tensor_bytes(folder: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """Every tensor of every safetensors file under ``folder``: dtype, shape, sha256 of its bytes."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                t = fh.get_tensor(k).contiguous()
+                raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                out[f"{f.relative_to(folder)}:{k}"] = (
+                    str(t.dtype),
+                    tuple(t.shape),
+                    hashlib.sha256(raw).hexdigest(),
+                )
+    return out
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import random
+
+    rng = random.Random(args.seed)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = _synthetic_llama(tmp, args.layers, args.hidden, args.seed)
+        base = [
+            sys.executable,
+            "-m",
+            "oneshot",
+            "prune",
+            "--model",
+            str(model_dir),
+            "--calib",
+            str(tmp / "calib.txt"),
+        ]
+        base += ["--method", args.method, "--pattern", args.pattern, "--nsamples", str(args.nsamples)]
+        base += ["--seqlen", str(args.seqlen), "--eval-windows", "0", "-q"]
+        t0 = time.perf_counter()
+        subprocess.run([*base, "--out", str(tmp / "reference")], check=True, env=env, capture_output=True)
+        uninterrupted = time.perf_counter() - t0
+        kill_at = rng.randint(1, args.layers - 1)  # killed once this many blocks are checkpointed
+        out = tmp / "resumed"
+        proc = subprocess.Popen(
+            [*base, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        done = 0
+        while proc.poll() is None:
+            states = list(tmp.glob(".resumed.tmp-*/.resume/state.json"))
+            if states:
+                try:
+                    done = int(json.loads(states[0].read_text())["next_block"])
+                except (OSError, ValueError, KeyError):
+                    done = 0
+                if done >= kill_at:
+                    proc.kill()  # SIGKILL
+                    break
+            time.sleep(0.01)
+        code = proc.wait()
+        if code != -9:
+            print(f"the run was not killed (exit {code}, {done} blocks done): use a larger --layers/--hidden")
+            return 1
+        print(f"killed with SIGKILL after {done} of {args.layers} blocks (random target {kill_at})")
+        again = subprocess.run([*base, "--out", str(out)], env=env, capture_output=True, text=True)
+        print(f"the same command again: exit {again.returncode}: {again.stderr.strip().splitlines()[-1]}")
+        t0 = time.perf_counter()
+        subprocess.run([*base, "--out", str(out), "--resume"], check=True, env=env, capture_output=True)
+        resumed = time.perf_counter() - t0
+        ref, got = _tensor_bytes(tmp / "reference"), _tensor_bytes(out)
+        same = ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
+        print(
+            f"uninterrupted {uninterrupted:.1f}s; resume {resumed:.1f}s; {len(ref)} tensors compared byte for "
+            f"byte: {'identical' if same else 'DIFFERENT'}"
+        )
+        leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".resumed")]
+        print(f"left beside the output: {leftovers or 'nothing'}")
+        return 0 if same and not leftovers else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_child":
+        variant, rows, cols, before_file = argv[1], int(argv[2]), int(argv[3]), argv[4]
+        print(json.dumps(_measure_child(variant, rows, cols, before_file)))
+        return 0
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    mem = sub.add_parser("memory", help="the solver's peak scratch memory, before and after")
+    mem.add_argument("--shapes", nargs="+", default=["4096x11008", "11008x4096"], help="ROWSxCOLS")
+    mem.add_argument(
+        "--before",
+        default=BEFORE,
+        help=f"git revision of the 'before' solver (default {BEFORE}: the last commit before the memory work)",
+    )
+    res = sub.add_parser("resume", help="kill -9 at a random block, resume, compare the bytes")
+    res.add_argument("--seed", type=int, default=0, help="model, data and the block to kill at")
+    res.add_argument("--layers", type=int, default=8)
+    res.add_argument("--hidden", type=int, default=256)
+    res.add_argument("--method", default="sparsegpt")
+    res.add_argument("--pattern", default="unstructured")
+    res.add_argument("--nsamples", type=int, default=16)
+    res.add_argument("--seqlen", type=int, default=128)
+    args = parser.parse_args(argv)
+    if args.what == "memory":
+        return _memory(args)
+    if args.what == "resume":
+        return _resume(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
