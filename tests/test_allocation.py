@@ -223,6 +223,18 @@ def test_the_scan_reuses_one_hessian_and_matches_a_uniform_prune(tiny, tmp_path:
     assert again.sparsities == rec.sparsities and again.layers[3].losses == rec.layers[3].losses
     assert (tmp_path / TABLE_FILE).read_text().count("| `model.layers.") == 14
     assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without matplotlib (the `eval` extra) the json and the table are still written, with a warning
+    import oneshot.jobs.sensitivity as job
+
+    def no_matplotlib(_record: object) -> bytes:
+        raise ImportError("No module named 'matplotlib'")
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(job, "heat_map", no_matplotlib)
+        write_outputs(rec, bare)
+    assert {p.name for p in bare.iterdir()} == {"sensitivity.json", TABLE_FILE}
 
 
 @pytest.mark.parametrize("method", ["owl", "sensitivity"])

@@ -171,7 +171,16 @@ def write_outputs(record: SensitivityRecord, folder: Path) -> None:
     """``sensitivity.json``, the Markdown table and the heat map into an existing ``folder``."""
     record.save(folder)
     (folder / TABLE_FILE).write_text(markdown_table(record), encoding="utf-8")
-    (folder / PLOT_FILE).write_bytes(heat_map(record))
+    try:
+        png = heat_map(record)
+    except ImportError:  # matplotlib comes with the `eval` extra
+        print(
+            f"oneshot: warning: matplotlib is not installed, so {PLOT_FILE} is not drawn "
+            "(pip install 'oneshot[eval]'); the json and the table are written",
+            file=sys.stderr,
+        )
+        return
+    (folder / PLOT_FILE).write_bytes(png)
 
 
 def _fmt(value: float | None) -> str:
