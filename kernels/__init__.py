@@ -31,64 +31,85 @@ Typical use::
     model = kernels.load_compressed("out/", device="cuda")
 """
 
-from ._common import KernelConfig, candidate_configs, default_config, interpreting, triton_available
-from .bitmask_gemv import bitmask_gemv, bitmask_gemv_reference
-from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
-from .checkpoint import COMPRESSED_WEIGHTS, load_compressed, load_sparse_model, save_compressed
-from .dispatch import BACKENDS, Dispatcher, DispatchKey, Plan, default_dispatcher, m_bucket
-from .formats import (
-    BitmaskWeight,
-    Sparse24Weight,
-    SparseWeight,
-    compress,
-    compress_24,
-    compress_bitmask,
-    is_24_sparse,
-    load_sparse,
-    save_sparse,
-)
-from .linear import FORMATS, ConvertSummary, LayerReport, SparseLinear, convert, densify, summarize
-from .sparse24_gemv import sparse24_gemv, sparse24_gemv_reference
-from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
+import sys as _sys
 
-__all__ = [
-    "BACKENDS",
-    "COMPRESSED_WEIGHTS",
-    "FORMATS",
-    "BitmaskWeight",
-    "ConvertSummary",
-    "DispatchKey",
-    "Dispatcher",
-    "KernelConfig",
-    "LayerReport",
-    "Plan",
-    "Sparse24Weight",
-    "SparseLinear",
-    "SparseWeight",
-    "bitmask_gemv",
-    "bitmask_gemv_reference",
-    "bitmask_matmul",
-    "bitmask_matmul_reference",
-    "candidate_configs",
-    "compress",
-    "compress_24",
-    "compress_bitmask",
-    "convert",
-    "default_config",
-    "default_dispatcher",
-    "densify",
-    "interpreting",
-    "is_24_sparse",
-    "load_compressed",
-    "load_sparse",
-    "load_sparse_model",
-    "m_bucket",
-    "save_compressed",
-    "save_sparse",
-    "sparse24_gemv",
-    "sparse24_gemv_reference",
-    "sparse24_matmul",
-    "sparse24_matmul_reference",
-    "summarize",
-    "triton_available",
-]
+if __name__ == "kernels":
+    # Imported under the top-level name `kernels`: the repository root is on sys.path (python -m run from a
+    # checkout, pytest's rootdir). That name belongs to the Hugging Face `kernels` package, which
+    # transformers >= 5.25 installs and imports (`from kernels import ...` in its hub_kernels module). Hand the
+    # name to the installed package, so transformers works from a checkout; this package is only ever meant
+    # to be imported as `oneshot.kernels`. Without an installed `kernels` the name stays an empty module.
+    from importlib.machinery import PathFinder as _PathFinder
+    from importlib.util import module_from_spec as _module_from_spec
+    from os import getcwd as _getcwd
+    from os.path import dirname as _dirname
+    from os.path import realpath as _realpath
+
+    _root = _dirname(_dirname(_realpath(__file__)))
+    _spec = _PathFinder.find_spec("kernels", [p for p in _sys.path if _realpath(p or _getcwd()) != _root])
+    if _spec is not None and _spec.loader is not None:
+        _installed = _module_from_spec(_spec)
+        _sys.modules["kernels"] = _installed
+        _spec.loader.exec_module(_installed)
+else:
+    from ._common import KernelConfig, candidate_configs, default_config, interpreting, triton_available
+    from .bitmask_gemv import bitmask_gemv, bitmask_gemv_reference
+    from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
+    from .checkpoint import COMPRESSED_WEIGHTS, load_compressed, load_sparse_model, save_compressed
+    from .dispatch import BACKENDS, Dispatcher, DispatchKey, Plan, default_dispatcher, m_bucket
+    from .formats import (
+        BitmaskWeight,
+        Sparse24Weight,
+        SparseWeight,
+        compress,
+        compress_24,
+        compress_bitmask,
+        is_24_sparse,
+        load_sparse,
+        save_sparse,
+    )
+    from .linear import FORMATS, ConvertSummary, LayerReport, SparseLinear, convert, densify, summarize
+    from .sparse24_gemv import sparse24_gemv, sparse24_gemv_reference
+    from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
+
+    __all__ = [
+        "BACKENDS",
+        "COMPRESSED_WEIGHTS",
+        "FORMATS",
+        "BitmaskWeight",
+        "ConvertSummary",
+        "DispatchKey",
+        "Dispatcher",
+        "KernelConfig",
+        "LayerReport",
+        "Plan",
+        "Sparse24Weight",
+        "SparseLinear",
+        "SparseWeight",
+        "bitmask_gemv",
+        "bitmask_gemv_reference",
+        "bitmask_matmul",
+        "bitmask_matmul_reference",
+        "candidate_configs",
+        "compress",
+        "compress_24",
+        "compress_bitmask",
+        "convert",
+        "default_config",
+        "default_dispatcher",
+        "densify",
+        "interpreting",
+        "is_24_sparse",
+        "load_compressed",
+        "load_sparse",
+        "load_sparse_model",
+        "m_bucket",
+        "save_compressed",
+        "save_sparse",
+        "sparse24_gemv",
+        "sparse24_gemv_reference",
+        "sparse24_matmul",
+        "sparse24_matmul_reference",
+        "summarize",
+        "triton_available",
+    ]

@@ -45,6 +45,29 @@ def test_the_wheel_claims_only_the_oneshot_import_name(tmp_path: Path) -> None:
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["oneshot"]
 
 
+def test_a_checkout_on_sys_path_leaves_the_name_kernels_to_the_installed_package() -> None:
+    """Run from the repository root (python -m, pytest's rootdir), kernels/ is importable as the top-level
+    `kernels`, the name of Hugging Face's package that transformers >= 5.25 imports from every model module.
+    It must hand the name over, or importing a transformers model from a checkout fails."""
+    code = (
+        "import importlib.metadata as md, kernels, oneshot.kernels as ours\n"
+        "try:\n"
+        "    md.version('kernels')\n"
+        "    installed = True\n"
+        "except md.PackageNotFoundError:\n"
+        "    installed = False\n"
+        "assert ours.convert is not None\n"
+        "assert kernels is not ours and not hasattr(kernels, 'SparseLinear'), kernels.__file__\n"
+        "if installed:\n"
+        "    assert 'site-packages' in kernels.__file__, kernels.__file__\n"
+        "import transformers.models.llama.modeling_llama\n"
+        "print('ok', installed)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Layers: core <- jobs <- publishing <- CLI, every import pointing down (README, "How it works")
 
