@@ -381,6 +381,13 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
         )
     if cfg.ignore:
         rows.append(["kept dense", ", ".join(f"`{p}`" for p in cfg.ignore)])
+    if cfg.target == "dense":
+        rows.append(
+            [
+                "layer objective",
+                "`--target dense`: each layer reproduces the dense model's output from the pruned model's inputs",
+            ]
+        )
     if pr.total_seconds:
         rows.append(["prune time", f"{pr.total_seconds:.1f} s on {pr.device}"])
     rows += _allocation_rows(record)

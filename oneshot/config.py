@@ -28,6 +28,7 @@ __all__ = [
     "RECOVER_METHODS",
     "REFIT_TARGETS",
     "SHRINK_SCORES",
+    "TARGETS",
     "UNCALIBRATED",
     "AllocationConfig",
     "ConfigError",
@@ -44,6 +45,7 @@ ALLOCATIONS = ("uniform", "owl", "sensitivity")  # how the sparsity is spread ov
 DTYPES = ("float32", "bfloat16", "float16")
 PROPAGATE = ("pruned", "dense")
 UNCALIBRATED = ("magnitude", "dense")
+TARGETS = ("local", "dense")  # what each layer reproduces: its own dense output, or the dense model's
 EXPORT_FORMATS = ("2:4", "bitmask")
 DEVICES = ("auto", "cpu", "cuda")
 SHRINK_SCORES = ("auto", "obs", "activation")
@@ -110,6 +112,12 @@ class PruneConfig:
     # weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear that never
     # runs): "magnitude" prunes them by magnitude with a warning, "dense" keeps them dense (reported)
     uncalibrated: str = "magnitude"
+    # "local": each layer reproduces its own output on the pruned model's inputs; "dense": the dense MODEL's
+    # output from those inputs (min ||X_dense W^T - X_pruned W'^T||^2, `oneshot.solvers.target`)
+    target: str = "local"
+    # --target dense: the ridge of the least-squares target W* toward W, relative to mean(diag H) (SparseGPT's
+    # --damp stays for its own solve). 0.1 measured better than 0.01 (over-fits) and 1 on SmolLM2 (README)
+    target_damp: float = 0.1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -146,6 +154,21 @@ class PruneConfig:
         if self.uncalibrated not in UNCALIBRATED:
             raise ConfigError(
                 f"unknown uncalibrated {self.uncalibrated!r}: choose one of {', '.join(UNCALIBRATED)}"
+            )
+        if not math.isfinite(float(self.target_damp)) or float(self.target_damp) < 0:
+            raise ConfigError(f"target_damp must be a finite number >= 0, got {self.target_damp!r}")
+        set_(self, "target_damp", float(self.target_damp))
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        if self.target == "dense" and method == "magnitude":
+            raise ConfigError(
+                "--target dense needs calibration statistics: use --method sparsegpt or wanda (magnitude "
+                "pruning reads no inputs)"
+            )
+        if self.target == "dense" and self.propagate == "dense":
+            raise ConfigError(
+                "--target dense with --propagate dense: every layer already sees the dense model's inputs, "
+                "so the dense target is the local one; drop one of them"
             )
         set_(self, "ignore", tuple(str(p) for p in self.ignore))
 

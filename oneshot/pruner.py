@@ -19,7 +19,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ from oneshot.solvers import (
 )
 from oneshot.solvers.quant import check_group_size, packed_bits, quantize_rtn, scheme_of
 from oneshot.solvers.sparsegpt import ObsFactor, factorize
+from oneshot.solvers.target import dense_target_map, retarget
 from oneshot.stats import InputStats
 from oneshot.walker import (
     InputCollector,
@@ -69,6 +70,7 @@ from oneshot.walker import (
     get_weight,
     matches_ignore,
     move_non_block_modules,
+    record_inputs,
     run_block,
     set_weight,
 )
@@ -235,6 +237,143 @@ class _SharedFactors:
         self.left[id(stats)] = self.left.get(id(stats), 1) - 1
         if self.left[id(stats)] <= 0:
             self.cache.pop(id(stats), None)
+
+
+class _DenseTargetMaps:
+    """``--target dense``: one `dense_target_map` per distinct input statistics of a block (q/k/v share one),
+    computed before the OBS factorisation takes the Hessian and dropped after the last layer reading it."""
+
+    def __init__(self, stats: list[InputStats], *, damp: float) -> None:
+        self.damp = damp
+        self.left: dict[int, int] = {}
+        for st in stats:
+            self.left[id(st)] = self.left.get(id(st), 0) + 1
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def weight(self, stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+        """``W*``: the weight whose local solve reproduces the dense model's output (`retarget`)."""
+        tmap = self.cache.get(id(stats))
+        if tmap is None:
+            hessian = stats.hessian
+            assert hessian is not None
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            tmap = dense_target_map(hessian.to(dtype), stats.take_cross().to(dtype), damp=self.damp)
+            del hessian
+            self.cache[id(stats)] = tmap
+        self.left[id(stats)] = self.left.get(id(stats), 1) - 1
+        out = retarget(weight, tmap)
+        if self.left[id(stats)] <= 0:
+            self.cache.pop(id(stats), None)
+        return out
+
+
+class _StageDone(Exception):
+    """Raised by a hook once every layer of the current stage has seen its input: the rest of the block
+    forward is not needed for that stage's statistics."""
+
+
+def _stop_hook(pending: set[str], name: str) -> Callable[..., None]:
+    """A pre-hook that marks ``name`` as reached and stops the forward once ``pending`` is empty."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        pending.discard(name)
+        if not pending:
+            raise _StageDone
+
+    return hook
+
+
+def _block_statistics(
+    block: nn.Module,
+    plan: BlockPlan,
+    hidden: list[torch.Tensor],
+    calls: list[Any],
+    reference: list[torch.Tensor] | None,
+    *,
+    device: torch.device,
+    store: torch.device,
+    index: int,
+    stats: bool,
+    hessian: bool,
+    outputs: list[torch.Tensor],
+) -> Iterator[tuple[list[Target], dict[str, InputStats]]]:
+    """The statistics of a block's targets, as (targets, statistics by name) stages to prune in turn.
+
+    Local target (``reference`` None): one stage, every target, from one forward per batch of the dense block
+    on ``hidden``; its outputs go to ``outputs``.
+
+    Dense target: first the dense block runs on the dense model's inputs ``reference``, keeping every layer's
+    input and the block outputs (``outputs``). Then the layers are pruned stage by stage in the order the
+    forward reaches them, layers reading one tensor together (q/k/v, then o, then gate/up, then down): each
+    stage's statistics come from a forward of the block as pruned so far, stopped once the stage's layers
+    have their inputs, so a layer is solved on the inputs the pruned layers before it really produce (a
+    later layer would otherwise correct again what an earlier one of its block already corrected).
+    """
+    if reference is None:
+        collector = InputCollector(plan.linears, hessian, device) if stats else None
+        expert_collector = (
+            ExpertCollector(plan.experts, {t.name for t in plan.targets}, hessian, device)
+            if stats and plan.experts
+            else None
+        )
+        for b, h in enumerate(hidden):
+            with contextlib.ExitStack() as hooks:
+                if collector is not None:
+                    hooks.enter_context(collector.hooks())
+                    collector.new_batch()
+                if expert_collector is not None:
+                    hooks.enter_context(expert_collector.hooks())
+                outputs.append(_finite(run_block(block, h, calls[b], device), index).to(store))
+        yield (
+            plan.targets,
+            {
+                **(collector.stats if collector is not None else {}),
+                **(expert_collector.stats if expert_collector is not None else {}),
+            },
+        )
+        return
+
+    # the dense model: every layer's input per batch (a tensor read by several layers is kept once)
+    ref_inputs: list[dict[str, torch.Tensor]] = []
+    order: list[list[str]] = []  # stages: names in the order the forward reaches them, grouped by input
+    for b, r in enumerate(reference):
+        with record_inputs(plan.linears) as seen:
+            outputs.append(_finite(run_block(block, r, calls[b], device), index).to(store))
+        moved: dict[int, torch.Tensor] = {}
+        ref_inputs.append({n: moved.setdefault(id(t), t.to(store)) for n, t in seen.items()})
+        if b == 0:
+            last: torch.Tensor | None = None
+            for name, t in seen.items():
+                if last is not None and t is last:
+                    order[-1].append(name)
+                else:
+                    order.append([name])
+                last = t
+        del seen
+    by_name = {t.name: t for t in plan.targets}
+    for names in order:
+        layers = {n: plan.linears[n] for n in names}
+        collector = InputCollector(layers, hessian, device, cross=True)
+        pending: set[str] = set()
+        for b, h in enumerate(hidden):
+            pending.update(names)
+            with collector.hooks():
+                handles = [mod.register_forward_pre_hook(_stop_hook(pending, n)) for n, mod in layers.items()]
+                try:
+                    collector.new_batch(reference={n: ref_inputs[b][n] for n in names})
+                    run_block(block, h, calls[b], device)
+                except _StageDone:
+                    pass
+                finally:
+                    for handle in handles:
+                        handle.remove()
+        yield [by_name[n] for n in names if n in by_name], collector.stats
+        del collector
+    # layers the dense forward never reached have no statistics (reported as uncalibrated)
+    reached = {n for names in order for n in names}
+    rest = [t for t in plan.targets if t.name not in reached]
+    if rest:
+        yield rest, {}
 
 
 def _store_device(
@@ -468,8 +607,10 @@ def _walk(
     solver = get_solver(config.method)
     nm = config.nm
     sparsity = float(config.sparsity or 0.0)
+    # --target dense: the dense model runs beside the pruned one (`reference`: its inputs of each block)
+    dense_target = config.target == "dense" and not quant_only
     need_stats = config.method != "magnitude" or config.layer_loss or quant is not None
-    keep_hessian = config.method == "sparsegpt" or config.layer_loss or quant is not None
+    keep_hessian = config.method == "sparsegpt" or config.layer_loss or quant is not None or dense_target
     solver_kwargs: dict[str, Any] = {"sparsity": sparsity, "pattern": nm}
     if config.method == "sparsegpt":
         solver_kwargs.update(block_size=config.block_size, damp=config.damp)
@@ -524,6 +665,7 @@ def _walk(
         )
         hidden, calls = capture_block_calls(model, blocks, batches, device, store, progress=progress)
         move_non_block_modules(model, blocks, torch.device("cpu"))
+        reference: list[torch.Tensor] | None = list(hidden) if dense_target else None
         first = 0
         resumed = None if checkpoint is None else checkpoint.load(len(blocks), scheme)
         if checkpoint is not None and resumed is not None:  # blocks 0 .. first-1 are done: restore them
@@ -531,6 +673,10 @@ def _walk(
             for j in range(first):
                 checkpoint.restore_block(j, blocks[j])
             hidden = [h.to(store) for h in resumed.hidden]
+            if dense_target:
+                if resumed.reference is None:
+                    raise PruneError("cannot resume: the checkpoint has no dense inputs for --target dense")
+                reference = [r.to(store) for r in resumed.reference]
             torch.set_rng_state(resumed.rng)
             resumed.report.device = report.device
             report = resumed.report
@@ -563,128 +709,144 @@ def _walk(
                 if scheme is not None:
                     check_group_size(target.weight.shape[1], scheme.group_size, layer=target.name)
 
-            dense_out: list[torch.Tensor] | None = None
-            collector = InputCollector(plan.linears, keep_hessian, device) if need_stats else None
-            expert_collector = (
-                ExpertCollector(plan.experts, {t.name for t in plan.targets}, keep_hessian, device)
-                if need_stats and plan.experts
-                else None
-            )
-            # the dense outputs: the statistics' pass, the per-block output error, and --propagate dense
-            dense_out = []
-            with contextlib.ExitStack() as hooks:
-                if collector is not None:
-                    hooks.enter_context(collector.hooks())
-                if expert_collector is not None:
-                    hooks.enter_context(expert_collector.hooks())
-                for b, h in enumerate(hidden):
-                    if collector is not None:
-                        collector.new_batch()
-                    dense_out.append(_finite(run_block(block, h, calls[i][b], device), i).to(store))
-            stats_of: dict[str, InputStats] = {
-                **(collector.stats if collector is not None else {}),
-                **(expert_collector.stats if expert_collector is not None else {}),
-            }
-            factors = (
-                _SharedFactors([stats_of[t.name] for t in plan.targets if t.name in stats_of], **obs_solve)
-                if obs_solve is not None
-                else None
-            )
-
+            if dense_target and plan.experts:
+                raise PruneError(
+                    f"--target dense does not support fused MoE experts (block {i}: "
+                    f"{', '.join(plan.experts)}): the dense and the pruned model route tokens to different "
+                    "experts; use --target local"
+                )
             block_loss = 0.0
             block_layers: list[LayerReport] = []
             block_rounded = 0  # weights quantization rounded to 0 (counted apart from the pruning's zeros)
             missing: list[str] = []  # targets without calibration tokens
-            for target in plan.targets:
-                t_layer = time.perf_counter()
-                stats = stats_of.get(target.name)
-                weight = target.weight
-                qloss: float | None = None
-                layer_kwargs = solver_kwargs
-                if layer_sparsity is not None and nm is None and target.name in layer_sparsity:
-                    layer_kwargs = {**solver_kwargs, "sparsity": float(layer_sparsity[target.name])}
-                uncalibrated = (config.method != "magnitude" or scheme is not None) and (
-                    stats is None or stats.n == 0
+            # the dense outputs: the per-block output error and --propagate dense; with --target dense, the
+            # dense model's outputs of the block (the reference stream) take their place
+            dense_out: list[torch.Tensor] = []
+            reference_out: list[torch.Tensor] = []
+            stages = _block_statistics(
+                block,
+                plan,
+                hidden,
+                calls[i],
+                reference,
+                device=device,
+                store=store,
+                index=i,
+                stats=need_stats,
+                hessian=keep_hessian,
+                outputs=reference_out if dense_target else dense_out,
+            )
+            for stage_targets, stats_of in stages:
+                factors = (
+                    _SharedFactors(
+                        [stats_of[t.name] for t in stage_targets if t.name in stats_of], **obs_solve
+                    )
+                    if obs_solve is not None
+                    else None
                 )
-                if uncalibrated:
-                    missing.append(target.name)
-                    if config.uncalibrated == "dense":
-                        plan.dense.append(_dense(target.name, weight.numel(), DENSE_UNCALIBRATED))
-                        continue
-                    report.uncalibrated.append(target.name)
-                    result = (
-                        PruneResult(weight, weight == 0, None)
-                        if quant_only
-                        else prune_magnitude(weight, None, sparsity=layer_kwargs["sparsity"], pattern=nm)
+                retargets = (
+                    _DenseTargetMaps(
+                        [stats_of[t.name] for t in stage_targets if t.name in stats_of],
+                        damp=config.target_damp,
                     )
-                    zeros = int((result.weight == 0).sum())
-                    if scheme is not None:  # no Hessian: round to nearest (zeros stay zeros)
-                        rtn = quantize_rtn(result.weight, scheme)
-                        result = PruneResult(rtn.dequantize(weight.dtype), result.mask, None, rtn)
-                else:
-                    try:
-                        factor = None if factors is None or stats is None else factors.get(stats, weight)
-                        if scheme is None or quant is None:
-                            result = solver(weight, stats if factor is None else factor, **layer_kwargs)
-                            zeros = int((result.weight == 0).sum())
-                        else:
-                            result, zeros, qloss = _quant_solve(
-                                weight,
-                                stats,
-                                config,
-                                quant,
-                                scheme,
-                                quant_only=quant_only,
-                                solver=solver,
-                                solver_kwargs=layer_kwargs,
-                                factor=factor,
+                    if dense_target
+                    else None
+                )
+                for target in stage_targets:
+                    t_layer = time.perf_counter()
+                    stats = stats_of.get(target.name)
+                    weight = target.weight
+                    qloss: float | None = None
+                    layer_kwargs = solver_kwargs
+                    if layer_sparsity is not None and nm is None and target.name in layer_sparsity:
+                        layer_kwargs = {**solver_kwargs, "sparsity": float(layer_sparsity[target.name])}
+                    uncalibrated = (config.method != "magnitude" or scheme is not None) and (
+                        stats is None or stats.n == 0
+                    )
+                    if uncalibrated:
+                        missing.append(target.name)
+                        if config.uncalibrated == "dense":
+                            plan.dense.append(_dense(target.name, weight.numel(), DENSE_UNCALIBRATED))
+                            continue
+                        report.uncalibrated.append(target.name)
+                        result = (
+                            PruneResult(weight, weight == 0, None)
+                            if quant_only
+                            else prune_magnitude(weight, None, sparsity=layer_kwargs["sparsity"], pattern=nm)
+                        )
+                        zeros = int((result.weight == 0).sum())
+                        if scheme is not None:  # no Hessian: round to nearest (zeros stay zeros)
+                            rtn = quantize_rtn(result.weight, scheme)
+                            result = PruneResult(rtn.dequantize(weight.dtype), result.mask, None, rtn)
+                    else:
+                        try:
+                            source = weight  # what the solver reproduces: W, or W* for --target dense
+                            if retargets is not None and stats is not None:
+                                source = retargets.weight(
+                                    stats, weight
+                                )  # before the factor takes the Hessian
+                            factor = None if factors is None or stats is None else factors.get(stats, weight)
+                            if scheme is None or quant is None:
+                                result = solver(source, stats if factor is None else factor, **layer_kwargs)
+                                zeros = int((result.weight == 0).sum())
+                            else:
+                                result, zeros, qloss = _quant_solve(
+                                    source,
+                                    stats,
+                                    config,
+                                    quant,
+                                    scheme,
+                                    quant_only=quant_only,
+                                    solver=solver,
+                                    solver_kwargs=layer_kwargs,
+                                    factor=factor,
+                                )
+                            del factor
+                        except SolverError as exc:
+                            raise SolverError(f"layer {target.name}: {exc}") from exc
+                        if factors is not None and stats is not None:
+                            factors.done(stats)
+                    if not bool(torch.isfinite(result.weight).all()):
+                        raise PruneError(
+                            f"pruning {target.name} produced NaN/Inf weights (overflow in {weight.dtype}?): "
+                            "try --dtype float32 or more --damp; nothing was written"
+                        )
+                    target.write(result.weight)
+                    report.pruned_params += weight.numel()
+                    report.zero_params += zeros
+                    loss = None if result.loss is None else float(result.loss)
+                    if qrec is not None and scheme is not None and result.quant is not None:
+                        q = result.quant
+                        qweights[target.name] = QuantizedWeight(
+                            q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), q.scheme
+                        )
+                        rounded = int((result.weight == 0).sum()) - zeros
+                        block_rounded += rounded
+                        rows, cols = weight.shape
+                        qbits += packed_bits(rows, cols, scheme)
+                        qrec.quantized_params += weight.numel()
+                        qrec.rounded_to_zero += rounded
+                        qrec.dense_bytes += weight.numel() * weight.element_size()
+                        qrec.layers.append(
+                            QuantLayer(
+                                target.name,
+                                (rows, cols),
+                                qloss,
+                                time.perf_counter() - t_layer,
+                                rounded,
                             )
-                        del factor
-                    except SolverError as exc:
-                        raise SolverError(f"layer {target.name}: {exc}") from exc
-                    if factors is not None and stats is not None:
-                        factors.done(stats)
-                if not bool(torch.isfinite(result.weight).all()):
-                    raise PruneError(
-                        f"pruning {target.name} produced NaN/Inf weights (overflow in {weight.dtype}?): "
-                        "try --dtype float32 or more --damp; nothing was written"
-                    )
-                target.write(result.weight)
-                report.pruned_params += weight.numel()
-                report.zero_params += zeros
-                loss = None if result.loss is None else float(result.loss)
-                if qrec is not None and scheme is not None and result.quant is not None:
-                    q = result.quant
-                    qweights[target.name] = QuantizedWeight(
-                        q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), q.scheme
-                    )
-                    rounded = int((result.weight == 0).sum()) - zeros
-                    block_rounded += rounded
-                    rows, cols = weight.shape
-                    qbits += packed_bits(rows, cols, scheme)
-                    qrec.quantized_params += weight.numel()
-                    qrec.rounded_to_zero += rounded
-                    qrec.dense_bytes += weight.numel() * weight.element_size()
-                    qrec.layers.append(
-                        QuantLayer(
+                        )
+                    block_loss += loss or 0.0
+                    block_layers.append(
+                        LayerReport(
                             target.name,
-                            (rows, cols),
-                            qloss,
+                            (weight.shape[0], weight.shape[1]),
+                            zeros / weight.numel(),
+                            loss,
                             time.perf_counter() - t_layer,
-                            rounded,
                         )
                     )
-                block_loss += loss or 0.0
-                block_layers.append(
-                    LayerReport(
-                        target.name,
-                        (weight.shape[0], weight.shape[1]),
-                        zeros / weight.numel(),
-                        loss,
-                        time.perf_counter() - t_layer,
-                    )
-                )
-            del collector, expert_collector, stats_of, factors
+                del factors, retargets, stats_of
             if missing:
                 logger.warning(
                     "block %d: %d weight(s) received no calibration tokens (an expert no token was routed to, "
@@ -707,19 +869,21 @@ def _walk(
             if config.propagate == "pruned":
                 new_hidden = []
                 num = den = 0.0
+                compare = reference_out if dense_target else dense_out  # --target dense: the dense model's
                 for b, h in enumerate(hidden):
                     out = _finite(run_block(block, h, calls[i][b], device), i)
-                    if dense_out is not None:
-                        ref = dense_out[b].to(out.device)
+                    if compare:
+                        ref = compare[b].to(out.device)
                         num += float((ref.float() - out.float()).pow(2).sum())
                         den += float(ref.float().pow(2).sum())
                     new_hidden.append(out.to(store))
                 output_error = num / den if den > 0 else None
                 hidden = new_hidden
+                if reference is not None:
+                    reference = reference_out
             else:
-                assert dense_out is not None
                 hidden = dense_out
-            dense_out = None
+            del dense_out, reference_out
             if device.type != "cpu":
                 block.to("cpu")
             seconds = time.perf_counter() - t_block
@@ -745,6 +909,7 @@ def _walk(
                     quant=qrec,
                     qbits=qbits,
                     grids={n: g for n, g in qweights.items() if n in names},
+                    reference=reference,
                 )
         bar.close()
     except torch.OutOfMemoryError as exc:

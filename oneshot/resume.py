@@ -65,6 +65,7 @@ class Resumed:
     quant: QuantizationRecord | None
     qbits: int
     grids: dict[str, QuantizedWeight] = field(default_factory=dict)
+    reference: list[torch.Tensor] | None = None  # --target dense: the dense model's inputs of the block
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -140,7 +141,8 @@ class BlockCheckpoint:
         nxt = int(state["next_block"])
         tensors = _load_tensors(self.folder / state["hidden"])
         rng = tensors.pop(_RNG)
-        hidden = [tensors[str(b)] for b in range(len(tensors))]
+        hidden = [tensors[str(b)] for b in range(sum(k.isdigit() for k in tensors))]
+        reference = [tensors[f"ref.{b}"] for b in range(len(hidden))] if "ref.0" in tensors else None
         report = from_dict(PruneReport, state["report"])
         quant = None if state.get("quant") is None else from_dict(QuantizationRecord, state["quant"])
         grids: dict[str, QuantizedWeight] = {}
@@ -153,7 +155,7 @@ class BlockCheckpoint:
                 for name in {k.rsplit(".", 1)[0] for k in parts}:
                     codes, scales, zeros, g_idx = (parts[f"{name}.{p}"] for p in _GRID_PARTS)
                     grids[name] = QuantizedWeight(codes, scales, zeros, g_idx, scheme)
-        return Resumed(nxt, hidden, rng, report, quant, int(state.get("qbits", 0)), grids)
+        return Resumed(nxt, hidden, rng, report, quant, int(state.get("qbits", 0)), grids, reference)
 
     def restore_block(self, index: int, block: nn.Module) -> None:
         """Load the saved tensors of block ``index`` into ``block`` (in place, bit for bit)."""
@@ -177,8 +179,10 @@ class BlockCheckpoint:
         quant: QuantizationRecord | None = None,
         qbits: int = 0,
         grids: dict[str, QuantizedWeight] | None = None,
+        reference: list[torch.Tensor] | None = None,
     ) -> None:
-        """Persist block ``index`` (pruned) and what block ``index + 1`` needs; state.json is replaced last."""
+        """Persist block ``index`` (pruned) and what block ``index + 1`` needs; state.json is replaced last.
+        ``reference``: the dense model's inputs of the next block (``--target dense``)."""
         self.folder.mkdir(exist_ok=True)
         _save_tensors(self.folder / f"block-{index:05d}.safetensors", block.state_dict())
         if grids:
@@ -187,7 +191,11 @@ class BlockCheckpoint:
         hidden_name = f"hidden-{index + 1:05d}.safetensors"
         _save_tensors(
             self.folder / hidden_name,
-            {**{str(b): h for b, h in enumerate(hidden)}, _RNG: torch.get_rng_state()},
+            {
+                **{str(b): h for b, h in enumerate(hidden)},
+                **{f"ref.{b}": r for b, r in enumerate(reference or [])},
+                _RNG: torch.get_rng_state(),
+            },
         )
         previous = self.state()
         state = {

@@ -5,7 +5,7 @@ targets, the same input hooks and solvers) but never change the model: every blo
 DENSE outputs of the block before, so each matrix is measured in the dense model's context.
 
 `scan_sensitivity` costs, per block: one forward with the input hooks (the Hessian of every input, once),
-then per requested sparsity one solve per matrix reusing that Hessian (SparseGPT: the same Hessian tensor;
+then per requested sparsity one solve per matrix reusing that Hessian (SparseGPT: its one factorisation;
 Wanda / magnitude: the same statistics), and one forward of the block on the first ``error_windows``
 calibration windows per sparsity for the block's output error. A SparseGPT run costs one forward with the
 hooks, one solve per matrix and a second full forward (the pruned outputs); with three sparsities and the
@@ -31,6 +31,7 @@ from oneshot.moe import ExpertCollector
 from oneshot.pruner import BlockPlan, PruneError, _check_finite, _finite, _store_device, plan_block
 from oneshot.runfolder import SensitivityBlock, SensitivityLayer, SensitivityRecord
 from oneshot.solvers import SolverError, get_solver
+from oneshot.solvers.sparsegpt import ObsFactor, factorize
 from oneshot.stats import InputStats
 from oneshot.walker import (
     BlockCall,
@@ -248,7 +249,8 @@ def scan_sensitivity(
     ) as walk:
         for blk in walk:
             t_block = time.perf_counter()
-            hessians: dict[int, torch.Tensor] = {}  # one per distinct input (q/k/v share theirs)
+            # SparseGPT: one factorisation per distinct input (q/k/v share theirs) for every matrix and sparsity
+            factors: dict[int, ObsFactor] = {}
             originals = {t.name: t.weight.clone() for t in blk.plan.targets}
             layers = {
                 t.name: SensitivityLayer(t.name, blk.index, (t.weight.shape[0], t.weight.shape[1]))
@@ -262,14 +264,23 @@ def scan_sensitivity(
                         if st is None or st.n == 0:
                             layers[target.name].losses.append(None)
                             continue
-                        source: InputStats | torch.Tensor = st
-                        if config.method == "sparsegpt":
-                            if id(st) not in hessians:
-                                h = st.hessian
-                                assert h is not None
-                                hessians[id(st)] = h
-                            source = hessians[id(st)]
                         try:
+                            source: InputStats | ObsFactor = st
+                            if config.method == "sparsegpt":
+                                if id(st) not in factors:
+                                    h = st.hessian
+                                    assert h is not None
+                                    weight = originals[target.name]
+                                    dtype = (
+                                        torch.float64
+                                        if torch.float64 in (weight.dtype, h.dtype)
+                                        else torch.float32
+                                    )
+                                    factors[id(st)] = factorize(
+                                        h, damp=config.damp, dtype=dtype, device=weight.device
+                                    )
+                                    del h
+                                source = factors[id(st)]
                             result = solver(originals[target.name], source, sparsity=s, **kwargs)
                         except SolverError as exc:
                             raise SolverError(f"layer {target.name}: {exc}") from exc

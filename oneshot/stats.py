@@ -5,7 +5,9 @@ For inputs ``X`` of shape (n_tokens, cols) the solvers need
 * the Hessian of the layer-wise reconstruction loss, ``H = X^T X / n`` (cols, cols) -- SparseGPT, and the
   exact loss ``trace(dW H dW^T) = ||dW X^T||_F^2 / n`` of any pruned weight;
 * the squared input-feature norms ``sum_t x_tj^2 / n`` (cols,) -- Wanda (``||X_j||_2`` up to the constant
-  factor ``sqrt(n)``, which does not change any ranking).
+  factor ``sqrt(n)``, which does not change any ranking);
+* with ``cross``, ``X^T X_ref / n`` (cols, cols), where ``X_ref`` are the same tokens' inputs to the same layer
+  in a reference forward (the dense model's, for ``--target dense``: `oneshot.solvers.target`).
 
 Accumulation: raw sums (``X^T X`` or ``sum_t x_tj^2``) are kept in ``dtype`` and divided by the token count
 only when read. One matmul per ``add``; no rescaling of the running state, so summing the same tokens in any
@@ -30,6 +32,7 @@ class InputStats:
             only the (cols,) squared column norms are kept (enough for Wanda).
         device: where the sums live (normally the compute device of the block).
         dtype: accumulation dtype (fp32 by default; float64 in tests).
+        cross: also keep ``X^T X_ref``; every `add` then takes the reference inputs of the same tokens.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class InputStats:
         hessian: bool,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        cross: bool = False,
     ) -> None:
         if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
             raise ValueError(f"cols must be a positive integer, got {cols!r}")
@@ -52,24 +56,47 @@ class InputStats:
         # Raw sums: (cols, cols) sum_t x_t^T x_t with the Hessian, else (cols,) sum_t x_t^2.
         shape = (cols, cols) if self._full else (cols,)
         self._sum: Tensor | None = torch.zeros(shape, device=self.device, dtype=dtype)
+        # sum_t x_t^T x_ref_t, (cols, cols): the cross-statistics of --target dense
+        self._cross: Tensor | None = (
+            torch.zeros((cols, cols), device=self.device, dtype=dtype) if cross else None
+        )
+        self._has_cross = bool(cross)
 
     @property
     def has_hessian(self) -> bool:
         """Whether the full ``X^T X`` is kept."""
         return self._full
 
-    def add(self, x: Tensor) -> None:
-        """Add a batch of inputs ``x`` of shape (..., cols); any float dtype, cast to ``self.dtype``.
+    @property
+    def has_cross(self) -> bool:
+        """Whether ``X^T X_ref`` is kept (built with ``cross=True``)."""
+        return self._has_cross
 
-        Raises ValueError on a wrong last dimension or on non-finite activations (the running sums are left
-        untouched in that case).
+    def add(self, x: Tensor, reference: Tensor | None = None) -> None:
+        """Add a batch of inputs ``x`` of shape (..., cols); any float dtype, cast to ``self.dtype``.
+        ``reference``: with ``cross``, the same tokens' inputs in the reference forward (the same shape).
+
+        Raises ValueError on a wrong last dimension, a missing or misshapen reference, or non-finite
+        activations (the running sums are left untouched in those cases).
         """
         if x.dim() == 0 or x.shape[-1] != self.cols:
             raise ValueError(f"expected inputs of shape (..., {self.cols}), got {tuple(x.shape)}")
+        if self._has_cross and (reference is None or reference.shape != x.shape):
+            got = None if reference is None else tuple(reference.shape)
+            raise ValueError(f"cross statistics need reference inputs of shape {tuple(x.shape)}, got {got}")
         x = x.detach().reshape(-1, self.cols).to(device=self.device, dtype=self.dtype)  # (tokens, cols)
         tokens = x.shape[0]
         if tokens == 0:
             return
+        cross = None
+        if self._has_cross:
+            assert reference is not None
+            ref = reference.detach().reshape(-1, self.cols).to(device=self.device, dtype=self.dtype)
+            cross = x.T @ ref  # (cols, cols)
+            if not bool(torch.isfinite(cross).all()):
+                raise ValueError(
+                    f"InputStats.add: non-finite reference activations in a layer with {self.cols} inputs"
+                )
         # Every non-finite x_tj makes the diagonal entry sum_t x_tj^2 non-finite, and so does an overflow;
         # checking the (small) product instead of x also catches the latter.
         part = x.T @ x if self._full else x.square().sum(dim=0)  # (cols, cols) or (cols,)
@@ -80,6 +107,10 @@ class InputStats:
                 "check the model dtype (try float32) and the calibration data"
             )
         self._live_sum().add_(part)
+        if cross is not None:
+            if self._cross is None:
+                raise ValueError("InputStats: the cross-statistics were taken (take_cross)")
+            self._cross.add_(cross)
         self.n += tokens
 
     def _live_sum(self) -> Tensor:
@@ -87,11 +118,14 @@ class InputStats:
             raise ValueError("InputStats: the Hessian was taken (take_hessian); these statistics are spent")
         return self._sum
 
+    def _check_seen(self) -> None:
+        if self.n == 0:
+            raise ValueError("InputStats has seen no tokens; call add() with calibration inputs first")
+
     def _require_tokens(self) -> Tensor:
         """The running sum; ValueError when no tokens were seen or the Hessian was taken."""
         total = self._live_sum()
-        if self.n == 0:
-            raise ValueError("InputStats has seen no tokens; call add() with calibration inputs first")
+        self._check_seen()
         return total
 
     @property
@@ -113,6 +147,25 @@ class InputStats:
         return hessian
 
     @property
+    def cross(self) -> Tensor | None:
+        """``X^T X_ref / n``, shape (cols, cols), or None without ``cross``. A new tensor."""
+        if not self._has_cross:
+            return None
+        if self._cross is None:
+            raise ValueError("InputStats: the cross-statistics were taken (take_cross)")
+        self._check_seen()
+        return self._cross / self.n
+
+    def take_cross(self) -> Tensor:
+        """``X^T X_ref / n`` computed in place in its running sum, which is given up (as `take_hessian`)."""
+        if self._cross is None:
+            raise ValueError("InputStats.take_cross: no cross-statistics (built without cross, or taken)")
+        self._check_seen()
+        cross = self._cross.div_(self.n)
+        self._cross = None
+        return cross
+
+    @property
     def sq_norms(self) -> Tensor:
         """``sum_t x_tj^2 / n``, shape (cols,) (equals ``diag(hessian)`` when the Hessian is kept)."""
         total = self._require_tokens()
@@ -120,7 +173,7 @@ class InputStats:
 
     def __repr__(self) -> str:
         return (
-            f"InputStats(cols={self.cols}, hessian={self.has_hessian}, n={self.n}, "
+            f"InputStats(cols={self.cols}, hessian={self.has_hessian}, cross={self.has_cross}, n={self.n}, "
             f"device={self.device}, dtype={self.dtype})"
         )
 

@@ -7,6 +7,8 @@
 - `run_block`: replays a block on stored hidden states.
 - `InputCollector`: forward pre-hooks that feed `InputStats`; layers reading the same input tensor (q/k/v,
   gate/up) share one set of statistics. Hooks are removed in ``finally``.
+- `record_inputs`: the input of every layer in one forward (the dense model's, paired with the pruned
+  model's by `InputCollector(cross=True)` for ``--target dense``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "get_weight",
     "matches_ignore",
     "move_non_block_modules",
+    "record_inputs",
     "run_block",
     "set_weight",
 ]
@@ -238,18 +241,25 @@ class InputCollector:
     """Accumulates `InputStats` of the inputs of several layers with forward pre-hooks.
 
     Layers that receive the very same input tensor (q/k/v projections, gate/up) share one `InputStats`,
-    so each distinct input is reduced once.
+    so each distinct input is reduced once. With ``cross``, each batch pairs every layer's input with its
+    input in a reference forward of the same tokens (``new_batch(reference=...)``, from `record_inputs`).
     """
 
     layers: dict[str, nn.Module]
     hessian: bool
     device: torch.device
+    cross: bool = False
     stats: dict[str, InputStats] = field(default_factory=dict)  # layer -> its (possibly shared) stats
     owner: dict[str, str] = field(default_factory=dict)  # layer -> layer whose stats it shares
     _seen: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    _reference: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def new_batch(self) -> None:
+    def new_batch(self, reference: dict[str, torch.Tensor] | None = None) -> None:
+        """Start a batch; ``reference``: layer -> its input in the reference forward of this batch."""
         self._seen.clear()
+        if self.cross and reference is None:
+            raise ValueError("InputCollector(cross=True): every batch needs the reference inputs")
+        self._reference = dict(reference or {})
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -259,13 +269,18 @@ class InputCollector:
                 src = next((n for t, n in self._seen if t is x), None)
                 if src is None:
                     self.owner[name] = name
-                    self.stats[name] = InputStats(x.shape[-1], hessian=self.hessian, device=self.device)
+                    self.stats[name] = InputStats(
+                        x.shape[-1], hessian=self.hessian, device=self.device, cross=self.cross
+                    )
                 else:
                     self.owner[name] = self.owner[src]
                     self.stats[name] = self.stats[self.owner[src]]
                 self._seen.append((x, name))
             if self.owner[name] == name:
-                self.stats[name].add(x)
+                if self.cross:
+                    self.stats[name].add(x, self._reference[name])
+                else:
+                    self.stats[name].add(x)
 
         return hook
 
@@ -278,3 +293,25 @@ class InputCollector:
             for h in handles:
                 h.remove()
             self._seen.clear()
+            self._reference = {}
+
+
+@contextlib.contextmanager
+def record_inputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward pre-hooks that keep the input of every layer of ``layers`` by name, the last call's (run it
+    under ``torch.no_grad``); layers reading one tensor keep that same tensor object, so ``is`` tells which
+    layers share an input. Hooks are removed on exit."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def keep(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[name] = args[0]  # the tensor itself: layers reading one input keep the same object
+
+        return keep
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in layers.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

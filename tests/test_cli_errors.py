@@ -493,6 +493,18 @@ CASES: dict[str, Case] = {
     "pattern-invalid": Case("--pattern 4:2 --out out", 2, ("N:M needs 0 < N < M",)),
     "sparsity-contradicts-pattern": Case("--pattern 2:4 --sparsity 0.3 --out out", 2, ("contradicts",)),
     "method-unknown": Case("--method obs --out out", 2, ("unknown method 'obs'",)),
+    "target-dense-with-magnitude": Case(
+        "--method magnitude --target dense --out out", 2, ("--target dense needs calibration statistics",)
+    ),
+    "target-dense-with-propagate-dense": Case(
+        "--target dense --propagate dense --out out", 2, ("the dense target is the local one",)
+    ),
+    "target-dense-with-moe-experts": Case(
+        "--model moe --target dense --out out",
+        2,
+        ("--target dense does not support fused MoE experts",),
+        lambda ws: _tiny_mixtral(ws / "moe"),
+    ),
     "nsamples-zero": Case("--nsamples 0 --out out", 2, ("nsamples must be a positive integer",)),
     "seqlen-zero": Case("--seqlen 0 --out out", 2, ("seqlen must be a positive integer",)),
     "model-missing": Case("--model ./nothere --out out", 2, ("does not exist",)),

@@ -114,6 +114,8 @@ def _leftovers(tmp_path: Path) -> list[Path]:
     [
         (["--method", "sparsegpt"], 1),
         (["--method", "wanda", "--pattern", "2:4"], 2),
+        (["--method", "sparsegpt", "--target", "dense"], 1),
+        (["--method", "wanda", "--target", "dense"], 2),
         (["--method", "sparsegpt", "--pattern", "2:4", "--quantize", "w4a16", "--group-size", "32"], 0),
     ],
 )
@@ -130,6 +132,8 @@ def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_run(
     ref = tmp_path / "reference"
     code, _, err = _run(_args(model_dir, calib_txt, data_dir, ref, *options), capsys)
     assert code == 0, err
+    if "--target" in options:  # the card names the layer objective
+        assert "`--target dense`" in (ref / "README.md").read_text()
 
     out = tmp_path / "pruned"
     with monkeypatch.context() as m:

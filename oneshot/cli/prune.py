@@ -14,6 +14,7 @@ from oneshot.config import (
     METHODS,
     PROPAGATE,
     QUANT_SCHEMES,
+    TARGETS,
     UNCALIBRATED,
     AllocationConfig,
     ConfigError,
@@ -81,6 +82,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         choices=UNCALIBRATED,
         help="weights that receive no calibration tokens (an MoE expert no token was routed to, a Linear "
         "that never runs): prune them by magnitude with a warning, or keep them dense (reported either way)",
+    )
+    p.add_argument(
+        "--target",
+        default="local",
+        choices=TARGETS,
+        help="what each layer is solved to reproduce from the pruned model's inputs: its own dense output "
+        "(local, the published SparseGPT/Wanda) or the DENSE model's output (dense: also corrects the error "
+        "the pruned blocks before it left; runs the dense model beside the pruned one and keeps an "
+        "(in x in) cross-statistic per input; sparsegpt and wanda)",
+    )
+    p.add_argument(
+        "--target-damp",
+        type=float,
+        default=0.1,
+        help="--target dense: ridge of the least-squares target toward the dense weight, relative to "
+        "mean(diag H) (SparseGPT's own solve keeps --damp)",
     )
     p.add_argument(
         "--resume",
@@ -274,6 +291,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]
         propagate=args.propagate,
         layer_loss=args.layer_loss,
         uncalibrated=args.uncalibrated,
+        target=args.target,
+        target_damp=args.target_damp,
     )
     return config, run_config_from_args(args, args.export)
 
