@@ -103,6 +103,38 @@ def test_compressed_tensors_round_trip(quant: list[str], ws: Path, calib_txt: Pa
         assert "decompress" in check.loader
 
 
+def test_compressed_tensors_export_in_shards(ws: Path, calib_txt: Path, data_dir: Path) -> None:
+    """--max-shard-size splits the weights into shards with an index that transformers loads; the read-back
+    check passes on the sharded folder; a size that is not one is a clear error."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    _run([*PRUNE_Q, "--group-size", "32", "--out", "run", *SMALL], calib_txt, data_dir)
+    args = ["export", "run", "--format", "compressed-tensors", "-q"]
+    assert main([*args, "--out", "ct", "--max-shard-size", "40000"]) == 0
+    index = json.loads((ws / "ct" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (ws / "ct" / "model.safetensors").exists()
+    for name in shards:  # at most the limit (+ its header), or one tensor larger than it (the embeddings)
+        held = [k for k, v in index["weight_map"].items() if v == name]
+        assert (ws / "ct" / name).stat().st_size <= 40000 + 200 * len(held) or len(held) == 1, (name, held)
+    assert "model.layers.1.mlp.down_proj.weight_packed" in index["weight_map"]
+    manifest = ExportManifest.load(ws / "ct")
+    assert manifest.check is not None and manifest.check.passed
+    assert set(shards) | {"model.safetensors.index.json"} <= set(manifest.files)
+    ids = torch.arange(3, 43).unsqueeze(0)
+    expected = _logits(AutoModelForCausalLM.from_pretrained(ws / "run").eval(), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(ws / "ct", dtype=torch.float32).eval(), ids)
+    assert float((got - expected).abs().max()) <= 1e-5
+    assert main([*args, "--out", "ct1"]) == 0  # the default: one file
+    assert (ws / "ct1" / "model.safetensors").is_file() and not (
+        ws / "ct1" / "model.safetensors.index.json"
+    ).exists()
+    with pytest.raises(ExportError, match="--max-shard-size"):
+        run_export(ws / "run", "compressed-tensors", ws / "ct2", max_shard_size="lots")
+    assert not (ws / "ct2").exists()
+
+
 def test_export_folder_rules_and_errors(ws: Path, calib_txt: Path, data_dir: Path) -> None:
     pytest.importorskip("compressed_tensors")
     _run(["prune", "--model", "model", "--method", "wanda", "--out", "plain", *SMALL], calib_txt, data_dir)

@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "reader and compare its logits with the run's model. compressed-tensors: the quantized matrices "
         "packed (pack-quantized, W4A16 / W8A16, lm_head and unquantized layers ignored), config.json with "
         "quantization_config and no sparsity_config. gguf: one .gguf file (f32, f16 or q8_0) with llama.cpp's "
-        "tensor names, metadata and the tokenizer (Llama / SmolLM2, Qwen2, Gemma 3).",
+        "tensor names, metadata and the tokenizer (Llama / SmolLM2, Qwen2).",
         epilog=EXPORT_EXAMPLES,
         formatter_class=HelpFormatter,
     )
@@ -40,6 +40,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="GGUF tensor type of the weight matrices (default f16; norms stay f32)",
     )
     p.add_argument("--out", required=True, help="export folder (taken like a run folder)")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="compressed-tensors: weights in shards of at most this size (bytes or e.g. 500MB, 5GB) with a "
+        "model.safetensors.index.json, as transformers writes them",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out when it is an earlier export (nothing else)"
     )
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         overwrite=args.overwrite,
         check=not args.no_check,
         argv=["oneshot", *argv],
+        max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size,
     )
     m = result.manifest
     rows = [("format", m.format + (f" ({m.gguf_type}, {m.architecture})" if m.gguf_type else ""))]

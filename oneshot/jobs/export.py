@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0")
+DEFAULT_SHARD_SIZE = "5GB"  # compressed-tensors: the largest weight file (transformers' default)
 CT_TOLERANCE = 1e-4  # max |logit difference| of the compressed-tensors read-back (measured: see README)
 GGUF_F32_TOLERANCE = 1e-5
 CHECK_TEXT = (
@@ -107,7 +108,7 @@ def _export_rule(folder: Path) -> str | None:
 
 
 def _checkpoint(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the run's checkpoint (sharded or not)."""
+    """Every tensor of a checkpoint folder (a run's or a compressed-tensors export's; sharded or not)."""
     from safetensors.torch import load_file
 
     index = run_dir / INDEX_FILE
@@ -167,9 +168,33 @@ def _linear_names(run_dir: Path) -> list[str]:
     return [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _write_compressed_tensors(run_dir: Path, record: RunRecord, tmp: Path) -> None:
+def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> list[str]:
+    """``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_size``
+    bytes each (a larger single tensor gets a shard of its own) with ``model.safetensors.index.json``, the
+    layout transformers loads; the shard split is huggingface_hub's. Returns the file names written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    try:
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    except ValueError as exc:
+        raise ExportError(f"--max-shard-size {max_shard_size!r}: {exc}") from None
+    names = []
+    for filename, keys in split.filename_to_tensors.items():
+        save_file(
+            {k: tensors[k].contiguous() for k in keys}, str(folder / filename), metadata={"format": "pt"}
+        )
+        names.append(filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        names.append(INDEX_FILE)
+    return names
+
+
+def _write_compressed_tensors(
+    run_dir: Path, record: RunRecord, tmp: Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE
+) -> None:
     from oneshot.exporters.compressed_tensors import quantization_config, tensors_of
 
     q = record.quantized
@@ -189,7 +214,7 @@ def _write_compressed_tensors(run_dir: Path, record: RunRecord, tmp: Path) -> No
         out[key] = tensor
     for name, codes in grids.items():
         out.update(tensors_of(name, codes, scale_dtype))
-    save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _save_shards(out, tmp, max_shard_size)
     config = json.loads((run_dir / "config.json").read_text())
     config.pop("sparsity_config", None)
     lm_head = [n for n in linears if n not in grids and n.split(".")[-1] == "lm_head"]
@@ -279,14 +304,13 @@ def _ct_decompressed(folder: Path, run_dir: Path) -> Any:
     ``PackedQuantizationCompressor.decompress`` makes of the export's tensors."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from safetensors.torch import load_file
 
     from oneshot.models import load_model
 
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
     scheme = QuantizationScheme(targets=group["targets"], weights=QuantizationArgs(**group["weights"]))
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = _checkpoint(folder)
     model = load_model(str(run_dir), dtype="float32").model
     suffix = ".weight_packed"
     for key in [k for k in tensors if k.endswith(suffix)]:
@@ -336,8 +360,10 @@ def run_export(
     overwrite: bool = False,
     check: bool = True,
     argv: list[str] | None = None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> ExportResult:
-    """Export the run folder ``run_dir`` as ``fmt`` into the folder ``out`` (see the module docstring)."""
+    """Export the run folder ``run_dir`` as ``fmt`` into the folder ``out`` (see the module docstring).
+    ``max_shard_size``: compressed-tensors weights in shards of at most this size (bytes, or "500MB", "5GB")."""
     run_dir = Path(run_dir).expanduser()
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -394,7 +420,7 @@ def run_export(
         )
         if fmt == "compressed-tensors":
             logger.info("packing %d quantized matrices (%s)", len(q.layers) if q else 0, manifest.scheme)
-            _write_compressed_tensors(run_dir, record, tmp)
+            _write_compressed_tensors(run_dir, record, tmp, max_shard_size)
             load, loader = _ct_loader(tmp, run_dir)
             tolerance: float | None = CT_TOLERANCE
         else:
