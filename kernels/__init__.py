@@ -41,16 +41,23 @@ if __name__ == "kernels":
     # to be imported as `oneshot.kernels`. Without an installed `kernels` the name stays an empty module.
     from importlib.machinery import PathFinder as _PathFinder
     from importlib.util import module_from_spec as _module_from_spec
-    from os import getcwd as _getcwd
     from os.path import dirname as _dirname
     from os.path import realpath as _realpath
 
-    _root = _dirname(_dirname(_realpath(__file__)))
-    _spec = _PathFinder.find_spec("kernels", [p for p in _sys.path if _realpath(p or _getcwd()) != _root])
-    if _spec is not None and _spec.loader is not None:
+    _ours = _dirname(_realpath(__file__))  # this folder, also reached through the oneshot/kernels link
+    for _entry in list(_sys.path):
+        _spec = _PathFinder.find_spec("kernels", [_entry])
+        _where = (
+            None
+            if _spec is None
+            else (_spec.origin or next(iter(_spec.submodule_search_locations or []), None))
+        )
+        if _spec is None or _spec.loader is None or _where is None or _dirname(_realpath(_where)) == _ours:
+            continue
         _installed = _module_from_spec(_spec)
         _sys.modules["kernels"] = _installed
         _spec.loader.exec_module(_installed)
+        break
 else:
     from ._common import KernelConfig, candidate_configs, default_config, interpreting, triton_available
     from .bitmask_gemv import bitmask_gemv, bitmask_gemv_reference

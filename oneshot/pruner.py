@@ -337,10 +337,17 @@ def _block_statistics(
     ref_inputs: list[dict[str, torch.Tensor]] = []
     order: list[list[str]] = []  # stages: names in the order the forward reaches them, grouped by input
     for b, r in enumerate(reference):
-        with record_inputs(plan.linears) as seen:
-            outputs.append(_finite(run_block(block, r, calls[b], device), index).to(store))
+        try:
+            with record_inputs(plan.linears) as seen:
+                outputs.append(_finite(run_block(block, r, calls[b], device), index).to(store))
+        except ValueError as exc:
+            raise PruneError(f"--target dense cannot pair the inputs of block {index}: {exc}") from None
         moved: dict[int, torch.Tensor] = {}
-        ref_inputs.append({n: moved.setdefault(id(t), t.to(store)) for n, t in seen.items()})
+        for t in seen.values():
+            if id(t) not in moved:
+                moved[id(t)] = t.to(store)
+        ref_inputs.append({n: moved[id(t)] for n, t in seen.items()})
+        del moved
         if b == 0:
             last: torch.Tensor | None = None
             for name, t in seen.items():
@@ -367,6 +374,9 @@ def _block_statistics(
                 finally:
                     for handle in handles:
                         handle.remove()
+        for kept in ref_inputs:  # this stage's dense inputs are spent
+            for n in names:
+                kept.pop(n, None)
         yield [by_name[n] for n in names if n in by_name], collector.stats
         del collector
     # layers the dense forward never reached have no statistics (reported as uncalibrated)
@@ -639,6 +649,14 @@ def _walk(
     what = f"gptq {quant.label}" if quant_only and quant is not None else f"{config.method} {config.pattern}"
 
     blocks_name, blocks = find_blocks(model)
+    if dense_target:
+        moe = [j for j, blk in enumerate(blocks) if find_routers(blk, "b") or find_experts(blk, "b")]
+        if moe:
+            raise PruneError(
+                f"--target dense does not support mixture-of-experts blocks ({len(moe)} here, from block "
+                f"{moe[0]}): the dense and the pruned model route tokens to different experts, so their inputs "
+                "cannot be paired; use --target local"
+            )
     report = PruneReport(device=str(device))
     model_config: Any = model.config
     hidden_size = int(getattr(model_config.get_text_config(), "hidden_size", 0) or 0)
@@ -646,7 +664,9 @@ def _walk(
     reserved = (
         device_reserve(model, calibration, config, hessians=keep_hessian) if device.type == "cuda" else 0
     )
-    store = _store_device(device, act_bytes, reserved=reserved)
+    # --target dense also holds the dense stream, its outputs and one block's dense layer inputs (about 3x
+    # the activations of the local walk, whose budget counts 3 copies)
+    store = _store_device(device, act_bytes * (3 if dense_target else 1), reserved=reserved)
 
     prev_cache = getattr(model_config, "use_cache", None)
     was_training = model.training
@@ -709,12 +729,6 @@ def _walk(
                 if scheme is not None:
                     check_group_size(target.weight.shape[1], scheme.group_size, layer=target.name)
 
-            if dense_target and plan.experts:
-                raise PruneError(
-                    f"--target dense does not support fused MoE experts (block {i}: "
-                    f"{', '.join(plan.experts)}): the dense and the pruned model route tokens to different "
-                    "experts; use --target local"
-                )
             block_loss = 0.0
             block_layers: list[LayerReport] = []
             block_rounded = 0  # weights quantization rounded to 0 (counted apart from the pruning's zeros)

@@ -88,15 +88,7 @@ class InputStats:
         tokens = x.shape[0]
         if tokens == 0:
             return
-        cross = None
-        if self._has_cross:
-            assert reference is not None
-            ref = reference.detach().reshape(-1, self.cols).to(device=self.device, dtype=self.dtype)
-            cross = x.T @ ref  # (cols, cols)
-            if not bool(torch.isfinite(cross).all()):
-                raise ValueError(
-                    f"InputStats.add: non-finite reference activations in a layer with {self.cols} inputs"
-                )
+
         # Every non-finite x_tj makes the diagonal entry sum_t x_tj^2 non-finite, and so does an overflow;
         # checking the (small) product instead of x also catches the latter.
         part = x.T @ x if self._full else x.square().sum(dim=0)  # (cols, cols) or (cols,)
@@ -106,6 +98,15 @@ class InputStats:
                 f"{self.dtype}) in the calibration inputs of a layer with {self.cols} input features; "
                 "check the model dtype (try float32) and the calibration data"
             )
+        cross = None
+        if self._has_cross:
+            assert reference is not None
+            ref = reference.detach().reshape(-1, self.cols).to(device=self.device, dtype=self.dtype)
+            cross = x.T @ ref  # (cols, cols)
+            if not bool(torch.isfinite(cross).all()):
+                raise ValueError(
+                    f"InputStats.add: non-finite reference activations in a layer with {self.cols} inputs"
+                )
         self._live_sum().add_(part)
         if cross is not None:
             if self._cross is None:

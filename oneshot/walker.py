@@ -298,13 +298,16 @@ class InputCollector:
 
 @contextlib.contextmanager
 def record_inputs(layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward pre-hooks that keep the input of every layer of ``layers`` by name, the last call's (run it
+    """Forward pre-hooks that keep the input of every layer of ``layers`` by name, for one forward (run it
     under ``torch.no_grad``); layers reading one tensor keep that same tensor object, so ``is`` tells which
-    layers share an input. Hooks are removed on exit."""
+    layers share an input. The tensors are the model's own, not copies. A layer called twice in the forward
+    raises ValueError (its inputs could not be paired). Hooks are removed on exit."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Any:
         def keep(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in seen:
+                raise ValueError(f"{name} runs more than once in one forward of its block")
             seen[name] = args[0]  # the tensor itself: layers reading one input keep the same object
 
         return keep

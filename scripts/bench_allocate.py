@@ -131,7 +131,18 @@ def main() -> int:
     grid = [(t, a, o) for t in targets for a in allocations for o in objectives]
     if args.variants:
         grid = [tuple(v.split("/")) for v in args.variants.split(",")]  # type: ignore[misc]
-        bad = [v for v in grid if len(v) != 3 or v[1] not in ALLOCATIONS or v[2] not in OBJECTIVES]
+
+        def _target_ok(t: str) -> bool:
+            try:
+                return t == "2:4" or 0.0 < float(t) < 1.0
+            except ValueError:
+                return False
+
+        bad = [
+            v
+            for v in grid
+            if len(v) != 3 or not _target_ok(v[0]) or v[1] not in ALLOCATIONS or v[2] not in OBJECTIVES
+        ]
         if bad:
             parser.error(
                 f"--variants: TARGET/ALLOCATION/OBJECTIVE with {ALLOCATIONS} and {OBJECTIVES}: {bad}"

@@ -502,7 +502,7 @@ CASES: dict[str, Case] = {
     "target-dense-with-moe-experts": Case(
         "--model moe --target dense --out out",
         2,
-        ("--target dense does not support fused MoE experts",),
+        ("--target dense does not support mixture-of-experts blocks",),
         lambda ws: _tiny_mixtral(ws / "moe"),
     ),
     "nsamples-zero": Case("--nsamples 0 --out out", 2, ("nsamples must be a positive integer",)),

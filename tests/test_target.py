@@ -155,3 +155,47 @@ def test_dense_target_prunes_a_block_in_stages_of_layers_reading_one_input() -> 
             t.write(torch.zeros_like(t.weight))
     assert seen == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
     assert len(outputs) == 2  # the dense model's outputs of the block, per batch
+
+
+def test_dense_target_composes_with_quantization_and_leaves_no_hooks() -> None:
+    """`prune_and_quantize` with the dense target: pruned weights stay 0 and on the grid path, the model is
+    closer to the dense one than with the local target, and no hook is left on any module."""
+    from oneshot.config import QuantConfig
+    from oneshot.pruner import prune_and_quantize
+
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(2, 300, (16, 48), generator=g)
+    with torch.no_grad():
+        dense_logits = _model()(calib).logits
+    errors = {}
+    for target in ("local", "dense"):
+        model = _model()
+        cfg = PruneConfig(method="sparsegpt", pattern="2:4", target=target)
+        report, q = prune_and_quantize(
+            model, calib, cfg, QuantConfig(scheme="w8a16"), device="cpu", batch_size=4, progress=False
+        )
+        assert abs(report.zero_params / report.pruned_params - 0.5) < 1e-9 and q.weights
+        for mod in model.modules():
+            assert not mod._forward_pre_hooks and not mod._forward_hooks
+        with torch.no_grad():
+            errors[target] = float((model(calib).logits - dense_logits).pow(2).mean())
+    assert errors["dense"] < 0.8 * errors["local"], errors
+
+
+def test_a_layer_called_twice_cannot_be_paired() -> None:
+    from oneshot.walker import record_inputs
+
+    lin = torch.nn.Linear(4, 4)
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x))
+
+    with torch.no_grad(), pytest.raises(ValueError, match="more than once"):
+        with record_inputs({"lin": lin}):
+            Twice()(torch.ones(2, 4))
+    assert not lin._forward_pre_hooks

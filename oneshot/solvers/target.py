@@ -33,7 +33,8 @@ def dense_target_map(hessian: Tensor, cross: Tensor, *, damp: float = 0.01) -> T
     """``T = (C - H)^T (H + lam I)^-1`` (cols, cols) with ``lam = damp * mean(diag H)`` over the live inputs.
 
     ``hessian``: ``X^T X / n``; ``cross``: ``X^T X_d / n`` (`InputStats.cross`). Inputs that were always 0
-    in the pruned model (a zero diagonal) carry no signal: their rows of ``T`` are 0. Computed in float64
+    in the pruned model (a zero diagonal) carry no signal: their columns of ``T`` are 0, so ``W*[:, j] =
+    W[:, j]``. Computed in float64
     when either input is float64, else float32; the damping is multiplied by 10 (up to 4 times) when the
     factorisation fails.
 
@@ -57,7 +58,8 @@ def dense_target_map(hessian: Tensor, cross: Tensor, *, damp: float = 0.01) -> T
     dead = diag == 0  # (cols,) inputs that were always 0 in the pruned model
     live = diag[~dead]
     scale = float(live.mean()) if live.numel() else 1.0
-    rhs = c - h  # (cols, cols): column k of the right-hand side of (H + lam I) M = C - H
+    rhs = c - h  # (cols, cols): the right-hand sides of (H + lam I) M = C - H
+    del c
     rhs[dead] = 0.0
     lam = damp * scale
     for _ in range(5):
@@ -68,10 +70,12 @@ def dense_target_map(hessian: Tensor, cross: Tensor, *, damp: float = 0.01) -> T
         del damped
         if int(info) == 0:
             m = torch.cholesky_solve(rhs, chol)  # (H + lam I)^-1 (C - H)
+            del chol
             if bool(torch.isfinite(m).all()):
                 return m.T.contiguous()
+            del m
         lam = max(lam * 10.0, 1e-6 * scale)
-    raise SolverError("dense_target_map: the damped Hessian could not be factorised (raise --damp)")
+    raise SolverError("dense_target_map: the damped Hessian could not be factorised (raise --target-damp)")
 
 
 def retarget(weight: Tensor, tmap: Tensor) -> Tensor:
