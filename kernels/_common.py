@@ -25,8 +25,9 @@ __all__ = [
 class KernelConfig:
     """Tile sizes of one sparse matmul launch.
 
-    ``block_m == 1`` selects the decode kernel (``*_gemv``: one program per input row and ``block_n`` weight
-    rows, CUDA cores, the dense tile is never built); ``block_m >= 16`` the tile kernel (``*_matmul``:
+    ``block_m`` 1, 2, 4 or 8 selects the decode kernel (``*_gemv``: one program per ``block_m`` input rows
+    and ``block_n`` weight rows, each weight tile read once for those rows, CUDA cores, the dense tile is
+    never built); ``block_m >= 16`` the tile kernel (``*_matmul``:
     expands ``(block_n, block_k)`` weight tiles on chip into ``tl.dot``). ``split_k > 1`` splits K across
     programs and sums fp32 partials afterwards (fills the GPU when there are few output tiles); the split
     used can be smaller because K is only split at multiples of ``block_k`` (and of the bitmask tile).
@@ -47,10 +48,6 @@ class KernelConfig:
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if self.block_k < 32:
             raise ValueError(f"block_k must be >= 32, got {self.block_k}")
-        if self.block_m != 1 and self.block_m < 16:
-            raise ValueError(
-                f"block_m must be 1 (decode kernel) or >= 16 (tl.dot kernel), got {self.block_m}"
-            )
         if self.block_m >= 16 and self.block_n < 16:
             raise ValueError(f"tl.dot tiles need block_n >= 16, got {self.block_n}")
         if self.split_k < 1 or self.group_m < 1 or self.num_stages < 1:
@@ -107,11 +104,27 @@ _DOT_MEDIUM = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 _DOT_LARGE = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3), (128, 64, 64, 4, 3)]
 
 
+GEMV_MAX_ROWS = 8  # input rows one decode program handles at most (each weight tile read once for them)
+
+
+def gemv_rows(m: int) -> int:
+    """Rows per decode program for M input rows: the power of two >= M, at most `GEMV_MAX_ROWS`."""
+    return min(GEMV_MAX_ROWS, 1 << max(0, m - 1).bit_length())
+
+
 def _gemv(
-    m: int, n: int, k: int, block_n: int, block_k: int, warps: int, device: torch.device
+    m: int,
+    n: int,
+    k: int,
+    block_n: int,
+    block_k: int,
+    warps: int,
+    device: torch.device,
+    rows: int | None = None,
 ) -> KernelConfig:
-    split = _split_for(math.ceil(n / block_n) * m, k, block_k, device)
-    return KernelConfig(1, block_n, block_k, split, num_warps=warps)
+    rows = gemv_rows(m) if rows is None else rows
+    split = _split_for(math.ceil(n / block_n) * math.ceil(m / rows), k, block_k, device)
+    return KernelConfig(rows, block_n, block_k, split, num_warps=warps)
 
 
 def _dot(
@@ -138,15 +151,17 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig
 def candidate_configs(m: int, n: int, k: int, device: torch.device) -> list[KernelConfig]:
     """Configs the dispatcher times for one ``(M, N, K)``; the default comes first.
 
-    Decode-kernel configs are offered for M <= 16, each with and without split-K.
+    Decode-kernel configs are offered for M <= 16, each with and without split-K, with ``gemv_rows(M)`` rows
+    per program and (for M > 1) also with one row per program.
     """
     m = max(m, 1)
     out = [default_config(m, n, k, device)]
     options: list[KernelConfig] = []
     if m <= 16:
         for bn, bk, warps in _GEMV_TILES:
-            cfg = _gemv(m, n, k, bn, bk, warps, device)
-            options += [cfg, dataclasses.replace(cfg, split_k=1)]
+            for rows in dict.fromkeys((gemv_rows(m), 1)):
+                cfg = _gemv(m, n, k, bn, bk, warps, device, rows)
+                options += [cfg, dataclasses.replace(cfg, split_k=1)]
         options += [_dot(m, n, k, tile, device, split=True) for tile in _DOT_SKINNY]
     elif m <= 64:
         options += [_dot(m, n, k, tile, device, split=True) for tile in _DOT_MEDIUM]

@@ -5,8 +5,10 @@ compressed form (``(BN, BK/8)`` mask bytes + the tile's nonzeros) and never buil
 byte ``j`` (8 columns) it counts the set bits (popcount), takes the exclusive prefix sum of the counts along
 the row tile (``tl.cumsum``) to find where the byte's nonzeros start in ``values``, then walks the byte's 8
 bits, loading the value of each set bit and multiplying it with input column ``8j + c``. Products accumulate
-element-wise in fp32 ``(BN, BK/8)`` registers, reduced once at the end; one program per input row. A program starts from the stored
-offset of its first tile, so K can be split across programs at multiples of the format's offset tile.
+element-wise in fp32 ``(block_m, BN, BK/8)`` registers, reduced once at the end. A program handles
+``block_m`` input rows (1, 2, 4 or 8: batched decode), reading each weight tile once for all of them. A
+program starts from the stored offset of its first tile, so K can be split across programs at multiples of
+the format's offset tile.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def _kernel() -> Any:
         offsets_ptr,  # (N, ceil(K/tile)) int32
         bias_ptr,  # (N,)
         out_ptr,  # (M, N), or (splits, M, N) fp32 for split-K
+        M,
         N,
         K,
         stride_xm,
@@ -79,18 +82,21 @@ def _kernel() -> Any:
         tile,
         HAS_BIAS: tl.constexpr,
         K_TAIL: tl.constexpr,  # 0: K % BLOCK_K == 0, else masked
+        ROWS: tl.constexpr,  # input rows per program, sharing each weight tile
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         BLOCK_J: tl.constexpr = BLOCK_K // 8  # mask bytes per row tile
         pid_n = tl.program_id(0)
-        row = tl.program_id(1)  # one input row per program
+        pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        x_row = x_ptr + row.to(tl.int64) * stride_xm
+        offs_m = pid_m * ROWS + tl.arange(0, ROWS)
+        m_ok = offs_m < M
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (ROWS, 1)
 
-        acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_J), dtype=tl.float32)
         k_lo = pid_s * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         # Index in values of each row's first entry at or after column k_lo.
@@ -115,17 +121,17 @@ def _kernel() -> Any:
                 )  # (BN, BJ), 0 where the bit is clear
                 index += bit
                 col = offs_j * 8 + c
-                if K_TAIL == 0:  # noqa: SIM108 (constexpr branch: no mask when K is whole tiles)
-                    xc = tl.load(x_row + col)  # (BJ,)
+                if K_TAIL == 0:  # constexpr branch: no K mask when K is whole tiles
+                    xc = tl.load(x_rows + col[None, :], mask=m_ok[:, None], other=0.0)  # (ROWS, BJ)
                 else:
-                    xc = tl.load(x_row + col, mask=col < K, other=0.0)
-                acc += w.to(tl.float32) * xc.to(tl.float32)[None, :]
+                    xc = tl.load(x_rows + col[None, :], mask=m_ok[:, None] & (col < K)[None, :], other=0.0)
+                acc += w.to(tl.float32)[None, :, :] * xc.to(tl.float32)[:, None, :]
 
-        y = tl.sum(acc, axis=1)  # (BN,)
+        y = tl.sum(acc, axis=2)  # (ROWS, BN)
         if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        out = out_ptr + pid_s * stride_os + row * stride_om + offs_n
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+            y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     return bitmask_gemv_kernel
 
@@ -144,8 +150,8 @@ def bitmask_gemv(
         x: ``(..., K)`` input, same dtype and device as the weight values; meant for ``M <= 16`` rows.
         weight: bitmask compressed ``(N, K)`` weight.
         bias: optional ``(N,)``.
-        config: a decode-kernel config (``block_m`` 1); if None, ``default_config`` for ``min(M, 4)`` rows
-            (always a decode config).
+        config: a decode-kernel config (``block_m`` 1, 2, 4 or 8: rows per program, each weight tile read
+            once for them); if None, ``default_config`` for ``min(M, 4)`` rows (always a decode config).
         out: optional contiguous ``(..., N)`` output buffer of ``x.dtype``.
 
     Returns:
@@ -157,7 +163,7 @@ def bitmask_gemv(
     m = x2.shape[0]
     cfg = config or default_config(min(m, 4), n, k, x2.device)
     if cfg.use_dot:
-        raise ValueError(f"bitmask_gemv takes block_m 1, got {cfg.block_m}; use bitmask_matmul")
+        raise ValueError(f"bitmask_gemv takes block_m 1 to 8, got {cfg.block_m}; use bitmask_matmul")
     k_split, splits = k_per_split(k, cfg, align=weight.tile)
     result, target = prepare_output(x, n, out, splits)
     if m == 0:
@@ -166,7 +172,7 @@ def bitmask_gemv(
     bitmask = weight.bitmask if weight.bitmask.stride(-1) == 1 else weight.bitmask.contiguous()
     offsets = weight.offsets if weight.offsets.stride(-1) == 1 else weight.offsets.contiguous()
     fused_bias = bias is not None and splits == 1
-    grid = (-(-n // cfg.block_n), m, splits)
+    grid = (-(-n // cfg.block_n), -(-m // cfg.block_m), splits)
     _kernel()[grid](
         x2,
         values,
@@ -174,6 +180,7 @@ def bitmask_gemv(
         offsets,
         bias if fused_bias else values,
         target,
+        m,
         n,
         k,
         x2.stride(0),
@@ -185,6 +192,7 @@ def bitmask_gemv(
         weight.tile,
         HAS_BIAS=fused_bias,
         K_TAIL=k_tail(k, cfg.block_k),
+        ROWS=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,

@@ -6,7 +6,7 @@ registers: the value index of a set bit is the row's running offset plus the in-
 of the bits (``tl.cumsum``). ``tl.dot`` then multiplies the ``(BM, BK)`` input tile with it on tensor cores
 (``block_m >= 16``), with grouped program ordering so weight tiles are reused from L2. A program starts from
 the stored offset of its first tile, so K can be split across programs at multiples of the format's offset
-tile. Configs with ``block_m`` 1 go to the decode kernel (``bitmask_gemv``).
+tile. Configs with ``block_m`` 1 to 8 go to the decode kernel (``bitmask_gemv``).
 
 Accumulation is fp32; the output has the input dtype.
 """

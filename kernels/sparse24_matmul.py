@@ -4,7 +4,7 @@ The kernel reads each weight tile once in compressed form (``(BN, BK/2)`` values
 bytes, 1.125 bytes per element in 16-bit), expands it to a dense ``(BN, BK)`` tile in registers and
 multiplies the ``(BM, BK)`` input tile with it by ``tl.dot`` on tensor cores (``block_m >= 16``), with
 grouped program ordering so weight tiles are reused from L2 and optional split-K for skinny M. Configs with
-``block_m`` 1 go to the decode kernel (``sparse24_gemv``), which never builds the dense tile.
+``block_m`` 1 to 8 go to the decode kernel (``sparse24_gemv``), which never builds the dense tile.
 
 Accumulation is fp32; the output has the input dtype.
 """

@@ -107,13 +107,18 @@ def _check(
     )
 
 
-# Decode kernel (block_m 1), skinny tl.dot (block_m 16) and GEMM tiles (block_m 32). N = 84 is not a
-# multiple of 8, 16, 32 or 64; 576 = 2 * 256 + 64 leaves a K tail; 1536 = 6 * 256 does not.
+# Decode kernel (block_m 1 to 8 rows per program), skinny tl.dot (block_m 16) and GEMM tiles (block_m 32).
+# N = 84 is not a multiple of 8, 16, 32 or 64; 576 = 2 * 256 + 64 leaves a K tail; 1536 = 6 * 256 does not.
+# Batched decode: M = 3 in one program of 4 rows (the 4th masked), M = 11 over two programs of 8 rows.
 CASES = [
     pytest.param(1, 84, 576, KernelConfig(1, 32, 256), id="decode-M1-K576"),
     pytest.param(1, 84, 1536, KernelConfig(1, 16, 256, split_k=3), id="decode-M1-K1536-split3"),
     pytest.param(3, 84, 1536, KernelConfig(1, 8, 512), id="decode-M3-K1536"),
+    pytest.param(3, 84, 1536, KernelConfig(4, 8, 512), id="decode-M3-rows4-K1536"),
+    pytest.param(2, 84, 576, KernelConfig(2, 32, 256), id="decode-M2-rows2-K576"),
+    pytest.param(11, 84, 1536, KernelConfig(8, 16, 256, split_k=3), id="decode-M11-rows8-split3"),
     pytest.param(5, 84, 576, KernelConfig(1, 64, 1024), id="decode-M5-K576-wide"),
+    pytest.param(5, 84, 576, KernelConfig(8, 64, 1024), id="decode-M5-rows8-K576-wide"),
     pytest.param(7, 84, 576, KernelConfig(16, 64, 128, split_k=2), id="skinny-dot-M7-K576-split2"),
     pytest.param(33, 84, 1536, KernelConfig(32, 64, 128), id="gemm-M33-K1536"),
 ]
@@ -133,7 +138,13 @@ def test_kernel_matches_reference(
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(
     ("m", "config"),
-    [(1, KernelConfig(1, 16, 256)), (2, KernelConfig(1, 8, 512, split_k=2)), (5, None), (17, None)],
+    [
+        (1, KernelConfig(1, 16, 256)),
+        (2, KernelConfig(1, 8, 512, split_k=2)),
+        (3, KernelConfig(4, 16, 256, split_k=2)),
+        (5, None),
+        (17, None),
+    ],
 )
 def test_k_with_half_filled_metadata_byte(fmt: str, m: int, config: KernelConfig | None) -> None:
     # K = 1540: K % 8 == 4 (the last metadata/bitmask byte is half used) and K % 32 != 0.
@@ -222,8 +233,9 @@ def test_empty_input_and_bad_arguments(fmt: str) -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="power of two"):
         KernelConfig(1, 48, 256)
-    with pytest.raises(ValueError, match="block_m"):
-        KernelConfig(4, 32, 128)
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        KernelConfig(6, 32, 128)
+    assert not KernelConfig(8, 32, 128).use_dot and KernelConfig(16, 32, 128).use_dot
     with pytest.raises(ValueError, match="block_k"):
         KernelConfig(1, 32, 16)
     with pytest.raises(ValueError, match="block_n"):
@@ -242,3 +254,17 @@ def test_references_match_dense_matmul_in_float64(fmt: str, kind: str) -> None:
     torch.testing.assert_close(
         reference(x, weight, bias), x @ weight.decompress().T + bias, rtol=1e-12, atol=1e-12
     )
+
+
+def test_decode_configs_batch_rows() -> None:
+    """Batched decode: a decode program takes the power of two >= M rows (at most 8), and the dispatcher
+    also times one row per program."""
+    from oneshot.kernels._common import gemv_rows
+
+    assert [gemv_rows(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    cpu = torch.device("cpu")
+    assert default_config(1, 4096, 4096, cpu).block_m == 1
+    assert default_config(3, 4096, 4096, cpu).block_m == 4
+    for m, rows in ((3, 4), (12, 8)):
+        decode = {c.block_m for c in candidate_configs(m, 4096, 4096, cpu) if not c.use_dot}
+        assert decode == {rows, 1}, (m, decode)

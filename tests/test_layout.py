@@ -64,7 +64,9 @@ def test_a_checkout_on_sys_path_leaves_the_name_kernels_to_the_installed_package
         "print('ok', installed)\n"
     )
     for cwd in (REPO, REPO / "oneshot"):  # oneshot/ holds the link oneshot/kernels -> ../kernels
-        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, (cwd, out.stderr[-3000:])
         assert out.stdout.startswith("ok")
 

@@ -195,7 +195,6 @@ def test_a_layer_called_twice_cannot_be_paired() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.lin(self.lin(x))
 
-    with torch.no_grad(), pytest.raises(ValueError, match="more than once"):
-        with record_inputs({"lin": lin}):
-            Twice()(torch.ones(2, 4))
+    with torch.no_grad(), pytest.raises(ValueError, match="more than once"), record_inputs({"lin": lin}):
+        Twice()(torch.ones(2, 4))
     assert not lin._forward_pre_hooks
