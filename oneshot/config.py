@@ -47,6 +47,7 @@ PROPAGATE = ("pruned", "dense")
 UNCALIBRATED = ("magnitude", "dense")
 TARGETS = ("local", "dense")  # what each layer reproduces: its own dense output, or the dense model's
 EXPORT_FORMATS = ("2:4", "bitmask")
+OFFLOAD_MODES = ("auto", "none", "disk")  # --offload: see oneshot.streaming
 DEVICES = ("auto", "cpu", "cuda")
 SHRINK_SCORES = ("auto", "obs", "activation")
 REFIT_TARGETS = ("dense", "layer")
@@ -390,6 +391,8 @@ class RunConfig:
     eval_windows: int = 8  # quick WikiText-2 windows before / after pruning (0 skips)
     eval_seqlen: int | None = None  # their length; None -> seqlen
     export: str | None = None  # also write the compressed form for oneshot.kernels: "2:4" | "bitmask"
+    offload: str = "auto"  # auto | none | disk: stream the blocks from disk (`oneshot.streaming`)
+    offload_share: float = 0.5  # auto streams when the weights exceed this share of the available RAM
 
     def __post_init__(self) -> None:
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -424,6 +427,11 @@ class RunConfig:
             raise ConfigError(
                 "the quick check needs windows of at least 2 tokens: pass --eval-seqlen or --eval-windows 0"
             )
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"unknown --offload {self.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}")
+        share = _positive_number("--offload-share", self.offload_share)
+        if share > 1:
+            raise ConfigError(f"--offload-share must be in (0, 1], got {self.offload_share!r}")
         if self.export is not None and self.export not in EXPORT_FORMATS:
             raise ConfigError(
                 f"unknown export format {self.export!r}: choose one of {', '.join(EXPORT_FORMATS)}"

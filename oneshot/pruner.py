@@ -62,6 +62,7 @@ from oneshot.solvers.quant import check_group_size, packed_bits, quantize_rtn, s
 from oneshot.solvers.sparsegpt import ObsFactor, factorize
 from oneshot.solvers.target import dense_target_map, retarget
 from oneshot.stats import InputStats
+from oneshot.streaming import StreamedModel
 from oneshot.walker import (
     InputCollector,
     capture_block_calls,
@@ -455,6 +456,7 @@ def prune(
     progress: bool = True,
     layer_sparsity: Mapping[str, float] | None = None,
     checkpoint: BlockCheckpoint | None = None,
+    stream: StreamedModel | None = None,
 ) -> PruneReport:
     """Prune every Linear and every expert matrix inside the decoder blocks of ``model`` in place.
 
@@ -465,6 +467,8 @@ def prune(
     ``config.sparsity``; with an N:M pattern a matrix is N:M or, at 0, kept dense (`DENSE_ALLOCATION`).
     ``checkpoint``: after every block, persist what the next one needs (`oneshot.resume`); when it holds
     a state, continue from it (the result is bit for bit that of an uninterrupted run).
+    ``stream``: ``model`` is its skeleton (`oneshot.streaming`): each block is read from disk before it is
+    pruned and written to the output (`StreamedModel.start_output`) and freed after.
     Returns a `PruneReport` with per-matrix sparsity, reconstruction loss and time, the sparsity over all
     weight matrices of the blocks and the list of matrices left dense with the reason.
     """
@@ -478,6 +482,7 @@ def prune(
         progress=progress,
         layer_sparsity=layer_sparsity,
         checkpoint=checkpoint,
+        stream=stream,
     )
     return report
 
@@ -493,6 +498,7 @@ def prune_and_quantize(
     progress: bool = True,
     layer_sparsity: Mapping[str, float] | None = None,
     checkpoint: BlockCheckpoint | None = None,
+    stream: StreamedModel | None = None,
 ) -> tuple[PruneReport, QuantizedModel]:
     """`prune`, every pruned matrix also quantized in the same block pass: SparseGPT prunes and rounds in one
     OBS solve (`prune_sparsegpt(quant=...)`); magnitude and Wanda prune, then GPTQ quantizes with the zeros
@@ -512,6 +518,7 @@ def prune_and_quantize(
         progress=progress,
         layer_sparsity=layer_sparsity,
         checkpoint=checkpoint,
+        stream=stream,
     )
     assert q is not None
     return report, q
@@ -525,6 +532,7 @@ def quantize(
     device: str | torch.device = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    stream: StreamedModel | None = None,
 ) -> QuantizedModel:
     """Quantize every Linear and expert matrix of the decoder blocks with GPTQ, through the same block walk
     as `prune` (the next block calibrates on the quantized block's outputs). Weights that are exactly 0 (a
@@ -539,6 +547,7 @@ def quantize(
         device=device,
         batch_size=batch_size,
         progress=progress,
+        stream=stream,
     )
     assert q is not None
     return q
@@ -596,6 +605,7 @@ def _walk(
     progress: bool = True,
     layer_sparsity: Mapping[str, float] | None = None,
     checkpoint: BlockCheckpoint | None = None,
+    stream: StreamedModel | None = None,
 ) -> tuple[PruneReport, QuantizedModel | None]:
     """The block walk of `prune`, `prune_and_quantize` and `quantize`."""
     from tqdm.auto import tqdm
@@ -691,7 +701,11 @@ def _walk(
         if checkpoint is not None and resumed is not None:  # blocks 0 .. first-1 are done: restore them
             first = resumed.next_block
             for j in range(first):
+                if stream is not None:  # materialise, restore, write to the output, free
+                    stream.load_block(j)
                 checkpoint.restore_block(j, blocks[j])
+                if stream is not None:
+                    stream.store_block(j)
             hidden = [h.to(store) for h in resumed.hidden]
             if dense_target:
                 if resumed.reference is None:
@@ -717,7 +731,7 @@ def _walk(
         )
         for i in bar:
             t_block = time.perf_counter()
-            block = blocks[i]
+            block = stream.load_block(i) if stream is not None else blocks[i]
             block.to(device)
             plan = plan_block(block, f"{blocks_name}.{i}", config.ignore)
             if layer_sparsity is not None and nm is not None:  # N:M or kept dense, nothing between
@@ -925,6 +939,8 @@ def _walk(
                     grids={n: g for n, g in qweights.items() if n in names},
                     reference=reference,
                 )
+            if stream is not None:
+                stream.store_block(i)
         bar.close()
     except torch.OutOfMemoryError as exc:
         raise PruneError(
@@ -959,6 +975,7 @@ def _walk(
         )
     report.total_seconds = time.perf_counter() - start
     report.peak_memory_bytes, report.peak_memory_kind = peak_memory(device)
+    report.streamed = stream is not None
     if qrec is None:
         return report, None
     qrec.bits_per_weight = qbits / max(1, qrec.quantized_params)

@@ -382,6 +382,7 @@ class PruneReport:
     matrix_zero_params: int = 0  # zeros among them
     dense_matrices: list[DenseMatrix] = field(default_factory=list)
     uncalibrated: list[str] = field(default_factory=list)  # no calibration tokens: pruned by magnitude
+    streamed: bool = False  # the blocks were read from and written to disk one at a time (--offload disk)
 
     @property
     def sparsity(self) -> float:

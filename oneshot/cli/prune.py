@@ -228,6 +228,19 @@ def add_run_arguments(p: argparse.ArgumentParser, *, out_help: str) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     p.add_argument(
+        "--offload",
+        default="auto",
+        help="disk: stream the decoder blocks from the checkpoint one at a time and write each to the output "
+        "when done (models larger than RAM; prune and quantize); none: load the whole model; auto: disk when "
+        "the weights exceed --offload-share of the available RAM (default auto)",
+    )
+    p.add_argument(
+        "--offload-share",
+        type=float,
+        default=0.5,
+        help="--offload auto streams when the weights in --dtype exceed this share of the available RAM (0.5)",
+    )
+    p.add_argument(
         "--eval-windows",
         type=int,
         default=8,
@@ -260,6 +273,8 @@ def run_config_from_args(args: argparse.Namespace, export: str | None = None) ->
         eval_windows=args.eval_windows,
         eval_seqlen=args.eval_seqlen,
         export=export,
+        offload=args.offload,
+        offload_share=args.offload_share,
     )
 
 

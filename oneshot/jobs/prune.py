@@ -32,6 +32,7 @@ from oneshot.models import (
     max_positions,
     model_location,
     resolve_device,
+    resolve_dtype,
     strip_quantization,
 )
 from oneshot.output import OutputSlot, reserve_output
@@ -56,6 +57,7 @@ from oneshot.runfolder import (
     write_quant_file,
 )
 from oneshot.solvers import QuantizedWeight
+from oneshot.streaming import MAX_SHARD_SIZE, StreamedModel, load_streamed, plan_offload
 
 __all__ = [
     "RunError",
@@ -97,6 +99,7 @@ def write_run_folder(
     record: RunRecord,
     *,
     grids: dict[str, QuantizedWeight] | None = None,
+    stream: StreamedModel | None = None,
 ) -> None:
     """Write checkpoint (safetensors, sharded when large), tokenizer and ``oneshot.json`` (with the content
     hashes of every file) into an existing ``folder``. config.json never carries a quantization or sparsity
@@ -104,9 +107,16 @@ def write_run_folder(
     zero-points, g_idx per matrix) in ``quantization.safetensors`` beside it, and the sizes go into
     ``record.quantization``. ``record.run.export`` ("2:4" or "bitmask") also writes the compressed form for
     `oneshot.kernels` into ``compressed-<format>/`` (the model's pruned Linear layers are converted in place).
+    ``stream``: the weights are already in ``folder`` (written block by block); only the index and the
+    config files are left to write, as ``save_pretrained`` writes them.
     """
     strip_quantization(model)
-    model.save_pretrained(folder, max_shard_size="2GB")
+    if stream is not None:
+        if record.run.export is not None:
+            raise RunError("--export needs the whole model in memory; it cannot follow a streamed run")
+        stream.finish_output()
+    else:
+        model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(folder)
     q = record.quantization
     if q is not None:
@@ -288,7 +298,9 @@ def run_prune(
             sensitivity = SensitivityRecord.load(Path(allocation.sensitivity_file))
             check_sensitivity(sensitivity, config, target=allocation.target(config))
 
-    def operate(model: Any, calib: Any, checkpoint: BlockCheckpoint | None = None) -> dict[str, Any]:
+    def operate(
+        model: Any, calib: Any, checkpoint: BlockCheckpoint | None = None, stream: StreamedModel | None = None
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(device=run.device, batch_size=run.batch_size, progress=progress)
         fields: dict[str, Any] = {"config": config}
         layer_sparsity = None
@@ -299,11 +311,24 @@ def run_prune(
             layer_sparsity = fields["allocation"].sparsities
         if quant is None:
             fields["prune"] = prune(
-                model, calib, config, layer_sparsity=layer_sparsity, checkpoint=checkpoint, **kwargs
+                model,
+                calib,
+                config,
+                layer_sparsity=layer_sparsity,
+                checkpoint=checkpoint,
+                stream=stream,
+                **kwargs,
             )
         else:
             report, q = prune_and_quantize(
-                model, calib, config, quant, layer_sparsity=layer_sparsity, checkpoint=checkpoint, **kwargs
+                model,
+                calib,
+                config,
+                quant,
+                layer_sparsity=layer_sparsity,
+                checkpoint=checkpoint,
+                stream=stream,
+                **kwargs,
             )
             fields.update({"prune": report, "quantization": q.record, GRIDS: q.weights})
         if allocation is not None:
@@ -326,6 +351,15 @@ def run_prune(
         if sensitivity is not None:
             check_sensitivity(sensitivity, config, list(prunable_layers(model, config.ignore)))
 
+    blockers = [
+        flag
+        for flag, on in (
+            (f"--export {run.export}", run.export is not None),
+            (f"--allocation {allocation.method if allocation else ''}", allocation is not None),
+            ("--calib self", str(run.calib).strip().lower() == "self"),
+        )
+        if on
+    ]
     return run_job(
         run,
         out,
@@ -333,6 +367,7 @@ def run_prune(
         check_loaded=check_loaded,
         operate=operate,
         label="pruned",
+        stream_blockers=blockers,
         overwrite=overwrite,
         progress=progress,
         argv=argv,
@@ -347,7 +382,7 @@ def _resume_key(
 ) -> dict[str, Any]:
     """The options a checkpoint must have been made with (the quick evaluation and the export aside)."""
     key: dict[str, Any] = {f"--{k.replace('_', '-')}": v for k, v in to_dict(run).items()}
-    for name in ("--eval-windows", "--eval-seqlen", "--export"):
+    for name in ("--eval-windows", "--eval-seqlen", "--export", "--offload", "--offload-share"):
         key.pop(name, None)
     key.update(
         {
@@ -386,6 +421,7 @@ def run_job(
     finalize: Finalize | None = None,
     resume: bool = False,
     resume_key: dict[str, Any] | None = None,
+    stream_blockers: list[str] | None = None,
 ) -> RunResult:
     """The frame every model-changing job shares: take the output, read the data, ``check`` the model spec
     (its config and a weightless skeleton: returns the context length and whether the layer checks ran),
@@ -396,7 +432,11 @@ def run_job(
 
     ``resume_key`` (the options that fix the result): the job checkpoints its blocks (`oneshot.resume`),
     ``operate`` gets the `BlockCheckpoint` as a third argument, and ``resume`` continues an interrupted
-    run on ``out`` (refused, one line, when its options differ)."""
+    run on ``out`` (refused, one line, when its options differ).
+
+    ``stream_blockers``: the job can stream the blocks from disk (``run.offload``, `oneshot.streaming`) but
+    for these options of it, which need the whole model in memory; None: it cannot stream at all. A
+    streaming job's ``operate`` gets the `StreamedModel` as ``stream=``."""
     resolve_device(run.device)  # a device this machine does not have fails now
     try:
         slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run), resume=resume)
@@ -417,6 +457,7 @@ def run_job(
             finish=finish,
             finalize=finalize,
             resume_key=resume_key,
+            stream_blockers=stream_blockers,
         )
     except KeyboardInterrupt as exc:
         raise Interrupted(f"interrupted; {slot.state()}") from exc
@@ -441,6 +482,7 @@ def _run_in_slot(
     finish: Sequence[Finish],
     finalize: Finalize | None,
     resume_key: dict[str, Any] | None = None,
+    stream_blockers: list[str] | None = None,
 ) -> RunResult:
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -453,9 +495,22 @@ def _run_in_slot(
     if run.eval_seqlen is not None and max_pos is not None and run.eval_seqlen > max_pos:
         raise RunError(f"--eval-seqlen {run.eval_seqlen} exceeds the model's context of {max_pos} tokens")
 
-    logger.info("loading %s", run.model or "the embedded SmolLM2-135M-Instruct")
-    loaded = load_model(run.model, dtype=run.dtype)
-    model, tok = loaded.model, loaded.tokenizer
+    stream: StreamedModel | None = None
+    if stream_blockers is None and run.offload == "disk":
+        raise RunError("--offload disk is not supported by this job: it needs the whole model in memory")
+    if stream_blockers is not None and run.offload != "none":
+        dtype = resolve_dtype(run.dtype)
+        plan = plan_offload(
+            run.offload, load_model_config(run.model), dtype, run.offload_share, stream_blockers
+        )
+        if plan.stream:
+            logger.info("streaming the decoder blocks from disk, one at a time (%s)", plan.reason)
+            stream, tok, source = load_streamed(run.model, dtype)
+            model = stream.model
+    if stream is None:
+        logger.info("loading %s", run.model or "the embedded SmolLM2-135M-Instruct")
+        loaded = load_model(run.model, dtype=run.dtype)
+        model, tok, source = loaded.model, loaded.tokenizer, loaded.source
     if not checked:  # no meta skeleton for this model: the same checks on the loaded one
         check_loaded(model)
     calib, calib_info = calibration_windows(
@@ -477,14 +532,25 @@ def _run_in_slot(
 
         data_key = {
             "calibration token ids (sha256)": fingerprint_tensor(calib),
-            "model source": loaded.source,
+            "model source": source,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
         checkpoint = BlockCheckpoint(slot.tmp, {**resume_key, **data_key})
         checkpoint.check()  # the model and the calibration windows, before any compute
-    if run.eval_windows > 0:
+    if run.eval_windows > 0 and stream is not None:
+        logger.warning(
+            "the quick perplexity check is skipped: the model is streamed from disk (--offload %s) and a "
+            "perplexity needs it whole; evaluate the output with `oneshot eval` where it fits",
+            run.offload,
+        )
+    elif run.eval_windows > 0:
         quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
-    fields = operate(model, calib) if checkpoint is None else operate(model, calib, checkpoint)
+    if stream is not None:
+        assert slot.tmp is not None
+        stream.start_output(slot.tmp)  # the weights outside the blocks now, each block when it is done
+        fields = operate(model, calib, checkpoint, stream=stream)
+    else:
+        fields = operate(model, calib) if checkpoint is None else operate(model, calib, checkpoint)
     grids = fields.pop(GRIDS, None)
     if run.eval_windows > 0 and quick.dense is not None:
         quick.pruned = quick_perplexity(model, tok, run, eval_seq, label=label, progress=progress)
@@ -492,7 +558,7 @@ def _run_in_slot(
     record = RunRecord(
         config=fields.pop("config", None),
         run=run,
-        source=from_dict(Source, loaded.source),
+        source=from_dict(Source, source),
         prune=fields.pop("prune", None),
         command=list(argv if argv is not None else sys.argv),
         started=started,
@@ -506,11 +572,12 @@ def _run_in_slot(
     if finalize is not None:
         record = finalize(record)
     assert slot.tmp is not None
-    check_finite(model, f"the {label} model")  # never save NaN, whatever the quick check did or skipped
+    if stream is None:  # (streamed: every solve and every block output was checked finite)
+        check_finite(model, f"the {label} model")  # never save NaN, whatever the quick check did or skipped
     logger.info("writing %s", slot.out)
     if checkpoint is not None:
         checkpoint.clear()  # the folder becomes the output (a failure from here on starts over)
-    write_run_folder(model, tok, slot.tmp, record, grids=grids)
+    write_run_folder(model, tok, slot.tmp, record, grids=grids, stream=stream)
     for step in finish:
         step(slot.tmp)
     slot.commit()

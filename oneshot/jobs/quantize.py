@@ -25,6 +25,7 @@ from oneshot.jobs.prune import GRIDS, Finish, RunError, RunResult, run_job
 from oneshot.models import load_model_config, max_positions
 from oneshot.pruner import quantize
 from oneshot.runfolder import RUN_FILE, QuickEval, RunRecord
+from oneshot.streaming import StreamedModel
 
 __all__ = ["run_quantize", "source_record"]
 
@@ -104,8 +105,16 @@ def run_quantize(
         raise RunError("--export writes sparse formats; use `oneshot export RUN_DIR` for quantized formats")
     source = source_record(run.model)
 
-    def operate(model: Any, calib: Any) -> dict[str, Any]:
-        q = quantize(model, calib, quant, device=run.device, batch_size=run.batch_size, progress=progress)
+    def operate(model: Any, calib: Any, stream: StreamedModel | None = None) -> dict[str, Any]:
+        q = quantize(
+            model,
+            calib,
+            quant,
+            device=run.device,
+            batch_size=run.batch_size,
+            progress=progress,
+            stream=stream,
+        )
         return {"quantization": q.record, GRIDS: q.weights}
 
     return run_job(
@@ -120,4 +129,5 @@ def run_quantize(
         argv=argv,
         finish=finish,
         finalize=lambda record: _merge(record, source),
+        stream_blockers=["--calib self"] if str(run.calib).strip().lower() == "self" else [],
     )
