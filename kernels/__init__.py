@@ -1,17 +1,24 @@
 """Sparse inference for pruned models: compressed formats, Triton kernels, ``SparseLinear`` and ``convert``.
 
 * ``formats``: 2:4 (``Sparse24Weight``) and bitmask (``BitmaskWeight``) compression with exact round trips,
-  and a safetensors layout (``save_sparse``/``load_sparse``).
+  2:4 with 4-bit group-quantized kept values (``Sparse24Int4Weight``: ``compress_24_int4`` from a weight on
+  a given grid, exact; ``quantize_24_int4`` rounds to nearest), and a safetensors layout
+  (``save_sparse``/``load_sparse``).
 * ``sparse24_gemv``/``bitmask_gemv``: decode kernels (few input rows) that read the compressed weight once
   and never build the dense tile; ``sparse24_matmul``/``bitmask_matmul``: tile kernels that expand weight
-  tiles on chip into ``tl.dot``. Each has a pure-torch ``*_reference`` next to it.
+  tiles on chip into ``tl.dot``; ``sparse24_int4_gemv``: the 2:4-int4 decode kernel (dequantizes the
+  4-bit codes in registers; no tile kernel: larger M decompresses). Each has a pure-torch ``*_reference``
+  next to it.
 * ``Dispatcher``: picks, per (format, shape, M bucket, dtype, device), the fastest of our kernels,
   cuSPARSELt and the layer's dense fallback by timing once on CUDA, against the original dense layer
   (``F.linear`` on the dense weight) timed in the same process; caches the plan and persists the timings
   (``$ONESHOT_CACHE/dispatch-plans.json``). Without CUDA the dense path is used.
 * ``SparseLinear``/``convert``/``densify``: swap pruned ``nn.Linear`` layers in a model; ``generate()`` is
   unchanged. ``keep_dense=True`` also keeps the dense weight, so the fallback is exactly the dense layer.
-* ``ops``: the custom ops ``torch.ops.oneshot.sparse24_linear``/``bitmask_linear`` (fake tensor and
+  ``convert(model, "2:4-int4", grid=run_folder)`` uses a quantized run's grid exactly (``read_int4_grid``);
+  without ``grid`` it rounds to nearest (``group_size``, ``symmetric``).
+* ``ops``: the custom ops ``torch.ops.oneshot.sparse24_linear``/``bitmask_linear``/``sparse24_int4_linear``
+  (fake tensor and
   autograd implementations included), so a converted model compiles with ``torch.compile(fullgraph=True)``.
 * ``load_sparse_model``/``save_compressed``/``load_compressed``: pruned checkpoint -> sparse model, and the
   compressed form on disk.
@@ -66,17 +73,31 @@ else:
     from .dispatch import BACKENDS, Dispatcher, DispatchKey, Plan, default_dispatcher, m_bucket
     from .formats import (
         BitmaskWeight,
+        Int4Grid,
+        Sparse24Int4Weight,
         Sparse24Weight,
         SparseWeight,
         compress,
         compress_24,
+        compress_24_int4,
         compress_bitmask,
         is_24_sparse,
         load_sparse,
+        quantize_24_int4,
         save_sparse,
     )
-    from .linear import FORMATS, ConvertSummary, LayerReport, SparseLinear, convert, densify, summarize
+    from .linear import (
+        FORMATS,
+        ConvertSummary,
+        LayerReport,
+        SparseLinear,
+        convert,
+        densify,
+        read_int4_grid,
+        summarize,
+    )
     from .sparse24_gemv import sparse24_gemv, sparse24_gemv_reference
+    from .sparse24_int4_gemv import sparse24_int4_gemv, sparse24_int4_gemv_reference
     from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
 
     __all__ = [
@@ -87,9 +108,11 @@ else:
         "ConvertSummary",
         "DispatchKey",
         "Dispatcher",
+        "Int4Grid",
         "KernelConfig",
         "LayerReport",
         "Plan",
+        "Sparse24Int4Weight",
         "Sparse24Weight",
         "SparseLinear",
         "SparseWeight",
@@ -100,6 +123,7 @@ else:
         "candidate_configs",
         "compress",
         "compress_24",
+        "compress_24_int4",
         "compress_bitmask",
         "convert",
         "default_config",
@@ -111,10 +135,14 @@ else:
         "load_sparse",
         "load_sparse_model",
         "m_bucket",
+        "quantize_24_int4",
+        "read_int4_grid",
         "save_compressed",
         "save_sparse",
         "sparse24_gemv",
         "sparse24_gemv_reference",
+        "sparse24_int4_gemv",
+        "sparse24_int4_gemv_reference",
         "sparse24_matmul",
         "sparse24_matmul_reference",
         "summarize",

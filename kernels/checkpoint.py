@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import Dispatcher
-from .formats import BitmaskWeight, Sparse24Weight, SparseWeight, load_sparse, save_sparse
+from .formats import SPARSE_TYPES, SparseWeight, load_sparse, save_sparse
 from .linear import ConvertSummary, SparseLinear, convert, summarize
 
 __all__ = ["COMPRESSED_WEIGHTS", "load_compressed", "load_sparse_model", "save_compressed"]
@@ -119,7 +119,7 @@ def load_compressed(
     src = Path(folder)
     tensors, metadata = load_sparse(src / COMPRESSED_WEIGHTS, device=device)
     info = json.loads(metadata.get(_MODEL_METADATA_KEY, '{"aliases": {}}'))
-    dtypes = [t.dtype for t in tensors.values() if isinstance(t, Sparse24Weight | BitmaskWeight)]
+    dtypes = [t.dtype for t in tensors.values() if isinstance(t, SPARSE_TYPES)]
     dtypes += [t.dtype for t in tensors.values() if isinstance(t, Tensor) and t.is_floating_point()]
     config = AutoConfig.from_pretrained(src)
     cls = model_class or AutoModelForCausalLM

@@ -8,7 +8,9 @@ timing, on the layer's own input:
   afterwards, so this is the real dense baseline, not a decompress-and-multiply straw man;
 * ``"decompress"`` (layers without a dense copy only): what their dense fallback really costs, decompression
   plus ``F.linear``;
-* ``"triton"``: our kernels (``sparse24_matmul`` / ``bitmask_matmul``) over a few tile configs;
+* ``"triton"``: our kernels (``sparse24_matmul`` / ``bitmask_matmul``) over a few tile configs; for the
+  formats that have only a decode kernel (``DECODE_ONLY_FORMATS``: 2:4-int4, ``sparse24_int4_gemv``) the
+  decode configs, and none above M = 16;
 * ``"cusparselt"``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt or CUTLASS), 2:4 fp16/bf16 only,
   where the device and shape support it (the layer keeps that representation only while a plan uses it).
 
@@ -53,10 +55,18 @@ from torch import Tensor
 from oneshot.models import cache_root
 from oneshot.runfolder import atomic_write_text
 
-from ._common import KernelConfig, candidate_configs, default_config, triton_available
+from ._common import (
+    KernelConfig,
+    candidate_configs,
+    decode_candidates,
+    decode_config,
+    default_config,
+    triton_available,
+)
 
 __all__ = [
     "BACKENDS",
+    "DECODE_ONLY_FORMATS",
     "PLANS_ENV",
     "DispatchKey",
     "Dispatcher",
@@ -69,6 +79,9 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "dense", "cusparselt", "reference")
 """Valid ``backend`` values of a ``SparseLinear``; all but ``"auto"`` force one path."""
+
+DECODE_ONLY_FORMATS = frozenset({"2:4-int4"})
+"""Formats with only a decode kernel: their Triton candidates are decode configs, for M <= 16 only."""
 
 PLANS_ENV = "ONESHOT_DISPATCH_PLANS"
 """Environment variable: the plan file to use, or ``off`` (also ``0``, ``false``, ``none``) for none."""
@@ -218,11 +231,14 @@ class Dispatcher:
         self._flush.clear()
         self._stored = None
 
-    def heuristic(self, m: int, n: int, k: int, device: torch.device) -> Plan:
-        """An untimed plan: the decode kernel for small M on CUDA, dense otherwise."""
+    def heuristic(self, m: int, n: int, k: int, device: torch.device, format: str = "2:4") -> Plan:
+        """An untimed plan: our kernel for small M on CUDA (the decode kernel for ``DECODE_ONLY_FORMATS``),
+        dense otherwise."""
         if device.type != "cuda":
             return Plan("dense")
         if m <= 16 and triton_available():
+            if format in DECODE_ONLY_FORMATS:
+                return Plan("triton", decode_config(m, n, k, device))
             return Plan("triton", default_config(m, n, k, device))
         return Plan("dense")
 
@@ -253,7 +269,7 @@ class Dispatcher:
         if found is not None:
             return found
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return self.heuristic(m, key.n, key.k, device)
+            return self.heuristic(m, key.n, key.k, device, key.format)
         timings, configs = self._measure(key, m, run, dense, allow_cusparselt)
         plan = self._choose(timings, configs, key.keeps_dense)
         fallback = _BASELINE if key.keeps_dense else _DECOMPRESS
@@ -287,7 +303,8 @@ class Dispatcher:
             candidates[_DECOMPRESS] = Plan("dense")
         configs: dict[str, KernelConfig] = {}
         if triton_available():
-            for cfg in candidate_configs(m, key.n, key.k, device):
+            offered = decode_candidates if key.format in DECODE_ONLY_FORMATS else candidate_configs
+            for cfg in offered(m, key.n, key.k, device):
                 configs[_config_name(cfg)] = cfg
                 candidates[_config_name(cfg)] = Plan("triton", cfg)
         if allow_cusparselt:

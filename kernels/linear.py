@@ -1,18 +1,25 @@
 """``SparseLinear`` and ``convert``: swap pruned ``nn.Linear`` layers for compressed ones.
 
-``convert(model, "2:4" | "bitmask" | "auto")`` replaces, in place, every ``nn.Linear`` whose weight is pruned
-(2:4: every group of 4 input columns has at least 2 zeros; bitmask: any zeros) by a ``SparseLinear`` that
-stores the compressed weight and multiplies with the fastest backend for each input size (see
-``kernels.dispatch``: on CUDA the candidates are timed against the original dense layer, ``F.linear`` on the
-dense weight, in the same process). Output embeddings (``lm_head``) and weights shared with another module
-are left alone. The model's ``forward``/``generate`` are unchanged, and a converted model compiles with
+``convert(model, "2:4" | "2:4-int4" | "bitmask" | "auto")`` replaces, in place, every ``nn.Linear`` whose
+weight is pruned (2:4: every group of 4 input columns has at least 2 zeros; bitmask: any zeros) by a
+``SparseLinear`` that stores the compressed weight and multiplies with the fastest backend for each input
+size (see ``kernels.dispatch``: on CUDA the candidates are timed against the original dense layer,
+``F.linear`` on the dense weight, in the same process). Output embeddings (``lm_head``) and weights shared
+with another module are left alone. The model's ``forward``/``generate`` are unchanged, and a converted model compiles with
 ``torch.compile(fullgraph=True)``: the Triton and reference paths are the custom ops of ``kernels.ops``.
+
+``"2:4-int4"`` also stores the kept values as 4-bit codes on a per-group grid (``Sparse24Int4Weight``). With
+``grid=`` (per layer scales/zero-points, or a quantized run folder: ``read_int4_grid``) the weights must lie
+on it and the conversion is exact; without, they are rounded to nearest on a fresh grid (``group_size``,
+``symmetric``), which changes the model. The converted layer computes the dequantized dense layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,11 +33,15 @@ from .dispatch import BACKENDS, Dispatcher, DispatchKey, Plan, default_dispatche
 from .formats import (
     DEFAULT_TILE,
     BitmaskWeight,
+    Int4Grid,
+    Sparse24Int4Weight,
     Sparse24Weight,
     SparseWeight,
     compress_24,
+    compress_24_int4,
     compress_bitmask,
     is_24_sparse,
+    quantize_24_int4,
 )
 
 __all__ = [
@@ -40,12 +51,18 @@ __all__ = [
     "SparseLinear",
     "convert",
     "densify",
+    "read_int4_grid",
     "summarize",
 ]
 
-FORMATS = ("2:4", "bitmask", "auto")
+FORMATS = ("2:4", "2:4-int4", "bitmask", "auto")
 DEFAULT_IGNORE = ("lm_head",)
-_PARTS = {"2:4": ("values", "meta"), "bitmask": ("values", "bitmask", "offsets")}
+_PARTS = {
+    "2:4": ("values", "meta"),
+    "2:4-int4": ("codes", "meta", "scales", "zeros"),
+    "bitmask": ("values", "bitmask", "offsets"),
+}
+_SCALE_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 _UNTIMED_DENSE = Plan("dense")
 
 
@@ -54,7 +71,9 @@ class SparseLinear(nn.Module):
 
     Buffers: ``weight_values`` and ``weight_meta`` (2:4) or ``weight_values``, ``weight_bitmask`` and
     ``weight_offsets`` (bitmask); see ``kernels.formats``. ``.to(dtype)``/``.to(device)`` convert them like
-    any buffer.
+    any buffer. 2:4-int4: ``weight_codes``, ``weight_meta``, ``weight_scales`` (the scales' bit pattern as
+    int16/int32, so that ``.to(dtype)`` leaves the grid alone) and ``weight_zeros`` (asymmetric grids);
+    ``.to(dtype)`` changes the dtype the weight is dequantized to and computed in (``compute_dtype``).
 
     Args:
         weight: the compressed weight.
@@ -93,8 +112,17 @@ class SparseLinear(nn.Module):
         self.sparse_format: str = weight.format
         self.out_features, self.in_features = weight.shape
         self.tile = weight.tile if isinstance(weight, BitmaskWeight) else 0
+        self.group_size = weight.group_size if isinstance(weight, Sparse24Int4Weight) else 0
+        self.scale_dtype: torch.dtype | None = None
         for part, tensor in weight.tensors().items():
+            if part == "scales":
+                self.scale_dtype = tensor.dtype
+                tensor = tensor.view(_SCALE_BITS[tensor.dtype])
             self.register_buffer(f"weight_{part}", tensor)
+        if isinstance(weight, Sparse24Int4Weight):
+            # Empty; follows .to(dtype)/.to(device) and so holds the dtype the weight is dequantized to.
+            probe = torch.empty(0, dtype=weight.dtype, device=weight.device)
+            self.register_buffer("weight_dtype_probe", probe, persistent=False)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias shape {tuple(bias.shape)} != ({self.out_features},)")
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -103,6 +131,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("dense_weight", weight.decompress() if keep_dense else None, persistent=False)
         self._semi_structured: Tensor | None = None
         self._weight_view: SparseWeight | None = None
+        self._int4_key: tuple[object, ...] = ()
         self.last_plan: Plan | None = None
 
     @classmethod
@@ -115,16 +144,30 @@ class SparseLinear(nn.Module):
         backend: str = "auto",
         keep_dense: bool = False,
         dispatcher: Dispatcher | None = None,
+        group_size: int | None = 128,
+        symmetric: bool = True,
+        grid: Int4Grid | None = None,
     ) -> SparseLinear:
-        """Compress ``linear.weight`` (``"2:4"`` or ``"bitmask"``); raises ValueError if it is not 2:4."""
+        """Compress ``linear.weight`` (``"2:4"``, ``"2:4-int4"`` or ``"bitmask"``); raises ValueError if it is
+        not 2:4 (or, with ``grid``, not on that 4-bit grid).
+
+        ``"2:4-int4"``: with ``grid`` the weight must lie on it (exact); without, it is rounded to nearest on
+        a new grid of ``group_size`` columns (None: one per row), symmetric or not.
+        """
         w = linear.weight.detach()
         weight: SparseWeight
         if format == "2:4":
             weight = compress_24(w)
+        elif format == "2:4-int4":
+            if grid is None:
+                weight = quantize_24_int4(w, group_size, symmetric)
+            else:
+                zeros = None if grid.zeros is None else grid.zeros.to(w.device)
+                weight = compress_24_int4(w, grid.scales.to(w.device), zeros, grid.group_size)
         elif format == "bitmask":
             weight = compress_bitmask(w, tile)
         else:
-            raise ValueError(f"unknown sparse format {format!r}; choose one of '2:4', 'bitmask'")
+            raise ValueError(f"unknown sparse format {format!r}; choose one of '2:4', '2:4-int4', 'bitmask'")
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight, bias, backend=backend, keep_dense=keep_dense, dispatcher=dispatcher)
 
@@ -143,12 +186,38 @@ class SparseLinear(nn.Module):
         return self.dense_weight is not None
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to and the weight is (de)compressed to."""
+        if self.sparse_format == "2:4-int4":
+            return self.get_buffer("weight_dtype_probe").dtype
+        return self.weight_values.dtype
+
+    def _scales(self) -> Tensor:
+        """2:4-int4: the scales in their own dtype (a view of the ``weight_scales`` bits)."""
+        if self.scale_dtype is None:
+            raise ValueError(f"a {self.sparse_format} layer has no scales")
+        return self.get_buffer("weight_scales").view(self.scale_dtype)
+
+    def _zeros(self) -> Tensor | None:
+        return self._buffers.get("weight_zeros")
+
+    @property
     def weight_compressed(self) -> SparseWeight:
-        """The compressed weight as a ``Sparse24Weight``/``BitmaskWeight`` view of the buffers."""
+        """The compressed weight as a ``Sparse24Weight``/``Sparse24Int4Weight``/``BitmaskWeight`` view of the
+        buffers."""
+        shape = (self.out_features, self.in_features)
+        if self.sparse_format == "2:4-int4":
+            key = (*(self._buffers.get(f"weight_{p}") for p in _PARTS["2:4-int4"]), self.compute_dtype)
+            if self._weight_view is None or any(a is not b for a, b in zip(key, self._int4_key, strict=True)):
+                codes, meta = self.get_buffer("weight_codes"), self.get_buffer("weight_meta")
+                self._weight_view = Sparse24Int4Weight(
+                    codes, meta, self._scales(), self._zeros(), shape, self.group_size, self.compute_dtype
+                )
+                self._int4_key = key  # rebuilt when .to() replaces the buffers or changes the dtype
+            return self._weight_view
         parts = [self.get_buffer(f"weight_{p}") for p in _PARTS[self.sparse_format]]
         view = self._weight_view
         if view is None or any(a is not b for a, b in zip(view.tensors().values(), parts, strict=True)):
-            shape = (self.out_features, self.in_features)
             if self.sparse_format == "2:4":
                 view = Sparse24Weight(parts[0], parts[1], shape)
             else:
@@ -174,15 +243,20 @@ class SparseLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
+        grid = ""
+        if self.sparse_format == "2:4-int4":
+            kind = "symmetric" if self._zeros() is None else "asymmetric"
+            grid = f", group_size={self.group_size}, {kind}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={self.sparse_format}, backend={self.backend}"
+            f"format={self.sparse_format}{grid}, backend={self.backend}"
         )
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (..., K) -> (..., N) in the weight dtype."""
-        if x.dtype != self.weight_values.dtype:
-            x = x.to(self.weight_values.dtype)
+        dtype = self.compute_dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         plan = self._plan(x2)
         self.last_plan = plan
@@ -195,6 +269,19 @@ class SparseLinear(nn.Module):
             if self.sparse_format == "2:4":
                 meta = self.get_buffer("weight_meta")
                 return ops.sparse24_linear(x2, self.weight_values, meta, self.bias, plan.backend, config)
+            if self.sparse_format == "2:4-int4":
+                codes, meta = self.get_buffer("weight_codes"), self.get_buffer("weight_meta")
+                return ops.sparse24_int4_linear(
+                    x2,
+                    codes,
+                    meta,
+                    self._scales(),
+                    self._zeros(),
+                    self.bias,
+                    self.group_size,
+                    plan.backend,
+                    config,
+                )
             bitmask, offsets = self.get_buffer("weight_bitmask"), self.get_buffer("weight_offsets")
             return ops.bitmask_linear(
                 x2, self.weight_values, bitmask, offsets, self.bias, self.tile, plan.backend, config
@@ -261,7 +348,7 @@ def _plan_while_tracing(
     untimed heuristic (nothing can be timed on the fake tensors of a trace; run the model once before
     compiling, or keep a plan file, to compile timed plans). Dynamo runs this eagerly, on plain values."""
     key = DispatchKey(format, n, k, has_bias, keeps_dense, m_bucket(m), dtype, device)
-    return dispatcher.lookup(key) or dispatcher.heuristic(m, n, k, device)
+    return dispatcher.lookup(key) or dispatcher.heuristic(m, n, k, device, format)
 
 
 @dataclass(frozen=True)
@@ -336,6 +423,9 @@ def convert(
     include_lm_head: bool = False,
     min_sparsity: float = 0.3,
     tile: int = DEFAULT_TILE,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    grid: Mapping[str, Int4Grid] | str | os.PathLike[str] | None = None,
     backend: str = "auto",
     keep_dense: bool = False,
     dispatcher: Dispatcher | None = None,
@@ -344,9 +434,10 @@ def convert(
 
     Args:
         model: any module; its dense weights should already hold the pruned zeros.
-        format: ``"2:4"`` (layers whose every group of 4 input columns has >= 2 zeros), ``"bitmask"`` (layers
-            with any zero) or ``"auto"`` (2:4 where valid, else bitmask when the sparsity is at least
-            ``min_sparsity``, else left dense).
+        format: ``"2:4"`` (layers whose every group of 4 input columns has >= 2 zeros), ``"2:4-int4"`` (the
+            same layers, kept values as 4-bit codes; see ``grid``), ``"bitmask"`` (layers with any zero) or
+            ``"auto"`` (2:4 where valid, else bitmask when the sparsity is at least ``min_sparsity``, else
+            left dense; never 4-bit).
         ignore: glob patterns of module names to leave dense, matched against the full name or its trailing
             dotted parts (``"mlp.down_proj"``, ``"model.layers.0.*"``).
         include_lm_head: also convert the output embedding (``lm_head``); skipped by default, as are
@@ -354,6 +445,11 @@ def convert(
         min_sparsity: lowest sparsity converted to bitmask by ``"auto"`` (below it the bitmask is not
             smaller or faster than dense).
         tile: bitmask offset tile (columns).
+        group_size, symmetric: ``"2:4-int4"`` without ``grid``: the grid weights are rounded to (nearest),
+            ``group_size`` original columns per scale (32, 64, 128; None: one per row).
+        grid: ``"2:4-int4"``: module name -> ``Int4Grid`` (the weights must lie exactly on it), or a
+            quantized run folder (``oneshot prune --quantize w4a16``; read with ``read_int4_grid``). Every
+            2:4 layer converted must have an entry.
         backend, keep_dense, dispatcher: passed to every ``SparseLinear``.
 
     Returns:
@@ -365,6 +461,9 @@ def convert(
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    if grid is not None and format != "2:4-int4":
+        raise ValueError(f"grid is for format '2:4-int4', not {format!r}")
+    grids = read_int4_grid(grid) if isinstance(grid, str | os.PathLike) else grid
     patterns = tuple(ignore) + (() if include_lm_head else DEFAULT_IGNORE)
     output_embeddings: Any = None
     get_output = getattr(model, "get_output_embeddings", None)
@@ -394,9 +493,30 @@ def convert(
         if chosen is None:
             summary.layers.append(LayerReport(name, shape, sparsity, None, dense_bytes, dense_bytes, reason))
             continue
-        new = SparseLinear.from_linear(
-            module, chosen, tile=tile, backend=backend, keep_dense=keep_dense, dispatcher=dispatcher
-        )
+        layer_grid = None
+        if chosen == "2:4-int4" and grids is not None:
+            layer_grid = grids.get(name)
+            if layer_grid is None:
+                raise ValueError(
+                    f"the grid has no entry for {name}, a 2:4 layer: pass the grid of every layer converted "
+                    "(or leave it out with ignore=)"
+                )
+        try:
+            new = SparseLinear.from_linear(
+                module,
+                chosen,
+                tile=tile,
+                group_size=group_size,
+                symmetric=symmetric,
+                grid=layer_grid,
+                backend=backend,
+                keep_dense=keep_dense,
+                dispatcher=dispatcher,
+            )
+        except ValueError as err:
+            if chosen != "2:4-int4":
+                raise
+            raise ValueError(f"{name}: {err}") from err
         _replace(model, name, new)
         stored = new.weight_compressed.nbytes
         summary.layers.append(LayerReport(name, shape, sparsity, chosen, dense_bytes, stored, reason))
@@ -405,8 +525,8 @@ def convert(
 
 def _choose_format(w: Tensor, format: str, sparsity: float, min_sparsity: float) -> tuple[str | None, str]:
     """``(format or None, reason if None)`` for one weight."""
-    if format == "2:4":
-        return ("2:4", "") if is_24_sparse(w) else (None, "not 2:4 sparse")
+    if format in ("2:4", "2:4-int4"):
+        return (format, "") if is_24_sparse(w) else (None, "not 2:4 sparse")
     if format == "bitmask":
         return ("bitmask", "") if sparsity > 0 else (None, "no zeros")
     if is_24_sparse(w):
@@ -439,11 +559,48 @@ def summarize(model: nn.Module) -> ConvertSummary:
         if isinstance(module, SparseLinear):
             weight = module.weight_compressed
             n, k = weight.shape
-            dense_bytes = n * k * weight.values.element_size()
-            nonzero = weight.nnz if isinstance(weight, BitmaskWeight) else int((weight.values != 0).sum())
+            dense_bytes = n * k * module.compute_dtype.itemsize
+            if isinstance(weight, BitmaskWeight):
+                nonzero = weight.nnz
+            elif isinstance(weight, Sparse24Int4Weight):
+                nonzero = int((weight.values() != 0).sum())
+            else:
+                nonzero = int((weight.values != 0).sum())
             summary.layers.append(
                 LayerReport(
                     name, (n, k), 1 - nonzero / (n * k), module.sparse_format, dense_bytes, weight.nbytes
                 )
             )
     return summary
+
+
+def read_int4_grid(folder: str | os.PathLike[str]) -> dict[str, Int4Grid]:
+    """The 4-bit grids of a quantized run folder (``oneshot prune --quantize w4a16``), by module name.
+
+    Reads its ``quantization.safetensors`` (``oneshot.runfolder.read_quant_file``). Matrices of fused MoE
+    experts (``name[i]``, not ``nn.Linear`` modules) are left out.
+
+    Raises:
+        ValueError: the run is not 4-bit, uses act-order (groups not contiguous in column order) or a
+            grid's group index is not ``column // group_size``.
+    """
+    from oneshot.runfolder import read_quant_file
+
+    tensors, facts = read_quant_file(Path(folder))
+    if facts.get("bits") != 4:
+        raise ValueError(f"{folder}: 2:4-int4 needs a 4-bit run, this one has {facts.get('bits')} bits")
+    if facts.get("act_order"):
+        raise ValueError(f"{folder}: act-order groups are not contiguous columns; 2:4-int4 cannot use them")
+    symmetric = bool(facts.get("symmetric", True))
+    group_size = facts.get("group_size")
+    out: dict[str, Int4Grid] = {}
+    for name, parts in tensors.items():
+        if name.endswith("]"):
+            continue
+        scales, zeros, g_idx = (parts[p] for p in ("weight_scale", "weight_zero_point", "weight_g_idx"))
+        cols = g_idx.numel()
+        step = cols if group_size is None else int(group_size)
+        if not torch.equal(g_idx.long(), torch.arange(cols) // step):
+            raise ValueError(f"{folder}: the group index of {name} is not column // {step}")
+        out[name] = Int4Grid(scales, None if symmetric else zeros, group_size)
+    return out

@@ -1,13 +1,15 @@
 """The sparse matmuls as PyTorch custom ops, so ``torch.compile`` and CUDA graphs see one opaque call.
 
 ``torch.ops.oneshot.sparse24_linear(x, values, meta, bias, backend, config)`` and
-``torch.ops.oneshot.bitmask_linear(x, values, bitmask, offsets, bias, tile, backend, config)`` compute
-``x @ W^T + bias`` for a compressed ``(N, K)`` weight given by its tensors (see ``kernels.formats``):
+``torch.ops.oneshot.bitmask_linear(x, values, bitmask, offsets, bias, tile, backend, config)`` and
+``torch.ops.oneshot.sparse24_int4_linear(x, codes, meta, scales, zeros, bias, group_size, backend, config)``
+compute ``x @ W^T + bias`` for a compressed ``(N, K)`` weight given by its tensors (see ``kernels.formats``):
 
 * ``backend="reference"``: the pure-torch ``*_reference`` function (any device, fp32 accumulation);
 * ``backend="triton"``: the Triton kernel (CUDA, or the CPU under ``TRITON_INTERPRET=1``), with ``config``
   the seven ``KernelConfig`` fields (block_m, block_n, block_k, split_k, group_m, num_warps, num_stages) or
-  empty for ``default_config``.
+  empty for ``default_config``. The 2:4-int4 op has only the decode kernel (``block_m`` 1 to 8; empty
+  config: ``decode_config``).
 
 Each op has a fake (meta) implementation giving the ``(..., N)`` output of ``x.dtype``, so a model of
 ``SparseLinear`` layers compiles with ``fullgraph=True``, and an autograd formula for ``x`` and ``bias``
@@ -27,10 +29,11 @@ from torch import Tensor
 
 from ._common import KernelConfig
 from .bitmask_matmul import bitmask_matmul, bitmask_matmul_reference
-from .formats import BitmaskWeight, Sparse24Weight
+from .formats import BitmaskWeight, Sparse24Int4Weight, Sparse24Weight
+from .sparse24_int4_gemv import sparse24_int4_gemv, sparse24_int4_gemv_reference
 from .sparse24_matmul import sparse24_matmul, sparse24_matmul_reference
 
-__all__ = ["OP_BACKENDS", "bitmask_linear", "config_fields", "sparse24_linear"]
+__all__ = ["OP_BACKENDS", "bitmask_linear", "config_fields", "sparse24_int4_linear", "sparse24_linear"]
 
 OP_BACKENDS = ("reference", "triton")
 """Valid ``backend`` arguments of the ops."""
@@ -89,6 +92,34 @@ def bitmask_linear(
     return bitmask_matmul(x, weight, bias, config=_config(config))
 
 
+def _int4_weight(
+    x: Tensor, codes: Tensor, meta: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int
+) -> Sparse24Int4Weight:
+    return Sparse24Int4Weight(codes, meta, scales, zeros, (codes.shape[0], x.shape[-1]), group_size, x.dtype)
+
+
+@torch.library.custom_op("oneshot::sparse24_int4_linear", mutates_args=())
+def sparse24_int4_linear(
+    x: Tensor,
+    codes: Tensor,
+    meta: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    group_size: int,
+    backend: str,
+    config: Sequence[int],
+) -> Tensor:
+    """``x`` (..., K) @ W^T + bias -> (..., N) for the 2:4-int4 weight ``codes`` (N, K/4), ``meta``
+    (N, ceil(K/8)), ``scales`` and ``zeros`` (N, ceil(K/group_size); zeros None: symmetric), dequantized in
+    ``x.dtype``."""
+    _check_backend(backend)
+    weight = _int4_weight(x, codes, meta, scales, zeros, group_size)
+    if backend == "reference":
+        return sparse24_int4_gemv_reference(x, weight, bias)
+    return sparse24_int4_gemv(x, weight, bias, config=_config(config))
+
+
 def _fake_output(x: Tensor, n: int, bias: Tensor | None) -> Tensor:
     if bias is not None:
         torch._check(bias.shape == (n,), lambda: f"bias shape {tuple(bias.shape)} != ({n},)")
@@ -116,6 +147,22 @@ def _bitmask_fake(
 ) -> Tensor:
     torch._check(bitmask.dim() == 2, lambda: "bitmask must be (N, ceil(K/8))")
     return _fake_output(x, bitmask.shape[0], bias)
+
+
+@sparse24_int4_linear.register_fake
+def _sparse24_int4_fake(
+    x: Tensor,
+    codes: Tensor,
+    meta: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    group_size: int,
+    backend: str,
+    config: Sequence[int],
+) -> Tensor:
+    torch._check(codes.dim() == 2 and codes.shape[1] * 4 == x.shape[-1], lambda: "codes must be (N, K/4)")
+    return _fake_output(x, codes.shape[0], bias)
 
 
 def _grads(grad: Tensor, dense: Tensor, want_x: bool, want_bias: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -152,5 +199,20 @@ def _bitmask_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     return grad_x, None, None, None, grad_bias, None, None, None
 
 
+def _int4_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, codes, meta, scales, zeros, _, group_size, _, _ = inputs
+    ctx.save_for_backward(codes, meta, scales, zeros)
+    ctx.k, ctx.group_size, ctx.dtype = x.shape[-1], group_size, x.dtype
+
+
+def _int4_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    codes, meta, scales, zeros = ctx.saved_tensors
+    shape = (codes.shape[0], ctx.k)
+    dense = Sparse24Int4Weight(codes, meta, scales, zeros, shape, ctx.group_size, ctx.dtype).decompress()
+    grad_x, grad_bias = _grads(grad, dense, ctx.needs_input_grad[0], ctx.needs_input_grad[5])
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
 sparse24_linear.register_autograd(_sparse24_backward, setup_context=_sparse24_setup)
+sparse24_int4_linear.register_autograd(_int4_backward, setup_context=_int4_setup)
 bitmask_linear.register_autograd(_bitmask_backward, setup_context=_bitmask_setup)

@@ -3,10 +3,11 @@
 
 The kernel table times, per weight shape (N x K) and M (tokens per call): the original dense nn.Linear
 (cuBLAS), torch.sparse.to_sparse_semi_structured (cuSPARSELt/CUTLASS), our 2:4 and bitmask Triton kernels
-(best tile config) and the dispatched SparseLinear, with GB/s against the measured copy bandwidth. A full
-run adds decode tokens/s of a Llama-7B-shaped model and SmolLM2-135M (generate() and CUDA graphs) and
-checks the targets (H100/H200): decode M=1 2:4 >= 1.6x dense and bitmask >= 1.4x on Llama-class shapes,
-the dispatched module >= 0.95x dense everywhere. Everything it runs lives in oneshot.kernels.bench.
+and the 2:4-int4 decode kernel (4-bit codes, M <= 16) (best tile config) and the dispatched SparseLinear,
+with GB/s against the measured copy bandwidth. A full run adds decode tokens/s of a Llama-7B-shaped model
+and SmolLM2-135M (generate() and CUDA graphs) and checks the targets (H100/H200): decode M=1 2:4 >= 1.6x
+dense and bitmask >= 1.4x on Llama-class shapes, 2:4-int4 >= 3x there at M <= 16, the dispatched module
+>= 0.95x dense everywhere. Everything it runs lives in oneshot.kernels.bench.
 
 Examples::
 

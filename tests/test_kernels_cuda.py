@@ -16,6 +16,7 @@ from torch import nn
 
 from oneshot import kernels
 from oneshot.kernels import SparseLinear, candidate_configs, compress_24, compress_bitmask
+from oneshot.kernels._common import decode_candidates
 
 pytestmark = pytest.mark.cuda
 
@@ -50,6 +51,58 @@ def test_compiled_kernels_match_reference(dtype: torch.dtype, n: int, k: int, m:
             torch.testing.assert_close(
                 y.float(), expected, rtol=tol, atol=tol * scale, msg=lambda s, c=config: f"{c}\n{s}"
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize(("n", "k", "group"), [(4096, 4096, 128), (576, 1536, 32), (1540, 1540, 128)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_compiled_int4_kernel_matches_reference(
+    dtype: torch.dtype, n: int, k: int, group: int, m: int, symmetric: bool
+) -> None:
+    """The 2:4-int4 decode kernel over every decode config the dispatcher may time (1540: a half-filled
+    metadata byte and a 4-column last group)."""
+    w24, _ = _weights(n, k, dtype, seed=n + k + m + 1)
+    weight = kernels.quantize_24_int4(w24, group, symmetric)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    expected = kernels.sparse24_int4_gemv_reference(x, weight, bias).float()
+    scale = float(expected.abs().max())
+    for config in decode_candidates(m, n, k, x.device):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        y = kernels.sparse24_int4_gemv(x, weight, bias, config=config, out=out)
+        torch.testing.assert_close(
+            y.float(), expected, rtol=tol, atol=tol * scale, msg=lambda s, c=config: f"{c}\n{s}"
+        )
+
+
+def test_dispatched_int4_layer_matches_dequantized_dense_and_captures_in_a_cuda_graph() -> None:
+    w24, _ = _weights(2048, 1024, torch.bfloat16, seed=3)
+    linear = nn.Linear(1024, 2048, bias=True, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(w24)
+    layer = SparseLinear.from_linear(linear, "2:4-int4", dispatcher=kernels.Dispatcher(reps=5, persist=False))
+    with torch.no_grad():
+        linear.weight.copy_(layer.dense())  # the dequantized dense layer
+    for m in (1, 7, 300):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y, want = layer(x), linear(x)
+        plan = layer.last_plan
+        assert plan is not None and {"dense", "decompress"} <= set(plan.timings_ms) and plan.vs_dense
+        assert plan.config is None or not plan.config.use_dot  # only the decode kernel exists
+        torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)  # plan M=1 outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y.float(), linear(x).float(), rtol=2e-2, atol=2e-2 * float(y.abs().max()))
 
 
 @pytest.mark.parametrize("fmt", ["2:4", "bitmask"])
