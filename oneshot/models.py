@@ -322,15 +322,12 @@ def check_model_folder(folder: Path) -> None:
         if not os.access(shard, os.R_OK):
             raise ModelLoadError(f"cannot read weight file {shard}: permission denied")
         if shard.suffix == ".safetensors":
-            from safetensors import safe_open
+            from oneshot.streaming import safetensors_header
 
-            try:
-                with safe_open(str(shard), "pt") as fh:
-                    fh.keys()
-            except Exception as exc:  # SafetensorError (not an OSError) on a bad or truncated file
-                raise ModelLoadError(
-                    f"weight file {shard} is corrupt or truncated ({str(exc).splitlines()[0]})"
-                ) from exc
+            try:  # the header and the file's length (no memory map: cheap, and fine under a memory limit)
+                safetensors_header(shard)
+            except ValueError as exc:
+                raise ModelLoadError(f"weight file {shard} is corrupt or truncated ({exc})") from exc
 
 
 def _check_loading_info(info: dict[str, Any], where: str) -> None:
@@ -528,6 +525,11 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the model from {folder}: {first_line(exc)}") from exc
         except RuntimeError as exc:
+            if "Cannot allocate memory" in str(exc):  # safetensors could not map a weight file
+                raise ModelLoadError(
+                    f"not enough memory to load the model from {folder} ({first_line(exc)}): stream it "
+                    "with --offload disk"
+                ) from exc
             if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
                 raise
             raise ModelLoadError(
@@ -536,6 +538,11 @@ def load_model(spec: str | None = None, *, dtype: str | torch.dtype = "float32")
         except Exception as exc:
             if type(exc).__name__ != "SafetensorError":
                 raise
+            if "Cannot allocate memory" in str(exc):
+                raise ModelLoadError(
+                    f"not enough memory to load the model from {folder} ({first_line(exc)}): stream it "
+                    "with --offload disk"
+                ) from exc
             raise ModelLoadError(
                 f"a weight file in {folder} is corrupt or truncated ({first_line(exc)})"
             ) from exc

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from oneshot import distributed
 from oneshot.config import PruneConfig, QuantConfig
 from oneshot.errors import OneshotError
 from oneshot.models import max_positions, resolve_device
@@ -619,7 +620,12 @@ def _walk(
         raise PruneError(f"seqlen {calibration.shape[1]} exceeds the model's context of {max_pos} tokens")
 
     start = time.perf_counter()
-    device = resolve_device(device)
+    device = distributed.local_device(resolve_device(device))
+    world = distributed.world_size()
+    if world > 1:  # every rank walks its share of the windows; the statistics are summed over the ranks
+        if checkpoint is not None:
+            raise distributed.DistributedError("a run of several processes cannot be checkpointed or resumed")
+        calibration = distributed.shard(calibration)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PruneError(f"batch_size must be a positive integer, got {batch_size!r}")
     if device.type == "cuda":
@@ -659,6 +665,11 @@ def _walk(
     what = f"gptq {quant.label}" if quant_only and quant is not None else f"{config.method} {config.pattern}"
 
     blocks_name, blocks = find_blocks(model)
+    if world > 1 and any(find_experts(blk, "b") for blk in blocks):
+        raise distributed.DistributedError(
+            "mixture-of-experts blocks are not supported with several processes (the ranks route their tokens "
+            "to different experts); run one process"
+        )
     if dense_target:
         moe = [j for j, blk in enumerate(blocks) if find_routers(blk, "b") or find_experts(blk, "b")]
         if moe:
@@ -726,7 +737,7 @@ def _walk(
             total=len(blocks),
             desc=what,
             unit="block",
-            disable=not progress,
+            disable=not progress or not distributed.is_main(),
             dynamic_ncols=True,
         )
         for i in bar:
@@ -765,6 +776,7 @@ def _walk(
                 outputs=reference_out if dense_target else dense_out,
             )
             for stage_targets, stats_of in stages:
+                distributed.all_reduce_stats(stats_of[n] for n in sorted(stats_of))
                 factors = (
                     _SharedFactors(
                         [stats_of[t.name] for t in stage_targets if t.name in stats_of], **obs_solve
@@ -874,6 +886,7 @@ def _walk(
                             time.perf_counter() - t_layer,
                         )
                     )
+                distributed.broadcast_weights(t.weight for t in stage_targets)  # rank 0's: the ranks agree
                 del factors, retargets, stats_of
             if missing:
                 logger.warning(
@@ -905,6 +918,7 @@ def _walk(
                         num += float((ref.float() - out.float()).pow(2).sum())
                         den += float(ref.float().pow(2).sum())
                     new_hidden.append(out.to(store))
+                num, den = distributed.all_reduce_sum([num, den])
                 output_error = num / den if den > 0 else None
                 hidden = new_hidden
                 if reference is not None:

@@ -114,6 +114,18 @@ class InputStats:
             self._cross.add_(cross)
         self.n += tokens
 
+    def all_reduce(self) -> None:
+        """Sum the running sums and the token count over the processes of the default ``torch.distributed``
+        group (`oneshot.distributed`): afterwards every rank holds the statistics of all ranks' tokens."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self._live_sum())
+        if self._cross is not None:
+            dist.all_reduce(self._cross)
+        n = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(n)
+        self.n = int(n.item())
+
     def _live_sum(self) -> Tensor:
         if self._sum is None:
             raise ValueError("InputStats: the Hessian was taken (take_hessian); these statistics are spent")

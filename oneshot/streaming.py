@@ -2,8 +2,9 @@
 
 - `StreamedModel`: the causal LM built on the ``meta`` device (buffers real), with the modules outside the
   decoder blocks (embeddings, final norm, LM head) loaded from the checkpoint; `load_block` reads one
-  block's tensors from the safetensors files (`safe_open`, the file mapped only while it is read) and
-  `release_block` puts them back on ``meta``.
+  block's tensors from the safetensors files (the header parsed, each tensor read with ``pread`` into its
+  own buffer: no memory map, so the process holds exactly one block) and `release_block` puts them back on
+  ``meta``.
 - `ShardWriter`: writes the output checkpoint tensor by tensor as blocks finish, into the shard files and
   index that ``save_pretrained(max_shard_size=...)`` would write for the same model, byte for byte: the
   shard split comes from `huggingface_hub.split_torch_state_dict_into_shards` on the skeleton's state dict
@@ -75,14 +76,84 @@ def checkpoint_tensor_files(folder: Path) -> dict[str, Path]:
         return files
     single = folder / SAFE_WEIGHTS
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {str(name): single for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        try:
+            header, _ = safetensors_header(single)
+        except (OSError, ValueError) as exc:
+            raise StreamError(f"{single} cannot be read ({exc})") from exc
+        return {str(name): single for name in header}
     raise StreamError(
         f"{folder} has no safetensors checkpoint ({SAFE_WEIGHTS} or {SAFE_INDEX}): streaming reads "
         "safetensors only; convert it or pass --offload none"
     )
+
+
+_MAX_HEADER = 100 * 2**20  # what safetensors itself accepts
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file (tensor name -> dtype, shape, data_offsets) and where its data
+    starts, read with two small reads (no memory map); ValueError for a malformed or truncated file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER:
+            raise ValueError(f"header length {n} is not plausible")
+        raw = f.read(n)
+    if len(raw) < n:
+        raise ValueError("truncated inside the header")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"the header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            lo, hi = (int(v) for v in entry["data_offsets"])
+            str(entry["dtype"])
+            [int(d) for d in entry["shape"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the header entry of {name} is malformed") from exc
+        end = max(end, hi)
+        if hi < lo:
+            raise ValueError(f"the header entry of {name} has data_offsets {lo} > {hi}")
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        raise ValueError(f"truncated: {size} bytes, the header needs {8 + n + end}")
+    return header, 8 + n
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """These tensors of one safetensors file, each read into its own buffer with ``pread`` (no memory map:
+    the process holds exactly the tensors it asked for, also under a memory limit such as RLIMIT_DATA)."""
+    header, start = safetensors_header(path)
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    out: dict[str, torch.Tensor] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name in names:
+            entry = header[name]
+            dtype = dtypes.get(str(entry["dtype"]))
+            if dtype is None:
+                raise StreamError(f"{name} in {path.name}: dtype {entry['dtype']} cannot be streamed")
+            lo, hi = (int(v) for v in entry["data_offsets"])
+            buf = bytearray(hi - lo)
+            view, done = memoryview(buf), 0
+            while done < len(buf):
+                got = os.preadv(fd, [view[done:]], start + lo + done)
+                if got <= 0:
+                    raise StreamError(f"{path} ends inside {name}")
+                done += got
+            shape = [int(d) for d in entry["shape"]]
+            tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            out[name] = tensor.reshape(shape)
+    finally:
+        os.close(fd)
+    return out
 
 
 def weight_bytes(config: Any, dtype: torch.dtype) -> int:
@@ -244,25 +315,23 @@ class StreamedModel:
         check_finite(model, f"{folder} (outside the decoder blocks)")
 
     def _read(self, names: list[str]) -> None:
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         current = self.model.state_dict(keep_vars=True)
         for path, group in by_file.items():
-            with safe_open(str(path), framework="pt") as f:  # mapped only while this block is read
-                for name in group:
-                    want = current[name]
-                    value = f.get_tensor(name)
-                    if tuple(value.shape) != tuple(want.shape):
-                        raise StreamError(
-                            f"{name} in {path.name} has shape {tuple(value.shape)}, the config says "
-                            f"{tuple(want.shape)}"
-                        )
-                    if value.is_floating_point() and value.dtype != want.dtype:
-                        value = value.to(want.dtype)
-                    _set_tensor(self.model, name, value)
+            values = _read_tensors(path, group)
+            for name in group:
+                want = current[name]
+                value = values.pop(name)
+                if tuple(value.shape) != tuple(want.shape):
+                    raise StreamError(
+                        f"{name} in {path.name} has shape {tuple(value.shape)}, the config says "
+                        f"{tuple(want.shape)}"
+                    )
+                if value.is_floating_point() and value.dtype != want.dtype:
+                    value = value.to(want.dtype)
+                _set_tensor(self.model, name, value)
 
     def load_block(self, index: int) -> nn.Module:
         """Read block ``index``'s tensors from disk into it (on the CPU); returns the block."""
@@ -283,9 +352,11 @@ class StreamedModel:
         return self.writer
 
     def store_block(self, index: int) -> None:
-        """Write block ``index`` (pruned) to the output, then release it."""
+        """Write block ``index`` (pruned) to the output, then release it (only release it without an output:
+        a worker of a multi-process run, whose rank 0 writes)."""
         if self.writer is None:
-            raise StreamError("store_block before start_output")
+            self.release_block(index)
+            return
         keep = set(self.writer.slots)
         prefix = f"{self.blocks_name}.{index}."
         tensors = {

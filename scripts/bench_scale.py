@@ -16,6 +16,15 @@ is compared byte for byte with an uninterrupted run.
     python scripts/bench_scale.py memory                 # 4096x11008 and 11008x4096, before and after
     python scripts/bench_scale.py memory --shapes 512x2048
     python scripts/bench_scale.py resume --seed 3
+    python scripts/bench_scale.py stream                 # 64 blocks, 4.3 GiB of safetensors, 1 GiB limit
+    python scripts/bench_scale.py distributed            # embedded SmolLM2, 8 x 512: 1 vs 2 gloo processes
+
+``stream``: a synthetic Llama whose safetensors are at least 4 x the memory limit imposed on the pruning
+process (``RLIMIT_DATA``: its heap and anonymous memory, where every tensor lives) is pruned with
+``--offload disk``; the same command with ``--offload none`` under the same limit shows it would not fit.
+A smaller copy (same width and seed, fewer blocks) is pruned streamed under the limit and in memory without
+it, and the outputs are compared tensor by tensor and file by file; the peak RSS of the two streamed runs
+shows what the layer count costs.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,7 +134,9 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synthetic_llama(folder: Path, layers: int, hidden: int, seed: int) -> Path:
+def _synthetic_llama(
+    folder: Path, layers: int, hidden: int, seed: int, max_shard_size: str = "50GB", name: str = "model"
+) -> Path:
     """A random Llama (``layers`` blocks of width ``hidden``) with a byte-level BPE tokenizer, saved."""
     import random
 
@@ -160,8 +172,10 @@ def _synthetic_llama(folder: Path, layers: int, hidden: int, seed: int) -> Path:
         eos_token_id=1,
         pad_token_id=1,
     )
-    model_dir = folder / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    model_dir = folder / name
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(model_dir, max_shard_size=max_shard_size)
+    del model
     fast.save_pretrained(model_dir)
     return model_dir
 
@@ -248,6 +262,226 @@ def _resume(args: argparse.Namespace) -> int:
         return 0 if same and not leftovers else 1
 
 
+# `oneshot` with the process's own resident high-water mark (VmHWM) printed to stderr at exit: the rusage
+# of a child would also count the pages it shared with this process when it was forked
+_HWM_WRAPPER = r"""
+import atexit, sys
+def _hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("\nBENCH_VMHWM %d\n" % (int(line.split()[1]) * 1024))
+atexit.register(_hwm)
+from oneshot.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _limited_run(cmd: list[str], limit: int | None, env: dict[str, str]) -> tuple[int, int, float, str]:
+    """``oneshot`` with the arguments ``cmd``, its data segment (heap and anonymous memory: every tensor)
+    limited to ``limit`` bytes (``RLIMIT_DATA``); returns exit status, its peak RSS (VmHWM, bytes), wall
+    seconds and the last line of its stderr."""
+    import resource
+
+    def limit_memory() -> None:
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _HWM_WRAPPER, *cmd],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit_memory,
+    )
+    seconds = time.perf_counter() - t0
+    peak, lines = 0, []
+    for ln in proc.stderr.splitlines():
+        if ln.startswith("BENCH_VMHWM "):
+            peak = int(ln.split()[1])
+        elif ln.strip():
+            lines.append(ln.strip())
+    return proc.returncode, peak, seconds, lines[-1] if lines else ""
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _stream(args: argparse.Namespace) -> int:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    limit = int(args.limit_gib * 2**30)
+    gib = 2**30
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        big = _synthetic_llama(tmp, args.layers, args.hidden, args.seed, max_shard_size="2GB", name="big")
+        small = _synthetic_llama(
+            tmp, args.small_layers, args.hidden, args.seed, max_shard_size="2GB", name="small"
+        )
+        size = _folder_bytes(big)
+        print(
+            f"synthetic Llama: {args.layers} blocks of width {args.hidden}, safetensors {size / gib:.2f} GiB in "
+            f"{len(list(big.glob('*.safetensors')))} shards ({time.perf_counter() - t0:.0f} s to make); "
+            f"memory limit {args.limit_gib:g} GiB (RLIMIT_DATA: heap and anonymous memory) = "
+            f"checkpoint / {size / limit:.2f}"
+        )
+        if size < 4 * limit:
+            print("the checkpoint is not 4 x the limit: raise --layers/--hidden or lower --limit-gib")
+            return 1
+
+        def prune(model: Path, out: str, offload: str) -> list[str]:
+            cmd = [
+                "prune",
+                "--model",
+                str(model),
+                "--calib",
+                str(tmp / "calib.txt"),
+            ]
+            cmd += ["--method", args.method, "--pattern", args.pattern, "--nsamples", str(args.nsamples)]
+            cmd += ["--seqlen", str(args.seqlen), "--eval-windows", "0", "-q", "--offload", offload]
+            return [*cmd, "--out", str(tmp / out)]
+
+        rows = []
+        ok = True
+        code, peak, secs, tail = _limited_run(prune(big, "big-in-memory", "none"), limit, env)
+        rows.append(
+            ("in memory", args.layers, code, peak, secs, "refused: " + tail[:90] if code else "completed")
+        )
+        code, peak_big, secs, tail = _limited_run(prune(big, "big-streamed", "disk"), limit, env)
+        ok &= code == 0
+        out_size = _folder_bytes(tmp / "big-streamed") if code == 0 else 0
+        rows.append(
+            (
+                "streamed",
+                args.layers,
+                code,
+                peak_big,
+                secs,
+                f"output {out_size / gib:.2f} GiB" if code == 0 else tail,
+            )
+        )
+        if code == 0:
+            shutil.rmtree(tmp / "big-streamed")
+        code, peak_small, secs, tail = _limited_run(prune(small, "small-streamed", "disk"), limit, env)
+        ok &= code == 0
+        rows.append(("streamed", args.small_layers, code, peak_small, secs, "" if code == 0 else tail))
+        code, peak_mem, secs, tail = _limited_run(prune(small, "small-in-memory", "none"), None, env)
+        ok &= code == 0
+        same = False
+        if ok:
+            ref, got = _tensor_bytes(tmp / "small-in-memory"), _tensor_bytes(tmp / "small-streamed")
+            same = ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
+            files = sorted(
+                p.name for p in (tmp / "small-in-memory").iterdir() if p.suffix in (".json", ".safetensors")
+            )
+            files = [f for f in files if f != "oneshot.json"]
+            identical_files = all(
+                (tmp / "small-in-memory" / f).read_bytes() == (tmp / "small-streamed" / f).read_bytes()
+                for f in files
+            )
+            rows.append(
+                (
+                    "in memory (no limit)",
+                    args.small_layers,
+                    code,
+                    peak_mem,
+                    secs,
+                    f"{len(ref)} tensors vs streamed: {'identical' if same else 'DIFFERENT'}; "
+                    f"{len(files)} files byte for byte: {'identical' if identical_files else 'DIFFERENT'}",
+                )
+            )
+            same &= identical_files
+        print()
+        print("| run | blocks | exit | peak RSS | wall | result |")
+        print("|---|---:|---:|---:|---:|---|")
+        for name, layers, code, peak, secs, what in rows:
+            print(f"| {name} | {layers} | {code} | {peak / 2**20:.0f} MiB | {secs:.0f} s | {what} |")
+        print()
+        if ok:
+            print(
+                f"peak RSS streamed: {peak_big / 2**20:.0f} MiB at {args.layers} blocks vs {peak_small / 2**20:.0f} MiB "
+                f"at {args.small_layers} blocks (checkpoints {size / gib:.2f} vs {_folder_bytes(small) / gib:.2f} GiB)"
+            )
+        return 0 if ok and same else 1
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    """One process against ``torchrun --nproc-per-node N`` (gloo, one thread each) on the same model."""
+    import torch
+    from safetensors.torch import load_file
+
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        common = [
+            "prune",
+            "--method",
+            args.method,
+            "--pattern",
+            args.pattern,
+            "--nsamples",
+            str(args.nsamples),
+        ]
+        common += ["--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows), "-q"]
+        if args.model:
+            common += ["--model", args.model]
+        runs = {}
+        for label, world in (("1 process", 1), (f"{args.nproc} processes (gloo)", args.nproc)):
+            out = tmp / f"world{world}"
+            env = {
+                **os.environ,
+                "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": str(max(1, threads // world)),
+            }
+            if world == 1:
+                cmd = [sys.executable, "-m", "oneshot", *common, "--out", str(out)]
+            else:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
+                cmd += ["--master-addr", "127.0.0.1", "--master-port", str(args.port), "-m", "oneshot"]
+                cmd += [*common, "--out", str(out)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"{label}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+                return 1
+            record = json.loads((out / "oneshot.json").read_text())
+            runs[label] = (out, seconds, record)
+        (a_dir, _, _), (b_dir, _, _) = runs.values()
+        a, b = {}, {}
+        for f in sorted(a_dir.glob("*.safetensors")):
+            a.update(load_file(f))
+        for f in sorted(b_dir.glob("*.safetensors")):
+            b.update(load_file(f))
+        masks = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)
+        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        equal = sum(torch.equal(a[k], b[k]) for k in a)
+        print(
+            f"model {args.model or 'embedded SmolLM2-135M'}; {args.method} {args.pattern}; calibration "
+            f"{args.nsamples} x {args.seqlen}; quick WikiText-2 check {args.eval_windows} windows; {threads} cores"
+        )
+        print()
+        print("| run | wall | prune time | quick ppl dense | quick ppl pruned | sparsity |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, (_, seconds, rec) in runs.items():
+            q = rec.get("quick_eval") or {}
+            dense = (q.get("dense") or {}).get("value")
+            pruned = (q.get("pruned") or {}).get("value")
+            fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            print(
+                f"| {label} | {seconds:.0f} s | {rec['prune']['total_seconds']:.0f} s | {fmt(dense)} | "
+                f"{fmt(pruned)} | {rec['prune']['zero_params'] / rec['prune']['pruned_params']:.6f} |"
+            )
+        print()
+        print(
+            f"{len(a)} tensors: {equal} bitwise equal, {masks} mask entries differ, largest weight "
+            f"difference {worst:.3g}"
+        )
+        return 0 if masks == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
@@ -273,7 +507,36 @@ def main(argv: list[str] | None = None) -> int:
     res.add_argument("--pattern", default="unstructured")
     res.add_argument("--nsamples", type=int, default=16)
     res.add_argument("--seqlen", type=int, default=128)
+    stream = sub.add_parser("stream", help="prune a checkpoint 4x the memory limit by streaming from disk")
+    stream.add_argument("--layers", type=int, default=64)
+    stream.add_argument(
+        "--small-layers", type=int, default=8, help="the smaller copy compared with the in-memory run"
+    )
+    stream.add_argument("--hidden", type=int, default=1280)
+    stream.add_argument("--limit-gib", type=float, default=1.0, help="RLIMIT_DATA of the pruning processes")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--method", default="wanda")
+    stream.add_argument("--pattern", default="unstructured")
+    stream.add_argument("--nsamples", type=int, default=8)
+    stream.add_argument("--seqlen", type=int, default=128)
+    stream.add_argument(
+        "--tmp", default=None, help="where the checkpoints go (about 3 x the checkpoint size)"
+    )
+    dist = sub.add_parser("distributed", help="torchrun --nproc-per-node N (gloo) against one process")
+    dist.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    dist.add_argument("--nproc", type=int, default=2)
+    dist.add_argument("--method", default="sparsegpt")
+    dist.add_argument("--pattern", default="unstructured")
+    dist.add_argument("--nsamples", type=int, default=8)
+    dist.add_argument("--seqlen", type=int, default=512)
+    dist.add_argument("--eval-windows", type=int, default=4)
+    dist.add_argument("--port", type=int, default=29512)
+    dist.add_argument("--tmp", default=None)
     args = parser.parse_args(argv)
+    if args.what == "distributed":
+        return _distributed(args)
+    if args.what == "stream":
+        return _stream(args)
     if args.what == "memory":
         return _memory(args)
     if args.what == "resume":

@@ -93,6 +93,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "oneshot.moe",
             "oneshot.pruner",
             "oneshot.resume",
+            "oneshot.streaming",
+            "oneshot.distributed",
             "oneshot.checks",
             "oneshot.sensitivity",
             "oneshot.allocation",

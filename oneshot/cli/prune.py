@@ -23,6 +23,7 @@ from oneshot.config import (
     RunConfig,
     parse_pattern,
 )
+from oneshot.distributed import is_worker_process
 from oneshot.errors import Interrupted
 from oneshot.runfolder import RunRecord
 
@@ -366,6 +367,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         finish=[write_card],  # the card is part of the atomic folder
         resume=args.resume,
     )
+    if is_worker_process():  # rank > 0 of a multi-process run: rank 0 wrote and reports
+        return 0
     write_run_report(result.out)
     print(summary(result.record, result.out))
     return 0

@@ -20,6 +20,7 @@ from oneshot.cli.prune import (
     write_run_report,
 )
 from oneshot.config import QuantConfig, RunConfig
+from oneshot.distributed import is_worker_process
 from oneshot.runfolder import RunRecord
 
 __all__ = ["add_parser", "run"]
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         argv=["oneshot", *argv],
         finish=[write_card],
     )
+    if is_worker_process():  # rank > 0 of a multi-process run: rank 0 wrote and reports
+        return 0
     write_run_report(result.out)
     print(summary(result.record, result.out))
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oneshot import distributed
 from oneshot.allocation import allocate, check_sensitivity
 from oneshot.checks import check_layers, check_prunable, check_quantizable, model_skeleton, prunable_layers
 from oneshot.config import AllocationConfig, PruneConfig, QuantConfig, RunConfig
@@ -438,6 +439,27 @@ def run_job(
     for these options of it, which need the whole model in memory; None: it cannot stream at all. A
     streaming job's ``operate`` gets the `StreamedModel` as ``stream=``."""
     resolve_device(run.device)  # a device this machine does not have fails now
+    if distributed.setup(run.device) > 1:
+        if resume:
+            raise RunError("--resume is not supported with several processes: resume with one process")
+        if not distributed.is_main():  # a worker: its share of the calibration, no output of its own
+            try:
+                return _run_in_slot(
+                    None,
+                    run,
+                    check=check,
+                    check_loaded=check_loaded,
+                    operate=operate,
+                    label=label,
+                    progress=False,
+                    argv=argv,
+                    finish=(),
+                    finalize=finalize,
+                    stream_blockers=stream_blockers,
+                    out=Path(out),
+                )
+            finally:
+                distributed.finish()
     try:
         slot = reserve_output(out, overwrite=overwrite, protected=_protected_paths(run), resume=resume)
     except KeyboardInterrupt as exc:
@@ -467,10 +489,11 @@ def run_job(
         raise
     finally:
         slot.release()
+        distributed.finish()
 
 
 def _run_in_slot(
-    slot: OutputSlot,
+    slot: OutputSlot | None,
     run: RunConfig,
     *,
     check: Callable[[str | None], tuple[int | None, bool]],
@@ -483,7 +506,10 @@ def _run_in_slot(
     finalize: Finalize | None,
     resume_key: dict[str, Any] | None = None,
     stream_blockers: list[str] | None = None,
+    out: Path | None = None,
 ) -> RunResult:
+    """`run_job` inside its output slot; ``slot`` None: a worker of a multi-process run (`oneshot.distributed`),
+    which calibrates on its share of the windows and writes nothing (its record goes to ``out`` unwritten)."""
     t0 = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     documents = None
@@ -526,7 +552,7 @@ def _run_in_slot(
     eval_seq = min(run.eval_seqlen or run.seqlen, max_pos or run.seqlen)
     quick = QuickEval()
     checkpoint = None
-    if resume_key is not None and slot.tmp is not None:
+    if resume_key is not None and slot is not None and slot.tmp is not None and distributed.world_size() == 1:
         import torch
         import transformers
 
@@ -543,11 +569,12 @@ def _run_in_slot(
             "perplexity needs it whole; evaluate the output with `oneshot eval` where it fits",
             run.offload,
         )
-    elif run.eval_windows > 0:
+    elif run.eval_windows > 0 and slot is not None:
         quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
     if stream is not None:
-        assert slot.tmp is not None
-        stream.start_output(slot.tmp)  # the weights outside the blocks now, each block when it is done
+        if slot is not None:
+            assert slot.tmp is not None
+            stream.start_output(slot.tmp)  # the weights outside the blocks now, each block when it is done
         fields = operate(model, calib, checkpoint, stream=stream)
     else:
         fields = operate(model, calib) if checkpoint is None else operate(model, calib, checkpoint)
@@ -571,6 +598,9 @@ def _run_in_slot(
     record.total_seconds = time.perf_counter() - t0
     if finalize is not None:
         record = finalize(record)
+    if slot is None:  # a worker: rank 0 writes
+        assert out is not None
+        return RunResult(out, record)
     assert slot.tmp is not None
     if stream is None:  # (streamed: every solve and every block output was checked finite)
         check_finite(model, f"the {label} model")  # never save NaN, whatever the quick check did or skipped

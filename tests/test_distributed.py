@@ -1,0 +1,121 @@
+"""Several processes (#15 item 3): ``torchrun --nproc-per-node 2 -m oneshot prune`` with gloo on the CPU gives
+the single-process result to fp32 reduction tolerance (masks identical), and rank 0 alone writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oneshot.cli import main
+from oneshot.runfolder import RUN_FILE
+from tests.conftest import tiny_llama_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tiny_tokenizer), num_hidden_layers=3))
+    path = tmp_path_factory.mktemp("tiny-llama-3")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _prune_args(model: Path, calib: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "prune",
+        "--model",
+        str(model),
+        "--calib",
+        str(calib),
+        "--nsamples",
+        "6",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-windows",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
+
+
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "oneshot", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--method", "sparsegpt"],
+        ["--method", "wanda", "--pattern", "2:4"],
+        ["--method", "sparsegpt", "--target", "dense", "--offload", "disk"],
+    ],
+)
+def test_two_processes_prune_like_one(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, options: list[str]
+) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_prune_args(model_dir, calib_txt, data_dir, one, *options)) == 0
+    proc = _torchrun(_prune_args(model_dir, calib_txt, data_dir, two, *options), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("achieved sparsity") == 1  # rank 0 alone reports
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name] == 0, b[name] == 0), f"{name}: masks differ"
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    rec_one, rec_two = (json.loads((d / RUN_FILE).read_text()) for d in (one, two))
+    assert rec_two["prune"]["zero_params"] == rec_one["prune"]["zero_params"]
+    assert rec_two["calibration"] == rec_one["calibration"]  # the whole calibration set, not a rank's share
+    errors = [
+        (x["output_error"], y["output_error"])
+        for x, y in zip(rec_one["prune"]["blocks"], rec_two["prune"]["blocks"])
+    ]
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in errors), errors  # reduced over the ranks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing else written by a worker
+
+
+def test_too_few_windows_and_resume_are_refused(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path
+) -> None:
+    args = _prune_args(model_dir, calib_txt, data_dir, tmp_path / "out")
+    args[args.index("--nsamples") + 1] = "1"
+    proc = _torchrun(args, cwd=tmp_path)
+    assert proc.returncode != 0 and "cannot be split over 2 processes" in proc.stderr
+    proc = _torchrun(
+        [*_prune_args(model_dir, calib_txt, data_dir, tmp_path / "out2"), "--resume"], cwd=tmp_path
+    )
+    assert proc.returncode != 0 and "--resume is not supported with several processes" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
