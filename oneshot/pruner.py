@@ -269,6 +269,21 @@ class _DenseTargetMaps:
         return out
 
 
+@dataclass
+class _Solved:
+    """One matrix's outcome: the new weight (None when kept dense), its pruned zeros, losses and the grid of
+    a quantized run; what `oneshot.distributed.exchange` sends from the rank that solved it to the others."""
+
+    weight: torch.Tensor | None
+    zeros: int
+    loss: float | None
+    qloss: float | None
+    grid: QuantizedWeight | None
+    uncalibrated: bool = False
+    dense: bool = False  # uncalibrated and kept dense (--uncalibrated dense)
+    seconds: float = 0.0
+
+
 class _StageDone(Exception):
     """Raised by a hook once every layer of the current stage has seen its input: the rest of the block
     forward is not needed for that stage's statistics."""
@@ -777,22 +792,31 @@ def _walk(
             )
             for stage_targets, stats_of in stages:
                 distributed.all_reduce_stats(stats_of[n] for n in sorted(stats_of))
+                # several processes: each solves its share of the stage (layers reading one input together)
+                owner = distributed.assign_solves(
+                    [(t.name, tuple(t.weight.shape)) for t in stage_targets],
+                    lambda name, _s=stats_of: id(_s[name]) if name in _s else None,  # type: ignore[misc]
+                )
+                mine = [t for t in stage_targets if owner[t.name] == distributed.rank()]
                 factors = (
-                    _SharedFactors(
-                        [stats_of[t.name] for t in stage_targets if t.name in stats_of], **obs_solve
-                    )
+                    _SharedFactors([stats_of[t.name] for t in mine if t.name in stats_of], **obs_solve)
                     if obs_solve is not None
                     else None
                 )
                 retargets = (
                     _DenseTargetMaps(
-                        [stats_of[t.name] for t in stage_targets if t.name in stats_of],
-                        damp=config.target_damp,
+                        [stats_of[t.name] for t in mine if t.name in stats_of], damp=config.target_damp
                     )
                     if dense_target
                     else None
                 )
-                for target in stage_targets:
+
+                def solve_target(
+                    target: Target,
+                    stats_of: dict[str, InputStats],
+                    factors: _SharedFactors | None,
+                    retargets: _DenseTargetMaps | None,
+                ) -> _Solved:
                     t_layer = time.perf_counter()
                     stats = stats_of.get(target.name)
                     weight = target.weight
@@ -804,11 +828,8 @@ def _walk(
                         stats is None or stats.n == 0
                     )
                     if uncalibrated:
-                        missing.append(target.name)
                         if config.uncalibrated == "dense":
-                            plan.dense.append(_dense(target.name, weight.numel(), DENSE_UNCALIBRATED))
-                            continue
-                        report.uncalibrated.append(target.name)
+                            return _Solved(None, 0, None, None, None, uncalibrated=True, dense=True)
                         result = (
                             PruneResult(weight, weight == 0, None)
                             if quant_only
@@ -851,16 +872,41 @@ def _walk(
                             f"pruning {target.name} produced NaN/Inf weights (overflow in {weight.dtype}?): "
                             "try --dtype float32 or more --damp; nothing was written"
                         )
-                    target.write(result.weight)
-                    report.pruned_params += weight.numel()
-                    report.zero_params += zeros
+                    q = result.quant
+                    grid = (
+                        QuantizedWeight(q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), q.scheme)
+                        if qrec is not None and scheme is not None and q is not None
+                        else None
+                    )
                     loss = None if result.loss is None else float(result.loss)
-                    if qrec is not None and scheme is not None and result.quant is not None:
-                        q = result.quant
-                        qweights[target.name] = QuantizedWeight(
-                            q.codes.cpu(), q.scales.cpu(), q.zeros.cpu(), q.g_idx.cpu(), q.scheme
-                        )
-                        rounded = int((result.weight == 0).sum()) - zeros
+                    seconds = time.perf_counter() - t_layer
+                    return _Solved(
+                        result.weight, zeros, loss, qloss, grid, uncalibrated=uncalibrated, seconds=seconds
+                    )
+
+                def apply(
+                    target: Target,
+                    solved: _Solved,
+                    plan: BlockPlan,
+                    missing: list[str],
+                    block_layers: list[LayerReport],
+                ) -> None:
+                    nonlocal block_rounded, block_loss, qbits
+                    weight = target.weight
+                    if solved.uncalibrated:
+                        missing.append(target.name)
+                    if solved.dense:
+                        plan.dense.append(_dense(target.name, weight.numel(), DENSE_UNCALIBRATED))
+                        return
+                    if solved.uncalibrated:
+                        report.uncalibrated.append(target.name)
+                    assert solved.weight is not None
+                    target.write(solved.weight)
+                    report.pruned_params += weight.numel()
+                    report.zero_params += solved.zeros
+                    if qrec is not None and scheme is not None and solved.grid is not None:
+                        qweights[target.name] = solved.grid
+                        rounded = int((solved.weight == 0).sum()) - solved.zeros
                         block_rounded += rounded
                         rows, cols = weight.shape
                         qbits += packed_bits(rows, cols, scheme)
@@ -868,25 +914,31 @@ def _walk(
                         qrec.rounded_to_zero += rounded
                         qrec.dense_bytes += weight.numel() * weight.element_size()
                         qrec.layers.append(
-                            QuantLayer(
-                                target.name,
-                                (rows, cols),
-                                qloss,
-                                time.perf_counter() - t_layer,
-                                rounded,
-                            )
+                            QuantLayer(target.name, (rows, cols), solved.qloss, solved.seconds, rounded)
                         )
-                    block_loss += loss or 0.0
+                    block_loss += solved.loss or 0.0
                     block_layers.append(
                         LayerReport(
                             target.name,
                             (weight.shape[0], weight.shape[1]),
-                            zeros / weight.numel(),
-                            loss,
-                            time.perf_counter() - t_layer,
+                            solved.zeros / weight.numel(),
+                            solved.loss,
+                            solved.seconds,
                         )
                     )
-                distributed.broadcast_weights(t.weight for t in stage_targets)  # rank 0's: the ranks agree
+
+                if world == 1:
+                    for target in stage_targets:  # solved and written one by one
+                        solved = solve_target(target, stats_of, factors, retargets)
+                        apply(target, solved, plan, missing, block_layers)
+                else:  # every rank solves its own layers, then each result goes from its owner to all
+                    done = {t.name: solve_target(t, stats_of, factors, retargets) for t in mine}
+                    for target in stage_targets:
+                        got = distributed.exchange(
+                            done.get(target.name), owner[target.name], target.weight, _Solved
+                        )
+                        apply(target, got, plan, missing, block_layers)
+                    del done
                 del factors, retargets, stats_of
             if missing:
                 logger.warning(
@@ -918,7 +970,7 @@ def _walk(
                         num += float((ref.float() - out.float()).pow(2).sum())
                         den += float(ref.float().pow(2).sum())
                     new_hidden.append(out.to(store))
-                num, den = distributed.all_reduce_sum([num, den])
+                num, den = distributed.all_reduce_sum([num, den], device)
                 output_error = num / den if den > 0 else None
                 hidden = new_hidden
                 if reference is not None:

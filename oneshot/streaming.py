@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -114,13 +115,18 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     for name, entry in header.items():
         try:
             lo, hi = (int(v) for v in entry["data_offsets"])
-            str(entry["dtype"])
-            [int(d) for d in entry["shape"]]
+            dtype = str(entry["dtype"])
+            shape = [int(d) for d in entry["shape"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"the header entry of {name} is malformed") from exc
         end = max(end, hi)
-        if hi < lo:
-            raise ValueError(f"the header entry of {name} has data_offsets {lo} > {hi}")
+        if hi < lo or lo < 0:
+            raise ValueError(f"the header entry of {name} has data_offsets [{lo}, {hi}]")
+        bits = _ST_BITS.get(dtype)
+        if bits is not None and (hi - lo) * 8 != math.prod(shape) * bits:
+            raise ValueError(
+                f"{name} holds {hi - lo} bytes, its dtype {dtype} and shape {shape} need another size"
+            )
     size = path.stat().st_size
     if size < 8 + n + end:
         raise ValueError(f"truncated: {size} bytes, the header needs {8 + n + end}")
@@ -200,7 +206,9 @@ def plan_offload(
     if mode == "none":
         return OffloadPlan(False, "--offload none")
     if mode == "auto":
-        need, free = weight_bytes(config, dtype), available_ram()
+        # several processes on one machine (torchrun) each hold the model: each gets its share of the RAM
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        need, free = weight_bytes(config, dtype), available_ram() // local
         if need == 0 or free == 0 or need <= share * free:
             return OffloadPlan(
                 False, f"--offload auto: weights {_gib(need)} fit {share:g} x available {_gib(free)}"
@@ -228,17 +236,24 @@ def _gib(n: int) -> str:
 
 
 def _skeleton(config: Any, dtype: torch.dtype, *, check: bool = True) -> nn.Module | None:
-    """The causal LM of ``config`` with its parameters on ``meta`` and its buffers real (rotary tables)."""
-    from accelerate import init_empty_weights
+    """The causal LM of ``config`` with its parameters on ``meta`` (never allocated) and its non-persistent
+    buffers real, computed as ``from_pretrained`` computes them (built on ``meta``, the buffers put back on
+    the CPU and initialised by the model's own ``initialize_weights``, which skips the parameters)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device("meta"):
+            model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for name, buf in list(model.named_non_persistent_buffers()):
+            _set_tensor(model, name, torch.empty_like(buf, device="cpu"))
+        for p in model.parameters():
+            p._is_hf_initialized = True  # nothing to initialise: the checkpoint's values come later
+        model.initialize_weights()
     except Exception as exc:
         if not check:
             return None
         raise StreamError(f"cannot build {type(config).__name__} without weights: {exc}") from exc
+    return cast(nn.Module, model)
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -262,6 +277,7 @@ class StreamedModel:
     def __init__(self, folder: Path, config: Any, dtype: torch.dtype) -> None:
         from oneshot.walker import find_blocks
 
+        _bound_heap()
         self.folder = folder
         self.dtype = dtype
         self.writer: ShardWriter | None = None
@@ -294,14 +310,17 @@ class StreamedModel:
                 outside.append(name)
         tied = set(_tied_targets(model))
         wanted = {n for n in state if n not in tied}
+        for name in [n for n in self.files if n not in state and _ignored_on_load(model, n)]:
+            del self.files[name]  # what from_pretrained drops too (e.g. old per-layer rotary_emb.inv_freq)
         missing = sorted(n for n in wanted if n not in self.files and not _is_nonpersistent(model, n))
         unexpected = sorted(n for n in self.files if n not in state)
         if missing or unexpected:
             what = missing or unexpected
+            moe = " (mixture-of-experts models fuse their experts on load)" if _has_experts(model) else ""
             raise StreamError(
                 f"the tensor names in {folder} are not the model's own ({len(missing)} missing, "
-                f"{len(unexpected)} unknown, e.g. {what[0]}): this checkpoint needs weight-name conversion "
-                "on load, which streaming does not do; pass --offload none"
+                f"{len(unexpected)} unknown, e.g. {what[0]}): this checkpoint needs weight conversion on "
+                f"load{moe}, which streaming does not do; pass --offload none"
             )
         self._read([n for n in outside if n in self.files])
         model.tie_weights()
@@ -378,14 +397,21 @@ class StreamedModel:
             self.model.generation_config.save_pretrained(self.writer.folder)
 
     def release_block(self, index: int) -> None:
-        """Put block ``index``'s parameters back on ``meta`` (their memory is freed)."""
+        """Put block ``index``'s parameters back on ``meta`` and hand the freed memory back to the system."""
         block = self.blocks[index]
-        for module in block.modules():
+        loaded = set(self.block_names[index])  # what load_block read: parameters and persistent buffers
+        prefix = f"{self.blocks_name}.{index}."
+        for rel, module in block.named_modules():
+            base = prefix + (f"{rel}." if rel else "")
             for attr, p in list(module._parameters.items()):
                 if p is not None and not p.is_meta:
                     module._parameters[attr] = nn.Parameter(
                         torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad
                     )
+            for attr, b in list(module._buffers.items()):
+                if b is not None and not b.is_meta and base + attr in loaded and base + attr in self.files:
+                    module._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+        _trim_heap()
 
 
 def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -401,12 +427,62 @@ def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(revert_weight_conversion(cast(Any, model), state))
 
 
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+            _LIBC.mallopt  # noqa: B018
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def _bound_heap() -> None:
+    """glibc raises its mmap threshold to the largest block freed so far (up to 32 MB), after which tensors
+    of a block come from its heap, which fragments as every block brings new ones: the process grew by about
+    20 MB a block at width 1280. A fixed threshold of 1 MiB keeps every tensor in its own mapping, returned
+    to the system when it is freed, so the footprint stays that of one block whatever the layer count."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``)."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def _tied_targets(model: nn.Module) -> list[str]:
     """State-dict names that are tied to another weight and never saved (``lm_head.weight`` when tied)."""
     keys = getattr(model, "all_tied_weights_keys", None)
     if isinstance(keys, dict):
         return [str(k) for k in keys]
     return []
+
+
+def _ignored_on_load(model: nn.Module, name: str) -> bool:
+    """Checkpoint tensors ``from_pretrained`` ignores: the model's ``_keys_to_ignore_on_load_unexpected``
+    patterns and the per-layer ``rotary_emb.inv_freq`` of checkpoints from before transformers 4.31."""
+    import re
+
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    return name.endswith("rotary_emb.inv_freq") or any(re.search(p, name) for p in patterns)
+
+
+def _has_experts(model: nn.Module) -> bool:
+    from oneshot.moe import find_experts
+
+    return bool(find_experts(model, "model"))
 
 
 def _is_nonpersistent(model: nn.Module, name: str) -> bool:
@@ -461,6 +537,25 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 _DTYPE_ORDER: list[str] | None = None
+# bits per element of safetensors' dtype names (the size check of a header entry; others are not checked)
+_ST_BITS = {
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F32": 32,
+    "I32": 32,
+    "U32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I16": 16,
+    "U16": 16,
+    "I8": 8,
+    "U8": 8,
+    "BOOL": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+}
 
 
 def _dtype_order() -> list[str]:
@@ -544,16 +639,17 @@ class ShardWriter:
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write these tensors (any device) at their places; each name once."""
         by_file: dict[Path, list[tuple[_Slot, torch.Tensor]]] = {}
+        name_of: dict[int, str] = {}
         for name, t in tensors.items():
             slot = self.slots.get(name)
             if slot is None:
                 raise StreamError(f"{name} is not a tensor of the checkpoint being written")
+            name_of[id(slot)] = name
             if t.dtype != slot.dtype or tuple(t.shape) != slot.shape:
                 raise StreamError(
                     f"{name}: {t.dtype} {tuple(t.shape)} written where {slot.dtype} {slot.shape} is due"
                 )
             by_file.setdefault(slot.path, []).append((slot, t))
-            self.written.add(name)
         for path, items in by_file.items():
             fd = os.open(path, os.O_WRONLY)
             try:
@@ -563,6 +659,7 @@ class ShardWriter:
                     view = memoryview(cast(Any, data))
                     while done < slot.nbytes:
                         done += os.pwrite(fd, view[done:], slot.offset + done)
+                    self.written.add(name_of[id(slot)])
             finally:
                 os.close(fd)
 

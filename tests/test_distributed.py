@@ -101,7 +101,7 @@ def test_two_processes_prune_like_one(
     assert rec_two["calibration"] == rec_one["calibration"]  # the whole calibration set, not a rank's share
     errors = [
         (x["output_error"], y["output_error"])
-        for x, y in zip(rec_one["prune"]["blocks"], rec_two["prune"]["blocks"])
+        for x, y in zip(rec_one["prune"]["blocks"], rec_two["prune"]["blocks"], strict=True)
     ]
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in errors), errors  # reduced over the ranks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing else written by a worker
@@ -119,3 +119,59 @@ def test_too_few_windows_and_resume_are_refused(
     )
     assert proc.returncode != 0 and "--resume is not supported with several processes" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_rank_that_fails_stops_the_run_with_its_message(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path
+) -> None:
+    """An error on one rank only (here rank 1 at block 1) must end the run at once with that error, not
+    leave the other rank waiting in a collective until it times out."""
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(
+        "import os, sys\n"
+        "import oneshot.pruner as pruner\n"
+        "from oneshot.cli import main\n"
+        "real = pruner.plan_block\n"
+        "def plan_block(block, prefix, ignore):\n"
+        "    if os.environ.get('RANK') == '1' and prefix.endswith('.1'):\n"
+        "        raise pruner.PruneError('injected failure on rank 1')\n"
+        "    return real(block, prefix, ignore)\n"
+        "pruner.plan_block = plan_block\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+    ]
+    cmd += ["--master-port", str(_free_port()), str(script)]
+    cmd += _prune_args(model_dir, calib_txt, data_dir, tmp_path / "out")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_solves_are_divided_and_shared_inputs_stay_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oneshot import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    layers = [
+        ("q", (64, 64)),
+        ("k", (32, 64)),
+        ("v", (32, 64)),
+        ("o", (64, 64)),
+        ("gate", (172, 64)),
+        ("up", (172, 64)),
+        ("down", (64, 172)),
+    ]
+    reads = {"q": "x", "k": "x", "v": "x", "o": "a", "gate": "h", "up": "h", "down": "m"}
+    owner = distributed.assign_solves(layers, lambda name: reads[name])
+    assert owner["q"] == owner["k"] == owner["v"] and owner["gate"] == owner["up"]
+    assert set(owner.values()) == {0, 1}  # both ranks solve
+    assert owner["down"] != owner["gate"]  # the two largest groups go to different ranks

@@ -66,7 +66,9 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (RUN_FILE, "README.md") and p.relative_to(folder).parts[0] != "report"
+        if p.is_file()
+        and p.name not in (RUN_FILE, "README.md")
+        and p.relative_to(folder).parts[0] != "report"
     }
 
 
@@ -112,7 +114,9 @@ def test_header_matches_safetensors_for_mixed_dtypes(tmp_path: Path) -> None:
 
 
 def test_unwritten_or_wrong_tensors_are_refused(tmp_path: Path) -> None:
-    writer = ShardWriter(tmp_path, {"a": torch.empty(2, 3, device="meta"), "b": torch.empty(4, device="meta")})
+    writer = ShardWriter(
+        tmp_path, {"a": torch.empty(2, 3, device="meta"), "b": torch.empty(4, device="meta")}
+    )
     with pytest.raises(StreamError, match="is due"):
         writer.write({"a": torch.zeros(3, 2)})
     with pytest.raises(StreamError, match="not a tensor"):
@@ -138,7 +142,9 @@ def test_streamed_model_holds_one_block_and_writes_what_save_pretrained_writes(
     out = tmp_path / "streamed"
     out.mkdir()
     stream.writer = ShardWriter(out, saved_state(stream.model), max_shard_size="100KB")
-    stream.writer.write({n: t for n, t in saved_state(stream.model).items() if not n.startswith("model.layers.")})
+    stream.writer.write(
+        {n: t for n, t in saved_state(stream.model).items() if not n.startswith("model.layers.")}
+    )
     for i in reversed(range(LAYERS)):  # any order
         block = stream.load_block(i)
         assert materialised() == [i]
@@ -228,7 +234,9 @@ def test_auto_streams_when_the_weights_exceed_the_share_of_ram(
     assert main(_args(model_dir, calib_txt, data_dir, out)) == 0
     assert json.loads((out / RUN_FILE).read_text())["prune"]["streamed"] is True
     # an option that needs the whole model is then one clear line, nothing written
-    code = main(_args(model_dir, calib_txt, data_dir, tmp_path / "export", "--pattern", "2:4", "--export", "2:4"))
+    code = main(
+        _args(model_dir, calib_txt, data_dir, tmp_path / "export", "--pattern", "2:4", "--export", "2:4")
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--export 2:4 needs the whole model" in err and "--offload none" in err
@@ -255,11 +263,15 @@ def _foreign_names(tmp_path: Path, model_dir: Path) -> Path:
 @pytest.mark.parametrize(
     ("case", "extra", "message"),
     [
-        ("export", ["--pattern", "2:4", "--export", "2:4"], "--offload disk cannot be combined with --export 2:4"),
+        (
+            "export",
+            ["--pattern", "2:4", "--export", "2:4"],
+            "--offload disk cannot be combined with --export 2:4",
+        ),
         ("self", ["--calib", "self"], "--calib self"),
         ("owl", ["--allocation", "owl"], "--allocation owl"),
         ("hub", ["--model", "someone/some-model"], "cannot stream 'someone/some-model' from the Hub"),
-        ("names", [], "weight-name conversion"),
+        ("names", [], "needs weight conversion on load"),
         ("share", ["--offload-share", "1.5"], "--offload-share must be in (0, 1]"),
         ("mode", ["--offload", "ram"], "unknown --offload 'ram'"),
     ],
@@ -278,7 +290,9 @@ def test_what_cannot_stream_is_one_clear_line(
     if case == "hub":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setattr("oneshot.jobs.prune.load_model_config", lambda spec: None)
-        monkeypatch.setattr("oneshot.jobs.prune.plan_offload", lambda *a, **k: streaming.OffloadPlan(True, "test"))
+        monkeypatch.setattr(
+            "oneshot.jobs.prune.plan_offload", lambda *a, **k: streaming.OffloadPlan(True, "test")
+        )
         monkeypatch.setattr("oneshot.jobs.prune.check_prunable", lambda config, spec: (None, True))
     model = _foreign_names(tmp_path, model_dir) if case == "names" else model_dir
     out = tmp_path / "out"
@@ -304,3 +318,80 @@ def test_jobs_that_cannot_stream_refuse_disk(
     err = capsys.readouterr().err
     assert code == 2 and "--offload disk is not supported by this job" in err, err
     assert not out.exists()
+
+
+def test_quantize_streams_to_the_bytes_of_the_run_in_memory(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outs = {}
+    for offload in ("none", "disk"):
+        args = _args(model_dir, calib_txt, data_dir, tmp_path / offload, "--offload", offload)
+        args[0] = "quantize"
+        args[1:1] = [str(args.pop(args.index("--model") + 1))]  # the model is positional
+        args.remove("--model")
+        args += ["--scheme", "w4a16", "--group-size", "32"]
+        assert main(args) == 0, capsys.readouterr().err
+        outs[offload] = tmp_path / offload
+    _assert_same_files(outs["none"], outs["disk"])
+
+
+def _rewrite_shard(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the first shard of a copied model folder through ``change(tensors) -> tensors``."""
+    import struct
+
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header = change(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_a_corrupt_shard_is_one_line_before_any_block(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+
+    def shorten(header):  # type: ignore[no-untyped-def]
+        name = next(k for k in header if k != "__metadata__")
+        lo, hi = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [lo, hi - 4]
+        return header
+
+    _rewrite_shard(broken, shorten)
+    for offload in ("none", "disk"):
+        out = tmp_path / f"out-{offload}"
+        code = main(_args(broken, calib_txt, data_dir, out, "--offload", offload))
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "corrupt or truncated" in err and "need another size" in err, err
+        assert not out.exists()
+
+
+def test_tensors_from_pretrained_ignores_do_not_stop_streaming(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path
+) -> None:
+    """Checkpoints from before transformers 4.31 carry a rotary_emb.inv_freq per layer, which loading drops."""
+    import shutil
+
+    old = tmp_path / "old-layout"
+    shutil.copytree(model_dir, old)
+    shard = sorted(old.glob("*.safetensors"))[0]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = old / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.self_attn.rotary_emb.inv_freq"] = shard.name
+    index.write_text(json.dumps(data))
+    ref, out = tmp_path / "ref", tmp_path / "streamed"
+    assert main(_args(old, calib_txt, data_dir, ref, "--offload", "none")) == 0
+    assert main(_args(old, calib_txt, data_dir, out, "--offload", "disk")) == 0
+    _assert_same_files(ref, out)

@@ -369,6 +369,7 @@ def run_prune(
         operate=operate,
         label="pruned",
         stream_blockers=blockers,
+        parallel=True,
         overwrite=overwrite,
         progress=progress,
         argv=argv,
@@ -423,6 +424,7 @@ def run_job(
     resume: bool = False,
     resume_key: dict[str, Any] | None = None,
     stream_blockers: list[str] | None = None,
+    parallel: bool = False,
 ) -> RunResult:
     """The frame every model-changing job shares: take the output, read the data, ``check`` the model spec
     (its config and a weightless skeleton: returns the context length and whether the layer checks ran),
@@ -437,9 +439,13 @@ def run_job(
 
     ``stream_blockers``: the job can stream the blocks from disk (``run.offload``, `oneshot.streaming`) but
     for these options of it, which need the whole model in memory; None: it cannot stream at all. A
-    streaming job's ``operate`` gets the `StreamedModel` as ``stream=``."""
+    streaming job's ``operate`` gets the `StreamedModel` as ``stream=``. ``parallel``: ``operate`` is the
+    block walk, which several processes share (`oneshot.distributed`); other jobs refuse them."""
     resolve_device(run.device)  # a device this machine does not have fails now
     if distributed.setup(run.device) > 1:
+        if not parallel:
+            distributed.finish()
+            raise RunError(f"the {label} job runs in one process; start it without torchrun")
         if resume:
             raise RunError("--resume is not supported with several processes: resume with one process")
         if not distributed.is_main():  # a worker: its share of the calibration, no output of its own

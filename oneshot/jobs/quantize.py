@@ -105,7 +105,9 @@ def run_quantize(
         raise RunError("--export writes sparse formats; use `oneshot export RUN_DIR` for quantized formats")
     source = source_record(run.model)
 
-    def operate(model: Any, calib: Any, stream: StreamedModel | None = None) -> dict[str, Any]:
+    def operate(
+        model: Any, calib: Any, checkpoint: Any = None, stream: StreamedModel | None = None
+    ) -> dict[str, Any]:  # (quantize runs are not checkpointed: no resume key)
         q = quantize(
             model,
             calib,
@@ -130,4 +132,5 @@ def run_quantize(
         finish=finish,
         finalize=lambda record: _merge(record, source),
         stream_blockers=["--calib self"] if str(run.calib).strip().lower() == "self" else [],
+        parallel=True,
     )
