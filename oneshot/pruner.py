@@ -795,7 +795,7 @@ def _walk(
                 # several processes: each solves its share of the stage (layers reading one input together)
                 owner = distributed.assign_solves(
                     [(t.name, tuple(t.weight.shape)) for t in stage_targets],
-                    lambda name, _s=stats_of: id(_s[name]) if name in _s else None,  # type: ignore[misc]
+                    {name: id(st) for name, st in stats_of.items()}.get,  # which layers share an input
                 )
                 mine = [t for t in stage_targets if owner[t.name] == distributed.rank()]
                 factors = (
@@ -929,8 +929,13 @@ def _walk(
 
                 if world == 1:
                     for target in stage_targets:  # solved and written one by one
-                        solved = solve_target(target, stats_of, factors, retargets)
-                        apply(target, solved, plan, missing, block_layers)
+                        apply(
+                            target,
+                            solve_target(target, stats_of, factors, retargets),
+                            plan,
+                            missing,
+                            block_layers,
+                        )
                 else:  # every rank solves its own layers, then each result goes from its owner to all
                     done = {t.name: solve_target(t, stats_of, factors, retargets) for t in mine}
                     for target in stage_targets:

@@ -407,12 +407,31 @@ def _stream(args: argparse.Namespace) -> int:
         return 0 if ok and same else 1
 
 
-def _distributed(args: argparse.Namespace) -> int:
-    """One process against ``torchrun --nproc-per-node N`` (gloo, one thread each) on the same model."""
-    import torch
+def _load_tensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
+    out: dict = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _compare(a: dict, b: dict) -> str:
+    import torch
+
+    masks = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)
+    equal = sum(torch.equal(a[k], b[k]) for k in a)
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return f"{equal} of {len(a)} tensors bitwise equal, {masks:,} mask entries differ, largest difference {worst:.3g}"
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    """N processes (gloo, cores / N threads each) against one process, with the default batching and with the
+    ranks' own (their batch of windows per forward and their thread count), on the same model."""
     threads = os.cpu_count() or 1
+    per_rank = -(-args.nsamples // args.nproc)
+    rank_batch = min(args.batch_size, per_rank)
+    rank_threads = max(1, threads // args.nproc)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         common = [
@@ -427,59 +446,64 @@ def _distributed(args: argparse.Namespace) -> int:
         common += ["--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows), "-q"]
         if args.model:
             common += ["--model", args.model]
-        runs = {}
-        for label, world in (("1 process", 1), (f"{args.nproc} processes (gloo)", args.nproc)):
-            out = tmp / f"world{world}"
-            env = {
-                **os.environ,
-                "TOKENIZERS_PARALLELISM": "false",
-                "OMP_NUM_THREADS": str(max(1, threads // world)),
-            }
+        plan = [
+            ("1 process", 1, args.batch_size, threads),
+            (
+                f"1 process, batch {rank_batch}, {rank_threads} thread(s) (as each rank)",
+                1,
+                rank_batch,
+                rank_threads,
+            ),
+            (
+                f"{args.nproc} processes (gloo), {rank_threads} thread(s) each",
+                args.nproc,
+                args.batch_size,
+                rank_threads,
+            ),
+        ]
+        runs = []
+        for label, world, batch, nthreads in plan:
+            out = tmp / f"run{len(runs)}"
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(nthreads)}
+            cmd = [*common, "--batch-size", str(batch), "--out", str(out)]
             if world == 1:
-                cmd = [sys.executable, "-m", "oneshot", *common, "--out", str(out)]
+                cmd = [sys.executable, "-m", "oneshot", *cmd]
             else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
-                cmd += ["--master-addr", "127.0.0.1", "--master-port", str(args.port), "-m", "oneshot"]
-                cmd += [*common, "--out", str(out)]
+                launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
+                launch += ["--master-addr", "127.0.0.1", "--master-port", str(args.port), "-m", "oneshot"]
+                cmd = [*launch, *cmd]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             seconds = time.perf_counter() - t0
             if proc.returncode != 0:
                 print(f"{label}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
                 return 1
-            record = json.loads((out / "oneshot.json").read_text())
-            runs[label] = (out, seconds, record)
-        (a_dir, _, _), (b_dir, _, _) = runs.values()
-        a, b = {}, {}
-        for f in sorted(a_dir.glob("*.safetensors")):
-            a.update(load_file(f))
-        for f in sorted(b_dir.glob("*.safetensors")):
-            b.update(load_file(f))
-        masks = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)
-        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-        equal = sum(torch.equal(a[k], b[k]) for k in a)
+            runs.append((label, seconds, json.loads((out / "oneshot.json").read_text()), _load_tensors(out)))
         print(
             f"model {args.model or 'embedded SmolLM2-135M'}; {args.method} {args.pattern}; calibration "
-            f"{args.nsamples} x {args.seqlen}; quick WikiText-2 check {args.eval_windows} windows; {threads} cores"
+            f"{args.nsamples} x {args.seqlen}, --batch-size {args.batch_size}; quick WikiText-2 check "
+            f"{args.eval_windows} windows; {threads} cores"
         )
         print()
         print("| run | wall | prune time | quick ppl dense | quick ppl pruned | sparsity |")
         print("|---|---:|---:|---:|---:|---:|")
-        for label, (_, seconds, rec) in runs.items():
+        for label, seconds, rec, _ in runs:
             q = rec.get("quick_eval") or {}
-            dense = (q.get("dense") or {}).get("value")
-            pruned = (q.get("pruned") or {}).get("value")
+            dense, pruned = (q.get("dense") or {}).get("value"), (q.get("pruned") or {}).get("value")
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            sparsity = rec["prune"]["zero_params"] / rec["prune"]["pruned_params"]
             print(
                 f"| {label} | {seconds:.0f} s | {rec['prune']['total_seconds']:.0f} s | {fmt(dense)} | "
-                f"{fmt(pruned)} | {rec['prune']['zero_params'] / rec['prune']['pruned_params']:.6f} |"
+                f"{fmt(pruned)} | {sparsity:.6f} |"
             )
         print()
+        same = _compare(runs[1][3], runs[2][3])
+        print(f"- {runs[2][0]} vs {runs[1][0]}: {same}")
+        print(f"- {runs[2][0]} vs {runs[0][0]}: {_compare(runs[0][3], runs[2][3])}")
         print(
-            f"{len(a)} tensors: {equal} bitwise equal, {masks} mask entries differ, largest weight "
-            f"difference {worst:.3g}"
+            f"- {runs[1][0]} vs {runs[0][0]} (fp32 reassociation alone): {_compare(runs[0][3], runs[1][3])}"
         )
-        return 0 if masks == 0 else 1
+        return 0 if same.startswith(f"{len(runs[1][3])} of") else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--nsamples", type=int, default=8)
     dist.add_argument("--seqlen", type=int, default=512)
     dist.add_argument("--eval-windows", type=int, default=4)
+    dist.add_argument("--batch-size", type=int, default=8)
     dist.add_argument("--port", type=int, default=29512)
     dist.add_argument("--tmp", default=None)
     args = parser.parse_args(argv)

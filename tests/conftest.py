@@ -128,3 +128,28 @@ def smollm2():
         return load_model(None)
     except ModelLoadError as exc:
         pytest.skip(str(exc))
+
+
+def prune_args(model: Path, calib: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`oneshot prune` on a tiny model: 6 windows of 32 tokens in batches of 2, no quick check, quiet."""
+    return [
+        "prune",
+        "--model",
+        str(model),
+        "--calib",
+        str(calib),
+        "--nsamples",
+        "6",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-windows",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]

@@ -19,7 +19,7 @@ from oneshot import PruneConfig, prune
 from oneshot.cli import main
 from oneshot.output import RESUME_DIR, RESUME_STATE
 from oneshot.resume import BlockCheckpoint, ResumeError
-from tests.conftest import tiny_llama_config
+from tests.conftest import prune_args, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = 4
@@ -36,30 +36,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
-
-
-def _args(model_dir: Path, calib_txt: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        str(model_dir),
-        "--calib",
-        str(calib_txt),
-        "--nsamples",
-        "6",
-        "--seqlen",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-windows",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--out",
-        str(out),
-        "-q",
-        *extra,
-    ]
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -130,7 +106,7 @@ def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_run(
     stop: int,
 ) -> None:
     ref = tmp_path / "reference"
-    code, _, err = _run(_args(model_dir, calib_txt, data_dir, ref, *options), capsys)
+    code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, ref, *options), capsys)
     assert code == 0, err
     if "--target" in options:  # the card names the layer objective
         assert "`--target dense`" in (ref / "README.md").read_text()
@@ -138,19 +114,19 @@ def test_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_run(
     out = tmp_path / "pruned"
     with monkeypatch.context() as m:
         saved = _interrupt_after(m, stop)
-        code, _, err = _run(_args(model_dir, calib_txt, data_dir, out, *options), capsys)
+        code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, out, *options), capsys)
     assert code == 130 and saved == list(range(stop + 1))
     assert "--resume" in err and f"{stop + 1} of {LAYERS} blocks done" in err, err
     assert not out.exists() and len(_leftovers(tmp_path)) == 1
 
     # the same command again says that an interrupted run exists and how to continue it
-    code, _, err = _run(_args(model_dir, calib_txt, data_dir, out, *options), capsys)
+    code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, out, *options), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "interrupted run" in err and "--resume" in err and f"{stop + 1} of {LAYERS}" in err
 
     with monkeypatch.context() as m:
         saved = _interrupt_after(m, -1)  # records the blocks this run prunes
-        code, _, err = _run(_args(model_dir, calib_txt, data_dir, out, *options, "--resume"), capsys)
+        code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, out, *options, "--resume"), capsys)
     assert code == 0, err
     assert saved == list(range(stop + 1, LAYERS))  # the finished blocks are not pruned again
     _assert_same_bytes(ref, out)
@@ -162,7 +138,7 @@ def test_a_run_killed_with_sigkill_resumes(
     tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ref = tmp_path / "reference"
-    assert _run(_args(model_dir, calib_txt, data_dir, ref), capsys)[0] == 0
+    assert _run(prune_args(model_dir, calib_txt, data_dir, ref), capsys)[0] == 0
     out = tmp_path / "pruned"
     script = textwrap.dedent(
         f"""
@@ -175,7 +151,7 @@ def test_a_run_killed_with_sigkill_resumes(
             if index == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
         BlockCheckpoint.save = save
-        sys.exit(main({_args(model_dir, calib_txt, data_dir, out)!r}))
+        sys.exit(main({prune_args(model_dir, calib_txt, data_dir, out)!r}))
         """
     )
     proc = subprocess.run(
@@ -184,7 +160,7 @@ def test_a_run_killed_with_sigkill_resumes(
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     (tmp,) = _leftovers(tmp_path)
     assert (tmp / RESUME_DIR / RESUME_STATE).is_file()
-    code, _, err = _run(_args(model_dir, calib_txt, data_dir, out, "--resume"), capsys)
+    code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, out, "--resume"), capsys)
     assert code == 0, err
     _assert_same_bytes(ref, out)
     assert not _leftovers(tmp_path)
@@ -212,13 +188,13 @@ def test_resume_with_other_options_is_refused(
     out = tmp_path / "pruned"
     with monkeypatch.context() as m:
         _interrupt_after(m, 0)
-        assert _run(_args(model_dir, calib_txt, data_dir, out), capsys)[0] == 130
-    code, _, err = _run(_args(model_dir, calib_txt, data_dir, out, *change, "--resume"), capsys)
+        assert _run(prune_args(model_dir, calib_txt, data_dir, out), capsys)[0] == 130
+    code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, out, *change, "--resume"), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "cannot resume" in err and named in err
     (tmp,) = _leftovers(tmp_path)  # the checkpoint is kept for the right command
     assert (tmp / RESUME_DIR / RESUME_STATE).is_file()
-    assert _run(_args(model_dir, calib_txt, data_dir, out, "--resume"), capsys)[0] == 0
+    assert _run(prune_args(model_dir, calib_txt, data_dir, out, "--resume"), capsys)[0] == 0
 
 
 def test_resume_with_another_model_is_refused(tmp_path: Path, model_dir: Path) -> None:
@@ -237,7 +213,7 @@ def test_resume_without_an_interrupted_run_is_an_error(
     tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "pruned"
-    code, _, err = _run(_args(model_dir, calib_txt, data_dir, out, "--resume"), capsys)
+    code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, out, "--resume"), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "no interrupted run" in err and str(out) in err
     assert not list(tmp_path.iterdir())  # nothing left behind
@@ -300,6 +276,6 @@ def test_an_error_after_a_checkpoint_leaves_nothing(
             raise pruner_mod.PruneError("out of memory while pruning (simulated)")
 
     monkeypatch.setattr(BlockCheckpoint, "save", save)
-    code, _, err = _run(_args(model_dir, calib_txt, data_dir, tmp_path / "pruned"), capsys)
+    code, _, err = _run(prune_args(model_dir, calib_txt, data_dir, tmp_path / "pruned"), capsys)
     assert code == 2 and "simulated" in err
     assert not list(tmp_path.iterdir())

@@ -16,7 +16,7 @@ from oneshot.output import RESUME_DIR
 from oneshot.resume import BlockCheckpoint
 from oneshot.runfolder import RUN_FILE
 from oneshot.streaming import ShardWriter, StreamedModel, StreamError, saved_state
-from tests.conftest import tiny_llama_config
+from tests.conftest import prune_args, tiny_llama_config
 
 LAYERS = 4
 
@@ -35,30 +35,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     tiny_tokenizer.save_pretrained(path)
     assert (path / "model.safetensors.index.json").is_file()
     return path
-
-
-def _args(model: Path, calib: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        str(model),
-        "--calib",
-        str(calib),
-        "--nsamples",
-        "6",
-        "--seqlen",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-windows",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--out",
-        str(out),
-        "-q",
-        *extra,
-    ]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -176,7 +152,7 @@ def test_streamed_run_writes_the_bytes_of_the_run_in_memory(
     options: list[str],
 ) -> None:
     ref, out = tmp_path / "in-memory", tmp_path / "streamed"
-    assert main(_args(model_dir, calib_txt, data_dir, ref, *options, "--offload", "none")) == 0
+    assert main(prune_args(model_dir, calib_txt, data_dir, ref, *options, "--offload", "none")) == 0
     loads: list[int] = []
     real = StreamedModel.load_block
 
@@ -187,7 +163,7 @@ def test_streamed_run_writes_the_bytes_of_the_run_in_memory(
         return real(self, index)
 
     monkeypatch.setattr(StreamedModel, "load_block", load_block)
-    code = main(_args(model_dir, calib_txt, data_dir, out, *options, "--offload", "disk"))
+    code = main(prune_args(model_dir, calib_txt, data_dir, out, *options, "--offload", "disk"))
     assert code == 0, capsys.readouterr().err
     assert loads == list(range(LAYERS))
     _assert_same_files(ref, out)
@@ -204,7 +180,7 @@ def test_streamed_run_resumes_to_the_same_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ref, out = tmp_path / "reference", tmp_path / "pruned"
-    assert main(_args(model_dir, calib_txt, data_dir, ref, "--offload", "none")) == 0
+    assert main(prune_args(model_dir, calib_txt, data_dir, ref, "--offload", "none")) == 0
     real = BlockCheckpoint.save
 
     def save_then_stop(self: BlockCheckpoint, index: int, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -214,9 +190,9 @@ def test_streamed_run_resumes_to_the_same_bytes(
 
     with monkeypatch.context() as m:
         m.setattr(BlockCheckpoint, "save", save_then_stop)
-        assert main(_args(model_dir, calib_txt, data_dir, out, "--offload", "disk")) == 130
+        assert main(prune_args(model_dir, calib_txt, data_dir, out, "--offload", "disk")) == 130
     capsys.readouterr()
-    assert main(_args(model_dir, calib_txt, data_dir, out, "--offload", "disk", "--resume")) == 0
+    assert main(prune_args(model_dir, calib_txt, data_dir, out, "--offload", "disk", "--resume")) == 0
     _assert_same_files(ref, out)
     assert not (out / RESUME_DIR).exists()
 
@@ -231,11 +207,11 @@ def test_auto_streams_when_the_weights_exceed_the_share_of_ram(
 ) -> None:
     monkeypatch.setattr(streaming, "available_ram", lambda: 1000)  # bytes: far below the tiny model
     out = tmp_path / "auto"
-    assert main(_args(model_dir, calib_txt, data_dir, out)) == 0
+    assert main(prune_args(model_dir, calib_txt, data_dir, out)) == 0
     assert json.loads((out / RUN_FILE).read_text())["prune"]["streamed"] is True
     # an option that needs the whole model is then one clear line, nothing written
     code = main(
-        _args(model_dir, calib_txt, data_dir, tmp_path / "export", "--pattern", "2:4", "--export", "2:4")
+        prune_args(model_dir, calib_txt, data_dir, tmp_path / "export", "--pattern", "2:4", "--export", "2:4")
     )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -296,7 +272,7 @@ def test_what_cannot_stream_is_one_clear_line(
         monkeypatch.setattr("oneshot.jobs.prune.check_prunable", lambda config, spec: (None, True))
     model = _foreign_names(tmp_path, model_dir) if case == "names" else model_dir
     out = tmp_path / "out"
-    args = _args(model, calib_txt, data_dir, out, "--offload", "disk")
+    args = prune_args(model, calib_txt, data_dir, out, "--offload", "disk")
     if "--model" in extra:
         args[args.index("--model") + 1] = extra[extra.index("--model") + 1]
         extra = []
@@ -312,7 +288,7 @@ def test_jobs_that_cannot_stream_refuse_disk(
     tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "shrunk"
-    args = _args(model_dir, calib_txt, data_dir, out, "--offload", "disk", "--intermediate-size", "64")
+    args = prune_args(model_dir, calib_txt, data_dir, out, "--offload", "disk", "--intermediate-size", "64")
     args[0] = "shrink"
     code = main(args)
     err = capsys.readouterr().err
@@ -325,7 +301,7 @@ def test_quantize_streams_to_the_bytes_of_the_run_in_memory(
 ) -> None:
     outs = {}
     for offload in ("none", "disk"):
-        args = _args(model_dir, calib_txt, data_dir, tmp_path / offload, "--offload", offload)
+        args = prune_args(model_dir, calib_txt, data_dir, tmp_path / offload, "--offload", offload)
         args[0] = "quantize"
         args[1:1] = [str(args.pop(args.index("--model") + 1))]  # the model is positional
         args.remove("--model")
@@ -366,7 +342,7 @@ def test_a_corrupt_shard_is_one_line_before_any_block(
     _rewrite_shard(broken, shorten)
     for offload in ("none", "disk"):
         out = tmp_path / f"out-{offload}"
-        code = main(_args(broken, calib_txt, data_dir, out, "--offload", offload))
+        code = main(prune_args(broken, calib_txt, data_dir, out, "--offload", offload))
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "corrupt or truncated" in err and "need another size" in err, err
@@ -392,6 +368,6 @@ def test_tensors_from_pretrained_ignores_do_not_stop_streaming(
     data["weight_map"]["model.layers.0.self_attn.rotary_emb.inv_freq"] = shard.name
     index.write_text(json.dumps(data))
     ref, out = tmp_path / "ref", tmp_path / "streamed"
-    assert main(_args(old, calib_txt, data_dir, ref, "--offload", "none")) == 0
-    assert main(_args(old, calib_txt, data_dir, out, "--offload", "disk")) == 0
+    assert main(prune_args(old, calib_txt, data_dir, ref, "--offload", "none")) == 0
+    assert main(prune_args(old, calib_txt, data_dir, out, "--offload", "disk")) == 0
     _assert_same_files(ref, out)
