@@ -333,10 +333,10 @@ class StreamedModel:
 
         check_finite(model, f"{folder} (outside the decoder blocks)")
 
-    def _read(self, names: list[str]) -> None:
+    def _read(self, names: list[str], files: dict[str, Path] | None = None) -> None:
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
+            by_file.setdefault((files or self.files)[name], []).append(name)
         current = self.model.state_dict(keep_vars=True)
         for path, group in by_file.items():
             values = _read_tensors(path, group)
@@ -352,10 +352,16 @@ class StreamedModel:
                     value = value.to(want.dtype)
                 _set_tensor(self.model, name, value)
 
-    def load_block(self, index: int) -> nn.Module:
-        """Read block ``index``'s tensors from disk into it (on the CPU); returns the block."""
-        names = [n for n in self.block_names[index] if n in self.files]
-        self._read(names)
+    def load_block(self, index: int, *, written: bool = False) -> nn.Module:
+        """Read block ``index``'s tensors from disk into it (on the CPU); returns the block. ``written``: from
+        the output being written (`store_block` put it there) instead of the source checkpoint."""
+        if written:
+            if self.writer is None:
+                raise StreamError("no output is being written")
+            files = {n: slot.path for n, slot in self.writer.slots.items()}
+            self._read([n for n in self.block_names[index] if n in files], files)
+        else:
+            self._read([n for n in self.block_names[index] if n in self.files])
         block = self.blocks[index]
         for rel, t in block.state_dict(keep_vars=True).items():
             if t.is_meta:
@@ -396,6 +402,39 @@ class StreamedModel:
         if self.model.can_generate() and getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(self.writer.folder)
 
+    @torch.no_grad()
+    def perplexity(
+        self, input_ids: torch.Tensor, seqlen: int, *, limit: int, device: torch.device, written: bool = False
+    ) -> Any:
+        """The perplexity `oneshot.eval.perplexity.perplexity` gives the whole model (windows of ``seqlen``,
+        the first ``limit``), computed block by block: every window's hidden states go through one block at
+        a time (read from the source, or with ``written`` from the output), then the model's own head runs
+        on them window by window (its blocks replaced by stand-ins that return the final hidden states)."""
+        from oneshot.eval.perplexity import perplexity, windows
+        from oneshot.walker import capture_block_calls, move_non_block_modules, run_block
+
+        model, blocks = self.model, self.blocks
+        chunks = windows(input_ids, seqlen, limit)  # (windows, seqlen)
+        batches = list(chunks.split(1))
+        move_non_block_modules(model, blocks, device)
+        try:
+            hidden, calls = capture_block_calls(model, blocks, batches, device, torch.device("cpu"))
+            for i in range(len(blocks)):
+                block = self.load_block(i, written=written).to(device)
+                hidden = [run_block(block, h, calls[i][b], device).to("cpu") for b, h in enumerate(hidden)]
+                self.release_block(i)
+            originals = list(blocks)
+            final = iter(hidden)
+            try:
+                for i in range(len(blocks)):
+                    blocks[i] = _Finished(final, last=i == len(blocks) - 1)
+                return perplexity(model, chunks.reshape(1, -1), seqlen, 1, limit=limit, device=device)
+            finally:
+                for i, blk in enumerate(originals):
+                    blocks[i] = blk
+        finally:
+            move_non_block_modules(model, blocks, torch.device("cpu"))
+
     def release_block(self, index: int) -> None:
         """Put block ``index``'s parameters back on ``meta`` and hand the freed memory back to the system."""
         block = self.blocks[index]
@@ -412,6 +451,20 @@ class StreamedModel:
                 if b is not None and not b.is_meta and base + attr in loaded and base + attr in self.files:
                     module._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device="meta")
         _trim_heap()
+
+
+class _Finished(nn.Module):
+    """Stands in for a decoder block in `StreamedModel.perplexity`: passes the hidden states through, and
+    the last one replaces them by the next window's final hidden states (computed block by block)."""
+
+    def __init__(self, final: Any, *, last: bool) -> None:
+        super().__init__()
+        self.final, self.last = final, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.last:
+            return hidden_states
+        return next(self.final).to(hidden_states.device)
 
 
 def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:

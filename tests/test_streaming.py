@@ -371,3 +371,21 @@ def test_tensors_from_pretrained_ignores_do_not_stop_streaming(
     assert main(prune_args(old, calib_txt, data_dir, ref, "--offload", "none")) == 0
     assert main(prune_args(old, calib_txt, data_dir, out, "--offload", "disk")) == 0
     _assert_same_files(ref, out)
+
+
+def test_the_quick_check_is_measured_block_by_block_as_in_memory(
+    tmp_path: Path, model_dir: Path, calib_txt: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Streamed, the quick perplexity runs the windows through one block at a time (the source's blocks
+    before pruning, the output's after): the same numbers as the whole model in memory."""
+    quick = {}
+    for offload in ("none", "disk"):
+        args = prune_args(model_dir, calib_txt, data_dir, tmp_path / offload, "--offload", offload)
+        args[args.index("--eval-windows") + 1] = "3"
+        assert main([*args, "--eval-seqlen", "24"]) == 0, capsys.readouterr().err
+        quick[offload] = json.loads((tmp_path / offload / RUN_FILE).read_text())["quick_eval"]
+    for when in ("dense", "pruned"):
+        a, b = quick["none"][when], quick["disk"][when]
+        assert a["windows"] == b["windows"] == 3 and a["seqlen"] == b["seqlen"] == 24
+        assert b["value"] == pytest.approx(a["value"], rel=1e-6), when
+    assert quick["disk"]["pruned"]["value"] != pytest.approx(quick["disk"]["dense"]["value"], rel=1e-3)

@@ -192,7 +192,14 @@ def _drop_config_keys(config_json: Path) -> None:
 
 
 def quick_perplexity(
-    model: Any, tokenizer: Any, run: RunConfig, seqlen: int, *, label: str, progress: bool = True
+    model: Any,
+    tokenizer: Any,
+    run: RunConfig,
+    seqlen: int,
+    *,
+    label: str,
+    progress: bool = True,
+    stream: StreamedModel | None = None,
 ) -> PerplexityRecord | None:
     """Perplexity on the first ``run.eval_windows`` WikiText-2 test windows (a quick check, not the full
     protocol). A non-finite result is an error: a model that gives NaN is broken, whatever was reported."""
@@ -221,11 +228,17 @@ def quick_perplexity(
         )
     logger.info("quick WikiText-2 perplexity of the %s model: %d windows x %d tokens", label, windows, seqlen)
     device = resolve_device(run.device)
-    model.to(device)
-    try:
-        res = perplexity(model, ids, seqlen, batch_size=1, limit=windows, device=device, progress=progress)
-    finally:
-        model.to("cpu")
+    if stream is not None:  # block by block: from the source before pruning, from the output after it
+        written = label != "dense"
+        res = stream.perplexity(ids, seqlen, limit=windows, device=device, written=written)
+    else:
+        model.to(device)
+        try:
+            res = perplexity(
+                model, ids, seqlen, batch_size=1, limit=windows, device=device, progress=progress
+            )
+        finally:
+            model.to("cpu")
     if not math.isfinite(res.value):
         raise RunError(
             f"the {label} model's quick perplexity is {res.value} (NaN/Inf logits): the "
@@ -569,14 +582,10 @@ def _run_in_slot(
         }
         checkpoint = BlockCheckpoint(slot.tmp, {**resume_key, **data_key})
         checkpoint.check()  # the model and the calibration windows, before any compute
-    if run.eval_windows > 0 and stream is not None:
-        logger.warning(
-            "the quick perplexity check is skipped: the model is streamed from disk (--offload %s) and a "
-            "perplexity needs it whole; evaluate the output with `oneshot eval` where it fits",
-            run.offload,
+    if run.eval_windows > 0 and slot is not None:
+        quick.dense = quick_perplexity(
+            model, tok, run, eval_seq, label="dense", progress=progress, stream=stream
         )
-    elif run.eval_windows > 0 and slot is not None:
-        quick.dense = quick_perplexity(model, tok, run, eval_seq, label="dense", progress=progress)
     if stream is not None:
         if slot is not None:
             assert slot.tmp is not None
@@ -586,7 +595,9 @@ def _run_in_slot(
         fields = operate(model, calib) if checkpoint is None else operate(model, calib, checkpoint)
     grids = fields.pop(GRIDS, None)
     if run.eval_windows > 0 and quick.dense is not None:
-        quick.pruned = quick_perplexity(model, tok, run, eval_seq, label=label, progress=progress)
+        quick.pruned = quick_perplexity(
+            model, tok, run, eval_seq, label=label, progress=progress, stream=stream
+        )
 
     record = RunRecord(
         config=fields.pop("config", None),
