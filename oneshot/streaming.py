@@ -371,9 +371,10 @@ class StreamedModel:
     def start_output(self, folder: Path) -> ShardWriter:
         """Lay out the output checkpoint in ``folder`` (what ``save_pretrained`` would write for this model)
         and write the tensors outside the blocks now; `store_block` writes each block as it is done."""
-        self.writer = ShardWriter(folder, saved_state(self.model))
+        state = saved_state(self.model)
+        self.writer = ShardWriter(folder, state)
         prefix = f"{self.blocks_name}."
-        self.writer.write({n: t for n, t in saved_state(self.model).items() if not n.startswith(prefix)})
+        self.writer.write({n: t for n, t in state.items() if not n.startswith(prefix)})
         return self.writer
 
     def store_block(self, index: int) -> None:

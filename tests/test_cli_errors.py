@@ -479,6 +479,13 @@ CASES: dict[str, Case] = {
     "eval-seqlen-one": Case("--eval-seqlen 1 --out out", 2, ("--eval-seqlen must be at least 2",)),
     "eval-seqlen-beyond-context": Case("--eval-seqlen 4096 --out out", 2, ("--eval-seqlen 4096 exceeds",)),
     "seqlen-beyond-context": Case("--seqlen 4096 --out out", 2, ("--seqlen 4096 exceeds", "128 tokens")),
+    "unknown-offload": Case("--offload ram --out out", 2, ("unknown --offload 'ram'", "auto, none, disk")),
+    "offload-share-above-one": Case(
+        "--offload-share 1.5 --out out", 2, ("--offload-share must be in (0, 1]",)
+    ),
+    "offload-disk-with-export": Case(
+        "--offload disk --pattern 2:4 --export 2:4 --out out", 2, ("--offload disk cannot be combined",)
+    ),
     "truncated-weights": Case(
         "--model trunc --out out", 2, ("trunc/model.safetensors", "corrupt or truncated"), _truncate
     ),
