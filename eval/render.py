@@ -3,14 +3,24 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from dataclasses import dataclass, field
 from typing import Union
 
+from oneshot.card import allocation_blocks, allocation_rows
 from oneshot.eval.report_model import Report, ReportRun
 from oneshot.eval.task_compare import TaskTable
-from oneshot.formatting import MISSING, compact, human_bytes, md_table, pct
+from oneshot.formatting import (
+    MISSING,
+    compact,
+    html_image,
+    html_page,
+    html_table,
+    html_text,
+    human_bytes,
+    md_table,
+    pct,
+)
 from oneshot.runfolder import LongtailRecord, SliceRecord, TaskFlags
 
 __all__ = [
@@ -131,6 +141,24 @@ def _layers_section(i: int, r: ReportRun) -> Section:
             )
         )
     return f"Layers: {r.summary.name}", body
+
+
+def _allocation_section(r: ReportRun) -> Section | None:
+    """How `--allocation` spread the sparsity: its settings and the sparsity of every decoder block."""
+    a = r.allocation
+    if a is None:
+        return None
+    body: list[Item] = [Table(["setting", "value"], allocation_rows(a))]
+    head, rows = allocation_blocks(a)
+    if rows:
+        body += [
+            f"Sparsity per decoder block chosen by `--allocation {a.config.method}` (every matrix's own is in "
+            "oneshot.json and in the per-layer plot above):",
+            Table(head, rows),
+        ]
+    if a.source:
+        body.append(f"Allocation input: {a.source} ({a.seconds:.1f} s before the pruning walk).")
+    return f"Allocation: {r.summary.name}", body
 
 
 def _pm(value: float | None, se: float | None, digits: int = 3) -> str:
@@ -362,9 +390,10 @@ def _tasks_section(report: Report) -> Section | None:
 
 
 def sections(report: Report) -> list[Section]:
-    """Every section of the report, in order: runs, perplexity, layers, long-tail, tasks."""
+    """Every section of the report, in order: runs, perplexity, layers, allocation, long-tail, tasks."""
     out = [_runs_section(report), _perplexity_section(report)]
     out += [_layers_section(i, r) for i, r in enumerate(report.runs)]
+    out += [s for r in report.runs if (s := _allocation_section(r)) is not None]
     out += [s for i, r in enumerate(report.runs) if (s := _longtail_section(i, r)) is not None]
     tasks = _tasks_section(report)
     return out + ([tasks] if tasks is not None else [])
@@ -387,63 +416,19 @@ def render_md(report: Report, plots: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1200px;
-       color: #222; background: #fff; padding: 0 1em; }
-h1 { border-bottom: 2px solid #1f77b4; padding-bottom: .2em; }
-h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
-th { background: #f0f4f8; }
-tr.flag td { background: #fde2e2; }
-img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
-code { background: #f4f4f4; padding: 1px 4px; }
-"""
-
-
-def _html_text(s: str) -> str:
-    parts = html.escape(s).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html_table(t: Table) -> str:
-    out = [
-        "<table><thead><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
-        + "</tr></thead><tbody>"
-    ]
-    for row, flag in zip(t.rows, t.flagged, strict=True):
-        cls = ' class="flag"' if flag else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    out.append("</tbody></table>")
-    return "\n".join(out)
-
-
 def render_html(report: Report, plots: dict[str, tuple[str, bytes]]) -> str:
     """report.html, self-contained; ``plots``: stem -> (caption, png bytes)."""
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>oneshot report</title>",
-        # An inline empty icon: the browser asks for no favicon.ico (no failed request, no console error).
-        '<link rel="icon" href="data:,">',
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>oneshot report</h1>",
-        f"<p>Generated {html.escape(report.generated)}.</p>",
-    ]
+    out = [f"<p>Generated {html.escape(report.generated)}.</p>"]
     for heading, body in sections(report):
         out.append(f"<h2>{html.escape(heading)}</h2>")
         for item in body:
             if isinstance(item, str):
                 if item:
-                    out.append(f"<p>{_html_text(item)}</p>")
+                    out.append(f"<p>{html_text(item)}</p>")
             elif isinstance(item, Plot):
                 if item.stem in plots:
                     caption, png = plots[item.stem]
-                    data = base64.b64encode(png).decode("ascii")
-                    out.append(f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">')
+                    out.append(html_image(png, caption))
             else:
-                out.append(_html_table(item))
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+                out.append(html_table(item.header, item.rows, item.flagged))
+    return html_page("oneshot report", out)

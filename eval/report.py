@@ -239,6 +239,7 @@ def build_report(
                 longtail=run.eval.longtail if run.eval is not None else None,
                 layers=run.run.prune.layers if run.run.prune is not None else [],
                 blocks=_blocks(run.run),
+                allocation=run.run.allocation,
             )
             for run in runs
         ],

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oneshot.eval.task_compare import TaskTable
-from oneshot.runfolder import BlockReport, LayerReport, LongtailRecord, to_dict
+from oneshot.runfolder import AllocationRecord, BlockReport, LayerReport, LongtailRecord, to_dict
 
 __all__ = ["FORMAT", "PerplexityRow", "Report", "ReportRun", "RunSummary"]
 
@@ -60,6 +60,7 @@ class ReportRun:
     longtail: LongtailRecord | None
     layers: list[LayerReport]
     blocks: list[BlockReport]
+    allocation: AllocationRecord | None = None  # `--allocation owl|sensitivity`: the per-matrix sparsities
 
 
 @dataclass

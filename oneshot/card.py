@@ -29,6 +29,7 @@ from oneshot.formatting import fixed, layer_kind, md_table, pattern_slug, patter
 from oneshot.pruner import dense_summary
 from oneshot.runfolder import (
     CARD_FILE,
+    AllocationRecord,
     EvalRecord,
     PerplexityRecord,
     RunRecord,
@@ -41,6 +42,8 @@ __all__ = [
     "CARD_FILE",
     "CARD_FORMAT",
     "CARD_KEY",
+    "allocation_blocks",
+    "allocation_rows",
     "build_card",
     "card_metadata",
     "source_license",
@@ -390,13 +393,13 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
         )
     if pr.total_seconds:
         rows.append(["prune time", f"{pr.total_seconds:.1f} s on {pr.device}"])
-    rows += _allocation_rows(record)
+    rows += allocation_rows(record.allocation)
     return rows
 
 
-def _allocation_rows(record: RunRecord) -> list[list[str]]:
-    """Settings rows of a non-uniform allocation (`--allocation owl|sensitivity`)."""
-    a = record.allocation
+def allocation_rows(a: AllocationRecord | None) -> list[list[str]]:
+    """Settings rows (name, value) of a non-uniform allocation (`--allocation owl|sensitivity`); the card and
+    the report show the same rows."""
     if a is None:
         return []
     values = list(a.sparsities.values()) or [0.0]
@@ -413,16 +416,23 @@ def _allocation_rows(record: RunRecord) -> list[list[str]]:
             f"({a.zeros:,} / {a.params:,} weights); per matrix {fixed(min(values), 4)} to {fixed(max(values), 4)}",
         ],
     ]
+    if a.predicted_loss is not None and a.uniform_loss is not None:
+        rows.append(
+            [
+                "predicted loss (allocation)",
+                f"{a.predicted_loss:.4g} summed over the matrices, against {a.uniform_loss:.4g} for every matrix "
+                "at the target",
+            ]
+        )
     if a.note:
         rows.append(["allocation note", a.note])
     return rows
 
 
-def _allocation_table(record: RunRecord) -> list[str]:
-    """Per block: its weights, the allocated sparsity (and OWL's outlier ratio)."""
-    a = record.allocation
+def allocation_blocks(a: AllocationRecord | None) -> tuple[list[str], list[list[str]]]:
+    """Per decoder block: its weights, the allocated sparsity (and OWL's outlier ratio): (header, rows)."""
     if a is None or not a.blocks:
-        return []
+        return [], []
     owl = any("outlier_ratio" in b for b in a.blocks)
     rows = []
     for b in a.blocks:
@@ -430,9 +440,17 @@ def _allocation_table(record: RunRecord) -> list[str]:
         if owl:
             row.append(fixed(float(b.get("outlier_ratio", 0.0)), 5))
         rows.append(row)
-    head = ["block", "weights", "sparsity"] + (["outlier ratio"] if owl else [])
+    return ["block", "weights", "sparsity"] + (["outlier ratio"] if owl else []), rows
+
+
+def _allocation_table(record: RunRecord) -> list[str]:
+    head, rows = allocation_blocks(record.allocation)
+    if not rows:
+        return []
+    assert record.allocation is not None
     return [
-        f"Sparsity per decoder block chosen by `--allocation {a.config.method}` (every matrix's own in oneshot.json):",
+        f"Sparsity per decoder block chosen by `--allocation {record.allocation.config.method}` (every matrix's "
+        "own in oneshot.json):",
         "",
         md_table(head, rows),
         "",

@@ -1,11 +1,14 @@
 """Formatting shared by everything that prints or renders results: the model card, the report, the CLI.
 
 One copy of each: numbers (fixed digits, or the compact form tables use), percentages, byte sizes,
-Markdown tables, and the names derived from a run (layer kinds, pattern slugs and descriptions).
+Markdown tables, self-contained HTML pages (tables, text with `code`, embedded PNG images; no script, no
+network), and the names derived from a run (layer kinds, pattern slugs and descriptions).
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import re
 from collections.abc import Iterable
@@ -16,6 +19,10 @@ __all__ = [
     "compact",
     "finite",
     "fixed",
+    "html_image",
+    "html_page",
+    "html_table",
+    "html_text",
     "human_bytes",
     "layer_kind",
     "md_table",
@@ -81,6 +88,63 @@ def md_table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; background: #fff; padding: 0 1em; }
+h1 { border-bottom: 2px solid #1f77b4; padding-bottom: .2em; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+th { background: #f0f4f8; }
+tr.flag td { background: #fde2e2; }
+img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
+code { background: #f4f4f4; padding: 1px 4px; }
+"""
+
+
+def html_text(s: str) -> str:
+    """Escaped text; spans between backticks become ``<code>``."""
+    parts = html.escape(s).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def html_table(header: list[str], rows: Iterable[list[str]], flagged: Iterable[bool] | None = None) -> str:
+    """An HTML table of escaped cells; rows whose ``flagged`` entry is true are highlighted."""
+    rows = list(rows)
+    flags = list(flagged) if flagged is not None else [False] * len(rows)
+    out = [
+        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"
+    ]
+    for row, flag in zip(rows, flags, strict=True):
+        cls = ' class="flag"' if flag else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def html_image(png: bytes, alt: str) -> str:
+    """An ``<img>`` holding the PNG itself (base64), so the page needs no other file."""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def html_page(title: str, body: Iterable[str]) -> str:
+    """A self-contained HTML page: ``title`` as its title and heading, then the ``body`` fragments."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>",
+        # An inline empty icon: the browser asks for no favicon.ico (no failed request, no console error).
+        '<link rel="icon" href="data:,">',
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        *body,
+        "</body></html>",
+    ]
+    return "\n".join(out) + "\n"
 
 
 def layer_kind(name: str) -> str:

@@ -27,7 +27,7 @@ from oneshot.allocation import (
 )
 from oneshot.cli import main
 from oneshot.config import AllocationConfig, ConfigError
-from oneshot.jobs.sensitivity import PLOT_FILE, TABLE_FILE, write_outputs
+from oneshot.jobs.sensitivity import HTML_FILE, PLOT_FILE, TABLE_FILE, write_outputs
 from oneshot.runfolder import RUN_FILE, RunRecord, SensitivityRecord
 from oneshot.sensitivity import scan_sensitivity
 from tests.conftest import tiny_llama_config
@@ -223,6 +223,10 @@ def test_the_scan_reuses_one_hessian_and_matches_a_uniform_prune(tiny, tmp_path:
     assert again.sparsities == rec.sparsities and again.layers[3].losses == rec.layers[3].losses
     assert (tmp_path / TABLE_FILE).read_text().count("| `model.layers.") == 14
     assert (tmp_path / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / HTML_FILE).read_text()  # one self-contained page: the heat map and both tables
+    assert page.count('src="data:image/png;base64,') == 1 and "<script" not in page
+    assert page.count("<td>model.layers.") == 14 and page.count("<tr><td>1</td>") == 1
+    assert "sensitivity.png" not in page
     # without matplotlib (the `eval` extra) the json and the table are still written, with a warning
     import oneshot.jobs.sensitivity as job
 
@@ -234,7 +238,8 @@ def test_the_scan_reuses_one_hessian_and_matches_a_uniform_prune(tiny, tmp_path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(job, "heat_map", no_matplotlib)
         write_outputs(rec, bare)
-    assert {p.name for p in bare.iterdir()} == {"sensitivity.json", TABLE_FILE}
+    assert {p.name for p in bare.iterdir()} == {"sensitivity.json", TABLE_FILE, HTML_FILE}
+    assert "<img" not in (bare / HTML_FILE).read_text()
 
 
 @pytest.mark.parametrize("method", ["owl", "sensitivity"])
@@ -287,7 +292,12 @@ def test_prune_with_an_allocation_records_the_sparsities_and_meets_the_target(
             ["sensitivity", *base, "--sparsities", "0.4,0.6,0.8", "--out", str(tmp_path / "sens")], capsys
         )
         assert code == 0, err
-        assert {p.name for p in (tmp_path / "sens").iterdir()} == {"sensitivity.json", TABLE_FILE, PLOT_FILE}
+        assert {p.name for p in (tmp_path / "sens").iterdir()} == {
+            "sensitivity.json",
+            TABLE_FILE,
+            PLOT_FILE,
+            HTML_FILE,
+        }
         extra += ["--sensitivity-file", str(tmp_path / "sens" / "sensitivity.json")]
     out_dir = tmp_path / "run"
     code, out, err = _cli(
@@ -306,6 +316,15 @@ def test_prune_with_an_allocation_records_the_sparsities_and_meets_the_target(
         w = tensors[f"{name}.weight"]
         assert int((w == 0).sum()) == round(s * w.numel()), name
     assert "allocation" in (out_dir / "README.md").read_text()
+    # the run's report shows the allocation: its settings and one row per decoder block
+    report = (out_dir / "report" / "report.md").read_text()
+    section = report[report.index("## Allocation: ") :]
+    assert f"`--allocation {allocation.split('-')[0]}`" in section
+    blocks = record.allocation.blocks
+    assert len(blocks) == 2 and all(
+        f"| {b['index']} | {b['params']:,} | {b['sparsity']:.4f} |" in section for b in blocks
+    )
+    assert "Allocation: " in (out_dir / "report" / "report.html").read_text()
 
 
 def test_prune_with_a_pattern_moves_whole_matrices_to_dense(

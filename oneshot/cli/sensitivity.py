@@ -25,8 +25,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="One calibration pass per block of the dense model (each block on the dense outputs of the "
         "one before): the Hessian of every layer's input once, then every layer pruned at each sparsity "
         "(its reconstruction loss) and every block with all its layers at each sparsity (its output error). "
-        "Writes sensitivity.json (for `oneshot prune --allocation sensitivity`), sensitivity.md and a heat "
-        "map sensitivity.png.",
+        "Writes sensitivity.json (for `oneshot prune --allocation sensitivity`), sensitivity.md, a heat "
+        "map sensitivity.png and sensitivity.html (everything on one self-contained page).",
         epilog=EXAMPLES,
         formatter_class=HelpFormatter,
     )
@@ -80,7 +80,7 @@ def _parse_sparsities(text: str | None) -> list[float]:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from oneshot.jobs.sensitivity import TABLE_FILE, run_sensitivity
+    from oneshot.jobs.sensitivity import HTML_FILE, TABLE_FILE, run_sensitivity
 
     config = PruneConfig(
         method=args.method,
@@ -124,6 +124,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(
         f"{len(rec.layers)} matrices x {len(rec.sparsities)} sparsities ({', '.join(f'{s:g}' for s in rec.sparsities)}) "
         f"measured in {rec.total_seconds:.1f} s on {rec.device}\n"
-        f"output  {result.out} (sensitivity.json, {TABLE_FILE}, sensitivity.png)"
+        f"output  {result.out} (sensitivity.json, {TABLE_FILE}, sensitivity.png, {HTML_FILE})"
     )
     return 0

@@ -4,7 +4,8 @@ The same checks and output guarantees as `oneshot prune`: the sparsities and the
 checked before any weight is loaded (a weightless skeleton), the output folder is taken first (locked,
 test-written) and moved into place at the end. The folder holds `SENSITIVITY_FILE` (the record, read by
 ``oneshot prune --allocation sensitivity --sensitivity-file``), ``sensitivity.md`` (a Markdown table of the
-losses and the block output errors) and ``sensitivity.png`` (a heat map, matrix x sparsity, of log10 loss).
+losses and the block output errors), ``sensitivity.png`` (a heat map, matrix x sparsity, of log10 loss) and
+``sensitivity.html`` (all of it on one self-contained page).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from oneshot.checks import check_prunable
 from oneshot.config import ConfigError, PruneConfig, RunConfig
 from oneshot.data import calibration_windows, load_text_source
 from oneshot.errors import Interrupted
+from oneshot.formatting import html_image, html_page, html_table, html_text, md_table
 from oneshot.jobs.prune import RunError, _protected_paths
 from oneshot.models import load_model, resolve_device
 from oneshot.output import reserve_output
@@ -40,6 +42,7 @@ from oneshot.runfolder import (
 from oneshot.sensitivity import scan_sensitivity
 
 __all__ = [
+    "HTML_FILE",
     "PLOT_FILE",
     "TABLE_FILE",
     "SensitivityResult",
@@ -50,7 +53,8 @@ __all__ = [
 
 TABLE_FILE = "sensitivity.md"
 PLOT_FILE = "sensitivity.png"
-_OURS = (SENSITIVITY_FILE, TABLE_FILE, PLOT_FILE)
+HTML_FILE = "sensitivity.html"
+_OURS = (SENSITIVITY_FILE, TABLE_FILE, PLOT_FILE, HTML_FILE)
 
 
 @dataclass
@@ -168,54 +172,87 @@ def run_sensitivity(
 
 
 def write_outputs(record: SensitivityRecord, folder: Path) -> None:
-    """``sensitivity.json``, the Markdown table and the heat map into an existing ``folder``."""
+    """``sensitivity.json``, the Markdown table, the heat map and the HTML page (tables and the heat map
+    embedded: one file to open or share) into an existing ``folder``."""
     record.save(folder)
     (folder / TABLE_FILE).write_text(markdown_table(record), encoding="utf-8")
+    png: bytes | None = None
     try:
         png = heat_map(record)
     except ImportError:  # matplotlib comes with the `eval` extra
         print(
             f"oneshot: warning: matplotlib is not installed, so {PLOT_FILE} is not drawn "
-            "(pip install 'oneshot[eval]'); the json and the table are written",
+            "(pip install 'oneshot[eval]'); the json, the table and the page are written without it",
             file=sys.stderr,
         )
-        return
-    (folder / PLOT_FILE).write_bytes(png)
+    if png is not None:
+        (folder / PLOT_FILE).write_bytes(png)
+    (folder / HTML_FILE).write_text(html_report(record, png), encoding="utf-8")
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _intro(record: SensitivityRecord) -> str:
+    calib = record.calibration
+    return (
+        "Reconstruction loss ||(W - W')X^T||^2 / n of every matrix pruned alone at each sparsity, on the dense "
+        f"model's inputs (calibration {calib.source if calib else '?'}: {calib.nsamples if calib else '?'} x "
+        f"{calib.seqlen if calib else '?'} tokens, seed {calib.seed if calib else '?'}); "
+        f"{record.total_seconds:.1f} s on {record.device}."
+    )
+
+
+def _error_intro(record: SensitivityRecord) -> str:
+    return (
+        "Block output error ||Y_dense - Y||^2 / ||Y_dense||^2 with every matrix of the block at the sparsity "
+        f"(first {record.error_windows} calibration windows):"
+    )
+
+
+def _loss_table(record: SensitivityRecord) -> tuple[list[str], list[list[str]]]:
+    header = ["matrix", *(f"loss @ {s:g}" for s in record.sparsities)]
+    return header, [[f"`{x.name}`", *(_fmt(v) for v in x.losses)] for x in record.layers]
+
+
+def _error_table(record: SensitivityRecord) -> tuple[list[str], list[list[str]]]:
+    header = ["block", *(f"error @ {s:g}" for s in record.sparsities)]
+    return header, [[str(b.index), *(_fmt(v) for v in b.output_error)] for b in record.blocks]
+
+
 def markdown_table(record: SensitivityRecord) -> str:
     """Per-matrix losses at every sparsity, then per-block output errors."""
     cfg = record.config
-    cols = [f"{s:g}" for s in record.sparsities]
-    calib = record.calibration
-    lines = [
-        f"# Sensitivity: {cfg.method} {cfg.pattern}",
-        "",
-        f"Reconstruction loss ||(W - W')X^T||^2 / n of every matrix pruned alone at each sparsity, on the dense "
-        f"model's inputs (calibration {calib.source if calib else '?'}: {calib.nsamples if calib else '?'} x "
-        f"{calib.seqlen if calib else '?'} tokens, seed {calib.seed if calib else '?'}); "
-        f"{record.total_seconds:.1f} s on {record.device}.",
-        "",
-        "| matrix | " + " | ".join(f"loss @ {c}" for c in cols) + " |",
-        "|---|" + "---:|" * len(cols),
-    ]
-    for layer in record.layers:
-        lines.append(f"| `{layer.name}` | " + " | ".join(_fmt(v) for v in layer.losses) + " |")
-    lines += [
-        "",
-        f"Block output error ||Y_dense - Y||^2 / ||Y_dense||^2 with every matrix of the block at the sparsity "
-        f"(first {record.error_windows} calibration windows):",
-        "",
-        "| block | " + " | ".join(f"error @ {c}" for c in cols) + " |",
-        "|---:|" + "---:|" * len(cols),
-    ]
-    for block in record.blocks:
-        lines.append(f"| {block.index} | " + " | ".join(_fmt(v) for v in block.output_error) + " |")
+    lines = [f"# Sensitivity: {cfg.method} {cfg.pattern}", "", _intro(record), ""]
+    lines += [md_table(*_loss_table(record)), "", _error_intro(record), "", md_table(*_error_table(record))]
     return "\n".join(lines) + "\n"
+
+
+def html_report(record: SensitivityRecord, png: bytes | None) -> str:
+    """The self-contained page of the scan: settings, the heat map (when drawn), both tables."""
+    cfg = record.config
+    source = record.source
+    model = (source.base_model or source.path) if source is not None else None
+    body = [
+        f"<p>{html_text(_intro(record))}</p>",
+        html_table(
+            ["setting", "value"],
+            [
+                ["model", str(model or (record.run.model if record.run else None) or "default")],
+                ["method, pattern", f"{cfg.method}, {cfg.pattern}"],
+                ["sparsities", ", ".join(f"{s:g}" for s in record.sparsities)],
+                ["command", " ".join(record.command)],
+                ["started", record.started or "-"],
+            ],
+        ),
+    ]
+    if png is not None:
+        body.append(html_image(png, f"log10 reconstruction loss ({cfg.method} {cfg.pattern})"))
+    header, rows = _loss_table(record)
+    body.append(html_table(header, [[r[0].strip("`"), *r[1:]] for r in rows]))
+    body += [f"<p>{html_text(_error_intro(record))}</p>", html_table(*_error_table(record))]
+    return html_page(f"oneshot sensitivity: {cfg.method} {cfg.pattern}", body)
 
 
 def heat_map(record: SensitivityRecord) -> bytes:
