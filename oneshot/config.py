@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from oneshot.errors import OneshotError
 
@@ -87,6 +87,13 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
             f"invalid pattern {pattern!r}: N:M needs 0 < N < M (N zeros in every M weights), e.g. 2:4 or 4:8"
         )
     return n, m
+
+
+def _sink_weight(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= float(value) <= 16.0):
+        raise ConfigError(
+            f"sink_weight must be a number in [0, 16] (a fraction of the window length), got {value!r}"
+        )
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -199,6 +206,11 @@ class QuantConfig:
     zero-point 0, else unsigned codes with an integer zero-point (pruned weights stay exactly 0 either way).
     ``act_order``: GPTQ takes the columns by descending diag(H) (quantization alone, not with pruning).
     ``damp`` / ``block_size``: the OBS solve (as SparseGPT's).
+    ``sink_weight``: extra weight of every calibration window's first token in the statistics of the layers
+    that read the attention input (q/k/v), as a fraction of the window length (`SINK_LAYERS`): that token is
+    the attention sink most queries attend to, so an error in its value reaches every later token, while an
+    unweighted Hessian counts it once among thousands. 0 turns it off (records written before the field
+    existed load with 0, which is what they used).
     """
 
     scheme: str = "w4a16"
@@ -207,6 +219,9 @@ class QuantConfig:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    sink_weight: float = 0.5
+
+    _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0}
 
     def __post_init__(self) -> None:
         scheme = str(self.scheme).strip().lower().replace("_", "-")
@@ -230,6 +245,8 @@ class QuantConfig:
         if not math.isfinite(float(self.damp)) or float(self.damp) < 0:
             raise ConfigError(f"damp must be a finite number >= 0, got {self.damp!r}")
         object.__setattr__(self, "damp", float(self.damp))
+        _sink_weight(self.sink_weight)
+        object.__setattr__(self, "sink_weight", float(self.sink_weight))
 
     @property
     def bits(self) -> int:

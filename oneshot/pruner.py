@@ -313,6 +313,7 @@ def _block_statistics(
     stats: bool,
     hessian: bool,
     outputs: list[torch.Tensor],
+    sink_weight: float = 0.0,
 ) -> Iterator[tuple[list[Target], dict[str, InputStats]]]:
     """The statistics of a block's targets, as (targets, statistics by name) stages to prune in turn.
 
@@ -325,9 +326,12 @@ def _block_statistics(
     stage's statistics come from a forward of the block as pruned so far, stopped once the stage's layers
     have their inputs, so a layer is solved on the inputs the pruned layers before it really produce (a
     later layer would otherwise correct again what an earlier one of its block already corrected).
+
+    ``sink_weight``: the attention-input layers' first-token weight (`InputStats.first_token_weight`), local
+    target only.
     """
     if reference is None:
-        collector = InputCollector(plan.linears, hessian, device) if stats else None
+        collector = InputCollector(plan.linears, hessian, device, sink_weight=sink_weight) if stats else None
         expert_collector = (
             ExpertCollector(plan.experts, {t.name for t in plan.targets}, hessian, device)
             if stats and plan.experts
@@ -650,6 +654,10 @@ def _walk(
     sparsity = float(config.sparsity or 0.0)
     # --target dense: the dense model runs beside the pruned one (`reference`: its inputs of each block)
     dense_target = config.target == "dense" and not quant_only
+    if dense_target and quant is not None and quant.sink_weight:
+        # the staged cross-statistics of --target dense weight every token once; the record says so
+        logger.warning("--sink-weight does not apply with --target dense: every token counts once")
+        quant = quant.replace(sink_weight=0.0)
     need_stats = config.method != "magnitude" or config.layer_loss or quant is not None
     keep_hessian = config.method == "sparsegpt" or config.layer_loss or quant is not None or dense_target
     solver_kwargs: dict[str, Any] = {"sparsity": sparsity, "pattern": nm}
@@ -789,6 +797,7 @@ def _walk(
                 stats=need_stats,
                 hessian=keep_hessian,
                 outputs=reference_out if dense_target else dense_out,
+                sink_weight=quant.sink_weight if quant is not None else 0.0,
             )
             for stage_targets, stats_of in stages:
                 distributed.all_reduce_stats(stats_of[n] for n in sorted(stats_of))

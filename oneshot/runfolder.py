@@ -158,6 +158,8 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
             extra[key] = value
     if "extra" in names:
         kwargs["extra"] = extra
+    for key, value in getattr(cls, "_ABSENT_MEANS", {}).items():  # fields records written before them lack
+        kwargs.setdefault(key, value)
     return cls(**kwargs)
 
 

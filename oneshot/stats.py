@@ -17,6 +17,8 @@ realistic activations (|x| < 1e4 and 1e9 tokens still fit easily).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,10 @@ class InputStats:
         device: where the sums live (normally the compute device of the block).
         dtype: accumulation dtype (fp32 by default; float64 in tests).
         cross: also keep ``X^T X_ref``; every `add` then takes the reference inputs of the same tokens.
+        first_token_weight: the first token of every sequence (inputs shaped (..., seq, cols)) counts
+            ``1 + first_token_weight * seq`` times in the sums (the attention sink, see
+            `oneshot.config.QuantConfig.sink_weight`); ``n`` still counts tokens, so ``hessian`` is
+            ``(X^T X + w seq X_0^T X_0) / n``. 0: every token once.
     """
 
     def __init__(
@@ -43,9 +49,15 @@ class InputStats:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         cross: bool = False,
+        first_token_weight: float = 0.0,
     ) -> None:
         if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
             raise ValueError(f"cols must be a positive integer, got {cols!r}")
+        if not math.isfinite(first_token_weight) or first_token_weight < 0:
+            raise ValueError(f"first_token_weight must be a finite number >= 0, got {first_token_weight!r}")
+        if first_token_weight and cross:
+            raise ValueError("first_token_weight cannot be combined with cross statistics")
+        self.first_token_weight = float(first_token_weight)
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.cols = cols
@@ -84,6 +96,11 @@ class InputStats:
         if self._has_cross and (reference is None or reference.shape != x.shape):
             got = None if reference is None else tuple(reference.shape)
             raise ValueError(f"cross statistics need reference inputs of shape {tuple(x.shape)}, got {got}")
+        first = None
+        if self.first_token_weight and x.dim() >= 2 and x.shape[-2] > 0:
+            seq = x.shape[-2]
+            first = x.detach()[..., 0, :].reshape(-1, self.cols).to(device=self.device, dtype=self.dtype)
+            first = first * math.sqrt(self.first_token_weight * seq)  # (sequences, cols)
         x = x.detach().reshape(-1, self.cols).to(device=self.device, dtype=self.dtype)  # (tokens, cols)
         tokens = x.shape[0]
         if tokens == 0:
@@ -92,6 +109,8 @@ class InputStats:
         # Every non-finite x_tj makes the diagonal entry sum_t x_tj^2 non-finite, and so does an overflow;
         # checking the (small) product instead of x also catches the latter.
         part = x.T @ x if self._full else x.square().sum(dim=0)  # (cols, cols) or (cols,)
+        if first is not None:
+            part += first.T @ first if self._full else first.square().sum(dim=0)
         if not bool(torch.isfinite(part).all()):
             raise ValueError(
                 "InputStats.add: non-finite activations (NaN/Inf, or overflow in "

@@ -26,12 +26,14 @@ from torch import nn
 from oneshot.stats import InputStats
 
 __all__ = [
+    "SINK_LAYERS",
     "BlockCall",
     "InputCollector",
     "capture_block_calls",
     "find_blocks",
     "find_linears",
     "get_weight",
+    "is_sink_layer",
     "matches_ignore",
     "move_non_block_modules",
     "record_inputs",
@@ -78,6 +80,16 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         )
     name, blocks = max(good, key=rank)
     return name, blocks
+
+
+# Layers that read the attention's input (the values among their outputs): their statistics may weight the
+# first token, the attention sink (`oneshot.config.QuantConfig.sink_weight`). Fused projections included.
+SINK_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+
+
+def is_sink_layer(name: str) -> bool:
+    """Whether the layer ``name`` (``model.layers.3.self_attn.v_proj``) reads the attention's input."""
+    return name.rsplit(".", 1)[-1] in SINK_LAYERS
 
 
 def matches_ignore(name: str, patterns: Sequence[str]) -> bool:
@@ -249,6 +261,7 @@ class InputCollector:
     hessian: bool
     device: torch.device
     cross: bool = False
+    sink_weight: float = 0.0  # `InputStats.first_token_weight` of the attention's input projections
     stats: dict[str, InputStats] = field(default_factory=dict)  # layer -> its (possibly shared) stats
     owner: dict[str, str] = field(default_factory=dict)  # layer -> layer whose stats it shares
     _seen: list[tuple[torch.Tensor, str]] = field(default_factory=list)
@@ -269,8 +282,13 @@ class InputCollector:
                 src = next((n for t, n in self._seen if t is x), None)
                 if src is None:
                     self.owner[name] = name
+                    sink = self.sink_weight if is_sink_layer(name) else 0.0
                     self.stats[name] = InputStats(
-                        x.shape[-1], hessian=self.hessian, device=self.device, cross=self.cross
+                        x.shape[-1],
+                        hessian=self.hessian,
+                        device=self.device,
+                        cross=self.cross,
+                        first_token_weight=sink,
                     )
                 else:
                     self.owner[name] = self.owner[src]

@@ -584,6 +584,20 @@ CASES: dict[str, Case] = {
     "quantize-nm-group-across-quantization-groups": Case(
         "--pattern 1:64 --quantize w4a16 --group-size 32 --out out", 2, ("not a multiple of 64",)
     ),
+    "quantize-sink-weight-without-a-scheme": Case(
+        "--sink-weight 0.5 --out out", 2, ("--sink-weight needs --quantize SCHEME",)
+    ),
+    "quantize-negative-sink-weight": Case(
+        "--quantize w4a16 --group-size 32 --sink-weight -1 --out out",
+        2,
+        ("sink_weight must be a number in [0, 16]",),
+    ),
+    "quantize-command-sink-weight-too-large": Case(
+        QUANTIZE.format(model="model", data="{data}") + " --group-size 32 --sink-weight 100 --out out",
+        2,
+        ("sink_weight must be a number in [0, 16]", "got 100.0"),
+        base=False,
+    ),
     "quantize-sym-and-asym": Case(
         "--quantize w4a16 --sym --asym --out out", 2, ("not allowed with argument",)
     ),

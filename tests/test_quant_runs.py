@@ -248,3 +248,37 @@ def test_the_group_size_of_smollm2_is_checked_before_loading() -> None:
     ):
         check_quantizable(skeleton, QuantConfig("w4a16"))
     check_quantizable(skeleton, QuantConfig("w4a16", group_size=64))
+
+
+def test_the_sink_weight_reaches_the_attention_input_statistics_and_the_record(
+    ws: Path, calib_txt: Path, data_dir: Path
+) -> None:
+    """Default 0.5: block 0's q/k/v are solved on first-token-weighted statistics (they differ from a run
+    with --sink-weight 0), its o/gate/up/down on the same statistics either way (identical weights)."""
+    quantize = ["quantize", "model", "--scheme", "w4a16", "--group-size", "32", *SMALL]
+    _run([*quantize, "--out", "sink"], calib_txt, data_dir)
+    _run([*quantize, "--sink-weight", "0", "--out", "plain"], calib_txt, data_dir)
+    assert RunRecord.load(ws / "sink").quantized.config.sink_weight == 0.5
+    assert RunRecord.load(ws / "plain").quantized.config.sink_weight == 0.0
+    sink, plain = _weights(ws / "sink"), _weights(ws / "plain")
+    block0 = [k for k in sink if k.startswith("model.layers.0.") and k.endswith("proj.weight")]
+    assert len(block0) == 7
+    for key in block0:
+        same = torch.equal(sink[key], plain[key])
+        assert same == (key.split(".")[-2] not in ("q_proj", "k_proj", "v_proj")), key
+    # --target dense pairs every token with the dense model's: the weighting is off and the record says so
+    _run(
+        [*_prune_q("sparsegpt")[:5], "--target", "dense", "--quantize", "w4a16", "--group-size", "32",
+         *SMALL, "--out", "td"],
+        calib_txt,
+        data_dir,
+    )  # fmt: skip
+    assert RunRecord.load(ws / "td").quantized.config.sink_weight == 0.0
+
+
+def test_records_before_the_sink_weight_load_with_it_off() -> None:
+    from oneshot.config import QuantConfig
+    from oneshot.runfolder import from_dict
+
+    assert from_dict(QuantConfig, {"scheme": "w4a16", "group_size": 64}).sink_weight == 0.0
+    assert QuantConfig().sink_weight == 0.5

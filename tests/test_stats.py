@@ -108,3 +108,36 @@ def test_reconstruction_loss_equals_direct_norm() -> None:
     assert stats.hessian is not None
     direct = (delta @ x.T).square().sum().item() / 50
     assert reconstruction_loss(delta, stats.hessian) == pytest.approx(direct, rel=1e-12)
+
+
+def test_first_token_weight_adds_the_first_token_of_every_sequence() -> None:
+    """(X^T X + w * seq * X_0^T X_0) / n with X_0 the first token of every sequence; n counts tokens."""
+    g = torch.Generator().manual_seed(5)
+    batches = [
+        torch.randn(3, 6, COLS, generator=g, dtype=torch.float64),
+        torch.randn(6, COLS, generator=g, dtype=torch.float64),
+    ]
+    w = 0.5
+    for hessian in (True, False):
+        stats = InputStats(COLS, hessian=hessian, dtype=torch.float64, first_token_weight=w)
+        for b in batches:
+            stats.add(b)
+        x = _stacked(batches)
+        first = torch.cat([batches[0][:, 0], batches[1][:1]])  # (4, cols): a 2-D input is one sequence
+        assert stats.n == x.shape[0] == 24
+        expected = (x.T @ x + w * 6 * first.T @ first) / 24
+        if hessian:
+            torch.testing.assert_close(stats.hessian, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats.sq_norms, torch.diagonal(expected), rtol=1e-12, atol=1e-12)
+    plain = InputStats(COLS, hessian=True, dtype=torch.float64)
+    plain.add(batches[0])
+    weighted = InputStats(COLS, hessian=True, dtype=torch.float64, first_token_weight=w)
+    weighted.add(batches[0])
+    assert not torch.allclose(plain.hessian, weighted.hessian)
+
+
+def test_first_token_weight_is_checked() -> None:
+    with pytest.raises(ValueError, match="first_token_weight must be"):
+        InputStats(COLS, hessian=True, first_token_weight=-1.0)
+    with pytest.raises(ValueError, match="cross statistics"):
+        InputStats(COLS, hessian=True, cross=True, first_token_weight=0.5)

@@ -178,13 +178,29 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         help="GPTQ takes the columns by descending activation energy (groups follow that order: g_idx)"
         + ("" if required else "; not with pruning in the same pass"),
     )
+    p.add_argument(
+        "--sink-weight",
+        type=float,
+        default=None,
+        help="extra weight of each calibration window's first token (the attention sink) in the statistics "
+        "of the q/k/v projections, as a fraction of the window length; 0 = every token once (default: 0.5)"
+        + ("" if required else "; not with --target dense"),
+    )
 
 
 def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size: int) -> QuantConfig | None:
     """`QuantConfig` of the quantization options, or None without a scheme; the group options without one
     are an error."""
     if args.scheme is None:
-        given = [f for f, v in (("--group-size", args.group_size), ("--act-order", args.act_order)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--group-size", args.group_size),
+                ("--act-order", args.act_order),
+                ("--sink-weight", args.sink_weight is not None),
+            )
+            if v
+        ]
         if given or not args.symmetric:
             raise ConfigError(
                 f"{', '.join(given) or '--asym'} needs --quantize SCHEME (e.g. --quantize w4a16)"
@@ -197,6 +213,7 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
         act_order=args.act_order,
         damp=damp,
         block_size=block_size,
+        **({} if args.sink_weight is None else {"sink_weight": args.sink_weight}),
     )
 
 
