@@ -291,6 +291,7 @@ def quant_facts(record: RunRecord) -> dict[str, Any]:
         "symmetric": q.symmetric,
         "act_order": q.act_order,
         "solver": q.solver,
+        "sink_weight": q.config.sink_weight,
         "bits_per_weight": round(q.bits_per_weight, 4),
         "quantized_weights": q.quantized_params,
         "quantized_layers": len(q.layers),
@@ -632,6 +633,15 @@ def _quantization_section(record: RunRecord) -> list[str]:
     rows = [
         ["scheme", f"`{q.config.scheme}`: {q.label} ({q.bits}-bit integer weights, 16-bit activations)"],
         ["solver", f"{solver}; damping {q.config.damp} x mean(diag H), block size {q.config.block_size}"],
+        [
+            "attention sink",
+            (
+                f"each calibration window's first token counts 1 + {q.config.sink_weight:g} x window length "
+                "times in the q/k/v statistics (their losses are on those statistics)"
+            )
+            if q.config.sink_weight
+            else "off: every calibration token counts once",
+        ],
         ["scales", f"`{q.scale_dtype}`; {'integer zero-points' if not q.symmetric else 'zero-point 0'}"],
         [
             "bits per weight",

@@ -656,7 +656,7 @@ def _walk(
     dense_target = config.target == "dense" and not quant_only
     if dense_target and quant is not None and quant.sink_weight:
         # the staged cross-statistics of --target dense weight every token once; the record says so
-        logger.warning("--sink-weight does not apply with --target dense: every token counts once")
+        logger.info("the sink weight does not apply with --target dense: every token counts once")
         quant = quant.replace(sink_weight=0.0)
     need_stats = config.method != "magnitude" or config.layer_loss or quant is not None
     keep_hessian = config.method == "sparsegpt" or config.layer_loss or quant is not None or dense_target

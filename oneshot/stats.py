@@ -9,6 +9,10 @@ For inputs ``X`` of shape (n_tokens, cols) the solvers need
 * with ``cross``, ``X^T X_ref / n`` (cols, cols), where ``X_ref`` are the same tokens' inputs to the same layer
   in a reference forward (the dense model's, for ``--target dense``: `oneshot.solvers.target`).
 
+With ``first_token_weight`` w, the first token of every sequence counts ``1 + w * seq`` times in every sum
+(the attention sink of the q/k/v inputs, `oneshot.config.QuantConfig.sink_weight`), ``n`` still counting
+tokens; losses computed from such statistics weight that token the same way.
+
 Accumulation: raw sums (``X^T X`` or ``sum_t x_tj^2``) are kept in ``dtype`` and divided by the token count
 only when read. One matmul per ``add``; no rescaling of the running state, so summing the same tokens in any
 batching gives the same sums up to floating-point reassociation. With fp32 the sums stay far from overflow for
@@ -162,7 +166,8 @@ class InputStats:
 
     @property
     def hessian(self) -> Tensor | None:
-        """``X^T X / n``, shape (cols, cols), or None when built with ``hessian=False``. A new tensor."""
+        """``X^T X / n`` (with ``first_token_weight``, the first tokens' extra term included), shape
+        (cols, cols), or None when built with ``hessian=False``. A new tensor."""
         if not self._full:
             return None
         return self._require_tokens() / self.n

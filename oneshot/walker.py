@@ -6,7 +6,9 @@
   kept verbatim (models such as Gemma 2/3 or Qwen2 pass other masks / rotary tables to other blocks).
 - `run_block`: replays a block on stored hidden states.
 - `InputCollector`: forward pre-hooks that feed `InputStats`; layers reading the same input tensor (q/k/v,
-  gate/up) share one set of statistics. Hooks are removed in ``finally``.
+  gate/up) share one set of statistics; with ``sink_weight`` the attention-input layers (`SINK_LAYERS`)
+  weight every sequence's first token and never share statistics with other layers. Hooks are removed in
+  ``finally``.
 - `record_inputs`: the input of every layer in one forward (the dense model's, paired with the pruned
   model's by `InputCollector(cross=True)` for ``--target dense``).
 """
@@ -82,9 +84,22 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
-# Layers that read the attention's input (the values among their outputs): their statistics may weight the
-# first token, the attention sink (`oneshot.config.QuantConfig.sink_weight`). Fused projections included.
-SINK_LAYERS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+# Layers that read the attention's input and make its values (fused projections and DeepSeek's latent KV
+# path included): their statistics may weight the first token, the attention sink
+# (`oneshot.config.QuantConfig.sink_weight`).
+SINK_LAYERS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "c_attn",
+    "query_key_value",
+    "Wqkv",
+    "W_pack",
+    "att_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+)
 
 
 def is_sink_layer(name: str) -> bool:
@@ -255,6 +270,9 @@ class InputCollector:
     Layers that receive the very same input tensor (q/k/v projections, gate/up) share one `InputStats`,
     so each distinct input is reduced once. With ``cross``, each batch pairs every layer's input with its
     input in a reference forward of the same tokens (``new_batch(reference=...)``, from `record_inputs`).
+    With ``sink_weight``, the `SINK_LAYERS` get statistics with that first-token weight, shared only among
+    themselves: a layer of another kind reading the same tensor (the MLP of a parallel-attention block) keeps
+    plain statistics of its own.
     """
 
     layers: dict[str, nn.Module]
@@ -274,15 +292,18 @@ class InputCollector:
             raise ValueError("InputCollector(cross=True): every batch needs the reference inputs")
         self._reference = dict(reference or {})
 
+    def _sink_weight_of(self, name: str) -> float:
+        return self.sink_weight if is_sink_layer(name) else 0.0
+
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             if name not in self.owner:
                 # Holding the tensor for the whole batch keeps its storage from being reused, so identity is exact.
-                src = next((n for t, n in self._seen if t is x), None)
+                sink = self._sink_weight_of(name)
+                src = next((n for t, n in self._seen if t is x and self._sink_weight_of(n) == sink), None)
                 if src is None:
                     self.owner[name] = name
-                    sink = self.sink_weight if is_sink_layer(name) else 0.0
                     self.stats[name] = InputStats(
                         x.shape[-1],
                         hessian=self.hessian,

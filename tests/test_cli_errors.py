@@ -598,6 +598,11 @@ CASES: dict[str, Case] = {
         ("sink_weight must be a number in [0, 16]", "got 100.0"),
         base=False,
     ),
+    "quantize-sink-weight-with-the-dense-target": Case(
+        "--quantize w4a16 --group-size 32 --sink-weight 0.5 --target dense --out out",
+        2,
+        ("--sink-weight cannot be combined with --target dense",),
+    ),
     "quantize-sym-and-asym": Case(
         "--quantize w4a16 --sym --asym --out out", 2, ("not allowed with argument",)
     ),

@@ -141,3 +141,37 @@ def test_first_token_weight_is_checked() -> None:
         InputStats(COLS, hessian=True, first_token_weight=-1.0)
     with pytest.raises(ValueError, match="cross statistics"):
         InputStats(COLS, hessian=True, cross=True, first_token_weight=0.5)
+
+
+def test_the_collector_weights_only_the_attention_input_layers() -> None:
+    """A parallel-attention block (attention and MLP read one normed tensor): q/k/v share weighted
+    statistics, the MLP's fc_in reading the same tensor keeps plain statistics of its own."""
+    from torch import nn
+
+    from oneshot.walker import InputCollector
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.v_proj, self.fc_in = (nn.Linear(COLS, 4, dtype=torch.float64) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q_proj(x).sum() + self.v_proj(x).sum() + self.fc_in(x).sum()
+
+    block = Block()
+    layers = dict(block.named_children())
+    x = torch.randn(2, 5, COLS, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for weight in (0.0, 0.5):
+        collector = InputCollector(layers, True, torch.device("cpu"), sink_weight=weight)
+        with collector.hooks():
+            collector.new_batch()
+            block(x.float().double())
+        st = collector.stats
+        assert st["q_proj"] is st["v_proj"] and (st["fc_in"] is st["q_proj"]) == (weight == 0.0)
+        flat = x.reshape(-1, COLS)
+        plain = flat.T @ flat / 10
+        torch.testing.assert_close(st["fc_in"].hessian.double(), plain, rtol=1e-5, atol=1e-5)
+        first = x[:, 0]
+        torch.testing.assert_close(
+            st["q_proj"].hessian.double(), plain + weight * 5 * first.T @ first / 10, rtol=1e-5, atol=1e-5
+        )

@@ -364,6 +364,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     config, run_config = configs_from_args(args)
     quant = quant_config_from_args(args, damp=config.damp, block_size=config.block_size)
+    if quant is not None and config.target == "dense":
+        if args.sink_weight:
+            raise ConfigError(
+                "--sink-weight cannot be combined with --target dense (its statistics pair every token with "
+                "the dense model's and weight each once): leave --sink-weight out"
+            )
+        quant = quant.replace(sink_weight=0.0)
     allocation = allocation_from_args(args)
     allocation.check_against(config)
     check_out(args.out)
