@@ -126,6 +126,10 @@ class PruneConfig:
     # --target dense: the ridge of the least-squares target W* toward W, relative to mean(diag H) (SparseGPT's
     # --damp stays for its own solve). 0.1 measured better than 0.01 (over-fits) and 1 on SmolLM2 (README)
     target_damp: float = 0.1
+    # extra weight of every calibration window's first token (the attention sink) in the q/k/v statistics, as
+    # a fraction of the window length (`QuantConfig.sink_weight`); 0 = every token once. With quantization in
+    # the same pass the quantization's weight is used (one statistics pass).
+    sink_weight: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -172,6 +176,13 @@ class PruneConfig:
             raise ConfigError(
                 "--target dense needs calibration statistics: use --method sparsegpt or wanda (magnitude "
                 "pruning reads no inputs)"
+            )
+        _sink_weight(self.sink_weight)
+        set_(self, "sink_weight", float(self.sink_weight))
+        if self.target == "dense" and self.sink_weight:
+            raise ConfigError(
+                "--sink-weight cannot be combined with --target dense (its statistics pair every token with "
+                "the dense model's and weight each once): leave --sink-weight out"
             )
         if self.target == "dense" and self.propagate == "dense":
             raise ConfigError(
@@ -274,6 +285,11 @@ class QuantConfig:
             raise ConfigError(
                 "--act-order cannot be combined with pruning (the masks follow the original column order): "
                 "prune first, then `oneshot quantize RUN_DIR --act-order`"
+            )
+        if prune.sink_weight and prune.sink_weight != self.sink_weight:
+            raise ConfigError(
+                f"the pruning's sink weight {prune.sink_weight:g} differs from the quantization's "
+                f"{self.sink_weight:g}: one statistics pass serves both, give one value"
             )
         nm = prune.nm
         if nm is not None and self.groups is not None and self.groups % nm[1] != 0:

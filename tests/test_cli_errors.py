@@ -584,8 +584,10 @@ CASES: dict[str, Case] = {
     "quantize-nm-group-across-quantization-groups": Case(
         "--pattern 1:64 --quantize w4a16 --group-size 32 --out out", 2, ("not a multiple of 64",)
     ),
-    "quantize-sink-weight-without-a-scheme": Case(
-        "--sink-weight 0.5 --out out", 2, ("--sink-weight needs --quantize SCHEME",)
+    "prune-sink-weight-with-the-dense-target": Case(
+        "--sink-weight 0.5 --target dense --out out",
+        2,
+        ("--sink-weight cannot be combined with --target dense",),
     ),
     "quantize-negative-sink-weight": Case(
         "--quantize w4a16 --group-size 32 --sink-weight -1 --out out",

@@ -282,3 +282,24 @@ def test_records_before_the_sink_weight_load_with_it_off() -> None:
 
     assert from_dict(QuantConfig, {"scheme": "w4a16", "group_size": 64}).sink_weight == 0.0
     assert QuantConfig().sink_weight == 0.5
+
+
+def test_the_sink_weight_of_pruning_alone(ws: Path, calib_txt: Path, data_dir: Path) -> None:
+    """`oneshot prune --sink-weight` (off by default when pruning alone) solves block 0's q/k/v on weighted
+    statistics and nothing else; the record keeps it; a pass that also quantizes takes one value."""
+    from oneshot.config import ConfigError, PruneConfig, QuantConfig
+
+    prune = ["prune", "--model", "model", "--method", "sparsegpt", *SMALL]
+    _run([*prune, "--sink-weight", "0.5", "--out", "sink"], calib_txt, data_dir)
+    _run([*prune, "--out", "plain"], calib_txt, data_dir)
+    assert RunRecord.load(ws / "sink").pruned[0].sink_weight == 0.5
+    assert RunRecord.load(ws / "plain").pruned[0].sink_weight == 0.0
+    sink, plain = _weights(ws / "sink"), _weights(ws / "plain")
+    block0 = [k for k in sink if k.startswith("model.layers.0.") and k.endswith("proj.weight")]
+    for key in block0:
+        assert torch.equal(sink[key], plain[key]) == (
+            key.split(".")[-2] not in ("q_proj", "k_proj", "v_proj")
+        )
+    QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.5))
+    with pytest.raises(ConfigError, match="one statistics pass serves both"):
+        QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.25))

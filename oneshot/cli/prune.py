@@ -183,8 +183,12 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         type=float,
         default=None,
         help="extra weight of each calibration window's first token (the attention sink) in the statistics "
-        "of the q/k/v projections, as a fraction of the window length; 0 = every token once (default: 0.5)"
-        + ("" if required else "; not with --target dense"),
+        "of the q/k/v projections, as a fraction of the window length; 0 = every token once "
+        + (
+            "(default: 0.5)"
+            if required
+            else "(default: 0 when pruning alone, 0.5 with --quantize; not with --target dense)"
+        ),
     )
 
 
@@ -197,7 +201,6 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
             for f, v in (
                 ("--group-size", args.group_size),
                 ("--act-order", args.act_order),
-                ("--sink-weight", args.sink_weight is not None),
             )
             if v
         ]
@@ -325,6 +328,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]
         layer_loss=args.layer_loss,
         uncalibrated=args.uncalibrated,
         target=args.target,
+        sink_weight=getattr(args, "sink_weight", None) or 0.0,
         target_damp=args.target_damp,
     )
     return config, run_config_from_args(args, args.export)
@@ -364,12 +368,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     config, run_config = configs_from_args(args)
     quant = quant_config_from_args(args, damp=config.damp, block_size=config.block_size)
-    if quant is not None and config.target == "dense":
-        if args.sink_weight:
-            raise ConfigError(
-                "--sink-weight cannot be combined with --target dense (its statistics pair every token with "
-                "the dense model's and weight each once): leave --sink-weight out"
-            )
+    if quant is not None and config.target == "dense":  # explicit --sink-weight: refused by PruneConfig
         quant = quant.replace(sink_weight=0.0)
     allocation = allocation_from_args(args)
     allocation.check_against(config)
