@@ -8,7 +8,7 @@ the first windows of the test set. The weighted variants add ``w * seqlen`` time
 to the q/k/v statistics, exactly as `oneshot.stats.InputStats(first_token_weight=w)` does.
 
     python scripts/diag_gptq_sink.py                     # c4 16 x 1024 calibration, WikiText-2 8 x 512
-    python scripts/diag_gptq_sink.py --asym --variants rtn,gptq,gptq+sink0.5
+    python scripts/diag_gptq_sink.py --asym --variants "rtn;gptq;gptq:v_proj;gptq:gate_proj,up_proj+sink0.5"
 """
 
 from __future__ import annotations
@@ -54,7 +54,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default=";".join(VARIANTS),
+        help="';'-separated: rtn, gptq (all layers), gptq:KIND,KIND (those layer types), each with +sinkW",
+    )
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=8)
@@ -64,8 +68,10 @@ def main() -> int:
     parser.add_argument("--damp", type=float, default=0.01)
     parser.add_argument("--data-dir", default=os.environ.get("ONESHOT_DATA_DIR"))
     args = parser.parse_args()
-    variants = args.variants.split(",")
+    variants = args.variants.split(";")
     for v in variants:
+        if v.partition("+sink")[0].partition(":")[0] not in ("rtn", "gptq"):
+            parser.error(f"variant {v!r}: rtn, gptq or gptq:KIND,KIND, optionally +sinkW")
         kinds, _ = _parse(v)
         if not kinds <= set(KINDS):
             parser.error(f"unknown layer kinds in {v!r}: choose from {', '.join(KINDS)}")
