@@ -196,14 +196,7 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
     """`QuantConfig` of the quantization options, or None without a scheme; the group options without one
     are an error."""
     if args.scheme is None:
-        given = [
-            f
-            for f, v in (
-                ("--group-size", args.group_size),
-                ("--act-order", args.act_order),
-            )
-            if v
-        ]
+        given = [f for f, v in (("--group-size", args.group_size), ("--act-order", args.act_order)) if v]
         if given or not args.symmetric:
             raise ConfigError(
                 f"{', '.join(given) or '--asym'} needs --quantize SCHEME (e.g. --quantize w4a16)"
@@ -368,8 +361,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     config, run_config = configs_from_args(args)
     quant = quant_config_from_args(args, damp=config.damp, block_size=config.block_size)
-    if quant is not None and config.target == "dense":  # explicit --sink-weight: refused by PruneConfig
-        quant = quant.replace(sink_weight=0.0)
     allocation = allocation_from_args(args)
     allocation.check_against(config)
     check_out(args.out)
