@@ -285,13 +285,16 @@ def test_records_before_the_sink_weight_load_with_it_off() -> None:
 
 
 def test_the_sink_weight_of_pruning_alone(ws: Path, calib_txt: Path, data_dir: Path) -> None:
-    """`oneshot prune --sink-weight` (off by default when pruning alone) solves block 0's q/k/v on weighted
-    statistics and nothing else; the record keeps it; a pass that also quantizes takes one value."""
+    """`oneshot prune` (default 0.5, as quantization) solves block 0's q/k/v on weighted statistics and
+    nothing else (``--sink-weight 0``: every token once); the record keeps it; magnitude pruning and the
+    dense target resolve the default to 0; records written before the field load as 0; a pass that also
+    quantizes takes one value."""
     from oneshot.config import ConfigError, PruneConfig, QuantConfig
+    from oneshot.runfolder import from_dict
 
     prune = ["prune", "--model", "model", "--method", "sparsegpt", *SMALL]
-    _run([*prune, "--sink-weight", "0.5", "--out", "sink"], calib_txt, data_dir)
-    _run([*prune, "--out", "plain"], calib_txt, data_dir)
+    _run([*prune, "--out", "sink"], calib_txt, data_dir)
+    _run([*prune, "--sink-weight", "0", "--out", "plain"], calib_txt, data_dir)
     assert RunRecord.load(ws / "sink").pruned[0].sink_weight == 0.5
     assert RunRecord.load(ws / "plain").pruned[0].sink_weight == 0.0
     sink, plain = _weights(ws / "sink"), _weights(ws / "plain")
@@ -300,6 +303,9 @@ def test_the_sink_weight_of_pruning_alone(ws: Path, calib_txt: Path, data_dir: P
         assert torch.equal(sink[key], plain[key]) == (
             key.split(".")[-2] not in ("q_proj", "k_proj", "v_proj")
         )
+    assert PruneConfig().sink_weight == PruneConfig(method="wanda").sink_weight == 0.5
+    assert PruneConfig(method="magnitude").sink_weight == PruneConfig(target="dense").sink_weight == 0.0
+    assert from_dict(PruneConfig, {"method": "sparsegpt", "sparsity": 0.5}).sink_weight == 0.0
     QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.5))
     with pytest.raises(ConfigError, match="one statistics pass serves both"):
         QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.25))

@@ -70,7 +70,9 @@ def test_a_schema_1_record_loads_split_into_the_two_configs(tmp_path: Path) -> N
     (tmp_path / "oneshot.json").write_text(json.dumps(V1))
     record = RunRecord.load(tmp_path)
     assert record.schema == 1
-    assert record.config == PruneConfig(method="wanda", pattern="2:4", ignore=("lm_head",), layer_loss=True)
+    assert record.config == PruneConfig(
+        method="wanda", pattern="2:4", ignore=("lm_head",), layer_loss=True, sink_weight=0.0
+    )  # written before the sink weight: every token once
     assert record.run == RunConfig(calib="c4", nsamples=16, seqlen=512, seed=3, data_dir="/data")
     assert record.prune.layers == [LayerReport("model.layers.0.mlp.up_proj", (8, 4), 0.5, None, 0.1)]
     assert record.prune.sparsity == 0.5 and record.files is None and record.quick_eval.pruned is None

@@ -187,7 +187,7 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         + (
             "(default: 0.5)"
             if required
-            else "(default: 0 when pruning alone, 0.5 with --quantize; not with --target dense)"
+            else "(default: 0.5; 0 with --target dense, which does not take it, and with magnitude pruning)"
         ),
     )
 
@@ -321,7 +321,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[PruneConfig, RunConfig]
         layer_loss=args.layer_loss,
         uncalibrated=args.uncalibrated,
         target=args.target,
-        sink_weight=getattr(args, "sink_weight", None) or 0.0,
+        sink_weight=getattr(args, "sink_weight", None),
         target_damp=args.target_damp,
     )
     return config, run_config_from_args(args, args.export)
