@@ -341,6 +341,16 @@ def _source_text(record: RunRecord) -> str:
     return f"a local checkpoint (`{Path(str(source.path or 'model')).name}`, {record.model_type})"
 
 
+def sink_text(weight: float) -> str:
+    """The settings value of a sink weight (`PruneConfig.sink_weight`, `QuantConfig.sink_weight`)."""
+    if not weight:
+        return "off: every calibration token counts once"
+    return (
+        f"each calibration window's first token counts 1 + {weight:g} x window length times in the q/k/v "
+        "statistics (their losses are on those statistics)"
+    )
+
+
 def _settings_rows(record: RunRecord) -> list[list[str]]:
     (cfg, pr), run, calib = record.pruned, record.run, record.calibration
     corpus = f" (from {calib.corpus_tokens:,} tokens)" if calib and calib.corpus_tokens else ""
@@ -363,6 +373,8 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
     ]
     if cfg.method == "sparsegpt":
         rows.append(["SparseGPT", f"damping {cfg.damp} x mean(diag H), block size {cfg.block_size}"])
+    if cfg.method != "magnitude":
+        rows.append(["attention sink", sink_text(cfg.sink_weight)])
     if pr.matrix_params:
         rows.append(
             [
@@ -633,15 +645,7 @@ def _quantization_section(record: RunRecord) -> list[str]:
     rows = [
         ["scheme", f"`{q.config.scheme}`: {q.label} ({q.bits}-bit integer weights, 16-bit activations)"],
         ["solver", f"{solver}; damping {q.config.damp} x mean(diag H), block size {q.config.block_size}"],
-        [
-            "attention sink",
-            (
-                f"each calibration window's first token counts 1 + {q.config.sink_weight:g} x window length "
-                "times in the q/k/v statistics (their losses are on those statistics)"
-            )
-            if q.config.sink_weight
-            else "off: every calibration token counts once",
-        ],
+        ["attention sink", sink_text(q.config.sink_weight)],
         ["scales", f"`{q.scale_dtype}`; {'integer zero-points' if not q.symmetric else 'zero-point 0'}"],
         [
             "bits per weight",

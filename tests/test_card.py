@@ -253,8 +253,15 @@ def test_default_model_metadata(run_dir: Path) -> None:
     assert _load_text(build_card(record)).data.to_dict()["base_model"] == "org/model"
     assert source_license(Source("gguf", "/x/m.gguf")) is None
     record.config = record.config.replace(pattern="unstructured", sparsity=0.6, method="wanda")
-    tags = _load_text(build_card(record)).data.to_dict()["tags"]
+    text = build_card(record)
+    tags = _load_text(text).data.to_dict()["tags"]
     assert tags == ["pruned", "sparse", "oneshot", "wanda", "unstructured-sparsity"]
+    # the settings say how the calibration tokens were weighted (the default weights the attention sink)
+    assert "| attention sink | each calibration window's first token counts 1 + 0.5 x window length" in text
+    record.config = record.config.replace(sink_weight=0.0)
+    assert "| attention sink | off: every calibration token counts once |" in build_card(record)
+    record.config = record.config.replace(method="magnitude")
+    assert "attention sink" not in build_card(record)  # magnitude pruning reads no inputs
     # a minimal record (nothing pruned, nothing measured) still gives a valid card
     minimal = RunRecord(PruneConfig(), RunConfig(), Source("local", "/nowhere"), PruneReport())
     assert CARD_KEY in _load_text(build_card(minimal)).data.to_dict()

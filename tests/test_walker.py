@@ -20,6 +20,7 @@ from oneshot.walker import (
     find_blocks,
     find_linears,
     get_weight,
+    is_sink_layer,
     run_block,
 )
 
@@ -140,10 +141,18 @@ def test_prune_every_architecture_2of4(arch: str, method: str) -> None:
 def _reference_block(
     model: nn.Module, block_index: int, ids: torch.Tensor, batch_size: int, config: PruneConfig
 ) -> dict[str, torch.Tensor]:
-    """Run the solver directly on the inputs that each Linear of one block sees in ``model``."""
+    """Run the solver directly on the inputs that each Linear of one block sees in ``model`` (the q/k/v
+    inputs' first tokens weighted by ``config.sink_weight``, as the walk does by default)."""
     name, blocks = find_blocks(model)
     layers = find_linears(blocks[block_index], f"{name}.{block_index}")
-    stats = {n: InputStats(get_weight(m).shape[1], hessian=True) for n, m in layers.items()}
+    stats = {
+        n: InputStats(
+            get_weight(m).shape[1],
+            hessian=True,
+            first_token_weight=config.sink_weight if is_sink_layer(n) else 0.0,
+        )
+        for n, m in layers.items()
+    }
     handles = [
         m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in layers.items()
     ]
@@ -165,14 +174,20 @@ def _reference_block(
 
 
 @pytest.mark.parametrize(
-    "method,pattern", [("sparsegpt", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "4:8")]
+    "method,pattern,sink",
+    [
+        ("sparsegpt", "unstructured", None),
+        ("wanda", "2:4", None),
+        ("sparsegpt", "4:8", None),
+        ("sparsegpt", "unstructured", 0.0),  # the published algorithm: every token once
+    ],
 )
-def test_walker_equals_solver_on_captured_inputs(method: str, pattern: str) -> None:
+def test_walker_equals_solver_on_captured_inputs(method: str, pattern: str, sink: float | None) -> None:
     """Block 0 is pruned from the dense inputs; block 1 from the outputs of the pruned block 0."""
     torch.manual_seed(0)
     dense = _arch("llama").eval()
     ids = _ids(6, 32)
-    config = PruneConfig(method=method, pattern=pattern)
+    config = PruneConfig(method=method, pattern=pattern, sink_weight=sink)
     pruned = _arch("llama").eval()
     pruned.load_state_dict(dense.state_dict())
     prune(pruned, ids, config, batch_size=3, progress=False)
