@@ -374,7 +374,7 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
     if cfg.method == "sparsegpt":
         rows.append(["SparseGPT", f"damping {cfg.damp} x mean(diag H), block size {cfg.block_size}"])
     if cfg.method != "magnitude":
-        rows.append(["attention sink", sink_text(cfg.sink_weight)])
+        rows.append(["attention sink", sink_text(cfg.sink_weight or 0.0)])
     if pr.matrix_params:
         rows.append(
             [

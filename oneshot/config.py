@@ -185,11 +185,11 @@ class PruneConfig:
                 "--target dense needs calibration statistics: use --method sparsegpt or wanda (magnitude "
                 "pruning reads no inputs)"
             )
-        if self.sink_weight is None:
-            plain = self.target == "dense" or method == "magnitude"
-            set_(self, "sink_weight", 0.0 if plain else DEFAULT_SINK_WEIGHT)
-        _sink_weight(self.sink_weight)
-        set_(self, "sink_weight", float(self.sink_weight))
+        sink = self.sink_weight
+        if sink is None:  # resolved here: the record always holds a number
+            sink = 0.0 if self.target == "dense" or method == "magnitude" else DEFAULT_SINK_WEIGHT
+        _sink_weight(sink)
+        set_(self, "sink_weight", float(sink))
         if self.target == "dense" and self.sink_weight:
             raise ConfigError(
                 "--sink-weight cannot be combined with --target dense (its statistics pair every token with "

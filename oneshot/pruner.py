@@ -797,7 +797,7 @@ def _walk(
                 stats=need_stats,
                 hessian=keep_hessian,
                 outputs=reference_out if dense_target else dense_out,
-                sink_weight=quant.sink_weight if quant is not None else config.sink_weight,
+                sink_weight=quant.sink_weight if quant is not None else config.sink_weight or 0.0,
             )
             for stage_targets, stats_of in stages:
                 distributed.all_reduce_stats(stats_of[n] for n in sorted(stats_of))

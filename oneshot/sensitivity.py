@@ -108,7 +108,7 @@ def walk_dense(
             plan = plan_block(block, f"{blocks_name}.{i}", config.ignore)
             for target in plan.targets:
                 _check_finite(target.name, target.weight)
-            collector = InputCollector(plan.linears, hessian, dev, sink_weight=config.sink_weight)
+            collector = InputCollector(plan.linears, hessian, dev, sink_weight=config.sink_weight or 0.0)
             experts = (
                 ExpertCollector(plan.experts, {t.name for t in plan.targets}, hessian, dev)
                 if plan.experts
