@@ -510,6 +510,13 @@ def check_sensitivity(
     """A sensitivity record fits this pruning: the same method and pattern, (``layers``: the names of the
     matrices the run would prune) the same matrices, and (``target``, unstructured) measured far enough to
     reach the target. `AllocationError` naming what differs."""
+    if record.config.sink_weight != config.sink_weight:
+        logger.warning(
+            "the sensitivity file was measured with --sink-weight %g, this run prunes with %g: the curves are "
+            "used as they are",
+            record.config.sink_weight or 0.0,
+            config.sink_weight or 0.0,
+        )
     if record.config.method != config.method or record.config.pattern != config.pattern:
         raise AllocationError(
             f"the sensitivity file was measured with {record.config.method} {record.config.pattern}, this run "

@@ -134,7 +134,7 @@ class PruneConfig:
     # a fraction of the window length (`QuantConfig.sink_weight`); 0 = every token once (the published
     # algorithms). None = `DEFAULT_SINK_WEIGHT` with calibration statistics and the local target, else 0: with
     # SparseGPT it measured 44.25 -> 40.74 at 50 % and 92.40 -> 83.62 at 2:4, Wanda 50 % 46.91 -> 46.76
-    # (BENCHMARKS.md). With quantization in the same pass the quantization's weight is used (one pass).
+    # (BENCHMARKS.md). With quantization in the same pass both must agree (`QuantConfig.check_against`).
     sink_weight: float | None = None
     # records written before the field existed were pruned with every token once
     _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0}
@@ -297,7 +297,8 @@ class QuantConfig:
                 "--act-order cannot be combined with pruning (the masks follow the original column order): "
                 "prune first, then `oneshot quantize RUN_DIR --act-order`"
             )
-        if prune.sink_weight and prune.sink_weight != self.sink_weight:
+        reads_inputs = prune.method != "magnitude" and prune.target == "local"  # else it holds 0 (unused)
+        if reads_inputs and prune.sink_weight != self.sink_weight:
             raise ConfigError(
                 f"the pruning's sink weight {prune.sink_weight:g} differs from the quantization's "
                 f"{self.sink_weight:g}: one statistics pass serves both, give one value"

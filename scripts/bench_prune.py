@@ -46,7 +46,8 @@ def _single(args: argparse.Namespace) -> dict:
     test_ids = ppl_token_ids("wikitext2", tok, args.data_dir)
     out: dict = {"method": args.method, "pattern": args.pattern}
     if args.method != "dense":
-        cfg = PruneConfig(method=args.method, pattern=args.pattern)
+        # the published algorithms (every token once), as the llm-compressor reference rows
+        cfg = PruneConfig(method=args.method, pattern=args.pattern, sink_weight=0.0)
         calib, _ = calibration_windows(
             "c4", tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir
         )

@@ -309,3 +309,8 @@ def test_the_sink_weight_of_pruning_alone(ws: Path, calib_txt: Path, data_dir: P
     QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.5))
     with pytest.raises(ConfigError, match="one statistics pass serves both"):
         QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.25))
+    with pytest.raises(ConfigError, match="one statistics pass serves both"):  # 0 is a value too
+        QuantConfig(sink_weight=0.5).check_against(PruneConfig(sink_weight=0.0))
+    # pruning that reads no weighted statistics holds 0 and leaves the quantization its weight
+    QuantConfig().check_against(PruneConfig(method="magnitude"))
+    QuantConfig().check_against(PruneConfig(target="dense"))

@@ -42,6 +42,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (columns)")
     p.add_argument("--ignore", action="append", default=[], help="layers not measured (fnmatch, repeatable)")
     p.add_argument(
+        "--sink-weight",
+        type=float,
+        default=None,
+        help="extra weight of each calibration window's first token in the q/k/v statistics, as in `oneshot "
+        "prune` (default: 0.5, its default; measure with the value the pruning will use)",
+    )
+    p.add_argument(
         "--error-windows",
         type=int,
         default=8,
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         block_size=args.blocksize,
         ignore=tuple(args.ignore),
         propagate="dense",
+        sink_weight=args.sink_weight,
     )
     sparsities = _parse_sparsities(args.sparsities)
     if not sparsities and config.nm is None:
