@@ -374,10 +374,11 @@ def _settings_rows(record: RunRecord) -> list[list[str]]:
     if cfg.method == "sparsegpt":
         rows.append(["SparseGPT", f"damping {cfg.damp} x mean(diag H), block size {cfg.block_size}"])
     if cfg.method != "magnitude":
-        # one statistics pass with --quantize: the quantization's weight is the one both used (records of
-        # joint runs made before pruning had its own default hold 0 for the pruning)
-        q = record.quantization if record.kind != "quantize" else None
-        used = q.config.sink_weight if q is not None else cfg.sink_weight
+        # one statistics pass with --quantize (no source run): the quantization's weight is the one both used
+        # (records of joint runs made before pruning had its own default hold 0 for the pruning); a run
+        # quantized afterwards was pruned with its own
+        q = record.quantization
+        used = q.config.sink_weight if q is not None and q.source_run is None else cfg.sink_weight
         rows.append(["attention sink", sink_text(used or 0.0)])
     if pr.matrix_params:
         rows.append(

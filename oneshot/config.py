@@ -187,7 +187,7 @@ class PruneConfig:
             )
         sink = self.sink_weight
         if sink is None:  # resolved here: the record always holds a number
-            sink = 0.0 if self.target == "dense" or method == "magnitude" else DEFAULT_SINK_WEIGHT
+            sink = DEFAULT_SINK_WEIGHT if self.weights_sink else 0.0
         _sink_weight(sink)
         set_(self, "sink_weight", float(sink))
         if self.target == "dense" and self.sink_weight:
@@ -206,6 +206,12 @@ class PruneConfig:
     def nm(self) -> tuple[int, int] | None:
         """The parsed pattern: (N, M) or None for unstructured."""
         return parse_pattern(self.pattern)
+
+    @property
+    def weights_sink(self) -> bool:
+        """Whether ``sink_weight`` applies: the pruning reads calibration statistics (not magnitude) and
+        solves for the local target (``--target dense`` weights every token once)."""
+        return self.method != "magnitude" and self.target == "local"
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with some fields changed (validated again)."""
@@ -297,8 +303,7 @@ class QuantConfig:
                 "--act-order cannot be combined with pruning (the masks follow the original column order): "
                 "prune first, then `oneshot quantize RUN_DIR --act-order`"
             )
-        reads_inputs = prune.method != "magnitude" and prune.target == "local"  # else it holds 0 (unused)
-        if reads_inputs and prune.sink_weight != self.sink_weight:
+        if prune.weights_sink and prune.sink_weight != self.sink_weight:  # else it holds 0 (unused)
             raise ConfigError(
                 f"the pruning's sink weight {prune.sink_weight:g} differs from the quantization's "
                 f"{self.sink_weight:g}: one statistics pass serves both, give one value"

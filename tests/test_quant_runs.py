@@ -127,6 +127,8 @@ def test_quantize_a_pruned_run_keeps_its_zeros_and_its_record(
             "--group-size",
             "64",
             "--act-order",
+            "--sink-weight",
+            "0",
             "--out",
             "q",
             *SMALL,
@@ -152,6 +154,10 @@ def test_quantize_a_pruned_run_keeps_its_zeros_and_its_record(
     assert not torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // 64)  # act-order
     files, _ = collect_files(ws / "q")
     verify_run_folder(ws / "q", files)
+    # the card keeps the pruning's own sink weight (the default) beside the later quantization's (0)
+    card = (ws / "q" / "README.md").read_text()
+    pruning_row = card.index("| attention sink | each calibration window's first token counts 1 + 0.5")
+    assert pruning_row < card.index("## Quantization") < card.index("| attention sink | off:")
     # the quantized run is not quantized again
     assert main(["quantize", "q", "--calib", str(calib_txt), "--group-size", "64", "--out", "qq"]) == 2
     assert not (ws / "qq").exists()
