@@ -765,6 +765,9 @@ CASES: dict[str, Case] = {
     "sensitivity-sparsities-not-numbers": Case(
         f"{SENS} --sparsities 0.5,half --out sens-out", 2, ("comma list of fractions", "half"), base=False
     ),
+    "sensitivity-negative-sink-weight": Case(
+        f"{SENS} --sink-weight -1 --out sens-out", 2, ("sink_weight must be a number in [0, 16]",), base=False
+    ),
     "sensitivity-pattern-with-other-sparsities": Case(
         f"{SENS} --pattern 2:4 --sparsities 0.3 --out sens-out",
         2,
