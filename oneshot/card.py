@@ -290,6 +290,7 @@ def quant_facts(record: RunRecord) -> dict[str, Any]:
         "group_size": q.group_size if q.group_size is not None else -1,
         "symmetric": q.symmetric,
         "act_order": q.act_order,
+        "clip": q.config.clip,
         "solver": q.solver,
         "sink_weight": q.config.sink_weight,
         "bits_per_weight": round(q.bits_per_weight, 4),

@@ -24,6 +24,7 @@ __all__ = [
     "MIXED_PRECISION",
     "MLP_BIAS_CHOICES",
     "PROPAGATE",
+    "QUANT_CLIPS",
     "QUANT_SCHEMES",
     "RECOVER_METHODS",
     "REFIT_TARGETS",
@@ -58,6 +59,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # per output channel); the grids themselves are `oneshot.solvers.quant`
 QUANT_SCHEMES: dict[str, tuple[int, int | None]] = {"w4a16": (4, 128), "w8a16": (8, None)}
 QUANT_GROUP_SIZES = (32, 64, 128)
+QUANT_CLIPS = ("minmax", "mse")  # `oneshot.solvers.quant.CLIPS`
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -239,6 +241,8 @@ class QuantConfig:
     the attention sink most queries attend to, so an error in its value reaches every later token, while an
     unweighted Hessian counts it once among thousands. 0 turns it off (records written before the field
     existed load with 0, which is what they used).
+    ``clip``: ``minmax`` (each group's grid spans its weights) or ``mse`` (per group the shrunken range with
+    the least OBS-weighted rounding error, `oneshot.solvers.quant`).
     """
 
     scheme: str = "w4a16"
@@ -248,6 +252,7 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     sink_weight: float = DEFAULT_SINK_WEIGHT
+    clip: str = "minmax"
 
     _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0}
 
@@ -275,6 +280,8 @@ class QuantConfig:
         object.__setattr__(self, "damp", float(self.damp))
         _sink_weight(self.sink_weight)
         object.__setattr__(self, "sink_weight", float(self.sink_weight))
+        if self.clip not in QUANT_CLIPS:
+            raise ConfigError(f"unknown --clip {self.clip!r}: choose one of {', '.join(QUANT_CLIPS)}")
 
     @property
     def bits(self) -> int:
@@ -291,8 +298,10 @@ class QuantConfig:
     def label(self) -> str:
         """``w4a16 g64 sym``: the scheme, the group size (``ch`` per channel) and the grid, short."""
         group = f"g{self.groups}" if self.groups else "ch"
-        return f"{self.scheme} {group} {'sym' if self.symmetric else 'asym'}" + (
-            " act-order" if self.act_order else ""
+        return (
+            f"{self.scheme} {group} {'sym' if self.symmetric else 'asym'}"
+            + (" act-order" if self.act_order else "")
+            + (" mse" if self.clip == "mse" else "")
         )
 
     def check_against(self, prune: PruneConfig) -> None:

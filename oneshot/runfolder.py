@@ -693,7 +693,11 @@ class QuantizationRecord:
         """``w4a16, groups of 64, symmetric``."""
         group = f"groups of {self.group_size}" if self.group_size else "one scale per output channel"
         grid = "symmetric" if self.symmetric else "asymmetric"
-        return f"{self.config.scheme}, {group}, {grid}" + (", act-order" if self.act_order else "")
+        return (
+            f"{self.config.scheme}, {group}, {grid}"
+            + (", act-order" if self.act_order else "")
+            + (", mse clipping" if self.config.clip == "mse" else "")
+        )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from oneshot.solvers.quant import (
     check_group_size,
     dequantize,
     fake_quantize,
+    group_grid,
     group_index,
     group_params,
     quantize,
@@ -92,6 +93,7 @@ def test_scheme_presets_parse_and_normalise() -> None:
         "symmetric": True,
         "act_order": False,
         "scale_dtype": "float16",
+        "clip": "minmax",
     }
 
 
@@ -136,6 +138,36 @@ def test_group_size_that_does_not_divide_the_width_names_it_and_suggests_one() -
 
 
 # ------------------------------------------------------------------------------------------------ grids
+
+
+def test_mse_clipping_trades_an_outlier_for_a_finer_grid() -> None:
+    """Gaussian weights with one outlier: minmax spends the grid on the outlier, mse clips it (a finer grid
+    for the other 63); a heavy error weight on the outlier keeps it on the grid; 0 stays on every grid."""
+    row = 0.1 * torch.randn(1, 64, generator=_gen(3), dtype=F64)
+    row[0, 7] = 0.5
+    minmax = QuantScheme(bits=4, group_size=None, scale_dtype="float32")
+    mse = dataclasses.replace(minmax, clip="mse")
+    s0, z0 = group_params(row, minmax)
+    s1, z1 = group_params(row, mse)
+
+    def error(scale: torch.Tensor, zero: torch.Tensor, weights: torch.Tensor | float = 1.0) -> float:
+        q = dequantize(quantize(row, scale, zero, minmax), scale, zero, F64)
+        return float(((q - row).square() * weights).sum())
+
+    assert s0.item() == pytest.approx(0.5 / 7)
+    assert s1.item() < s0.item() and error(s1, z1) < 0.9 * error(s0, z0)
+    ref_scale, ref_zero = reference_mse_grid(row, torch.ones(1, 64, dtype=F64), minmax)
+    assert torch.equal(s1, ref_scale) and torch.equal(z1, ref_zero)
+    heavy = torch.ones(64, dtype=F64)
+    heavy[7] = 1e4
+    s2, z2 = group_grid(row, mse, heavy)
+    assert s2.item() > s1.item() and error(s2, z2, heavy) <= error(s0, z0, heavy)
+    asym = dataclasses.replace(mse, symmetric=False)
+    for w in (row, -row, row.abs()):
+        scale, zero = group_params(w, asym)
+        assert scale.item() < (w.max() - w.min().clamp(max=0)).item() / 15  # clipped
+        zero_code = quantize(torch.zeros(1, 1, dtype=F64), scale, zero, asym)
+        assert dequantize(zero_code, scale, zero, F64).item() == 0.0
 
 
 def test_hand_computed_grids() -> None:
@@ -212,13 +244,26 @@ def reference_gptq(
     hinv = torch.linalg.inv(hessian.to(F64)[order][:, order])  # (cols, cols)
     pruned = torch.zeros(rows, cols, dtype=torch.bool) if mask is None else mask[:, order]
     size = scheme.group_size or cols
-    one_group = dataclasses.replace(scheme, group_size=None)
+    one_group = dataclasses.replace(scheme, group_size=None, clip="minmax")
+    # --clip mse weighs each column by 1 / d_j^2, d_j = the downdated inverse's diagonal when column j's turn
+    # comes (it does not depend on the weights): collected by one pass of the same downdates
+    turn_d, h = [], hinv.clone()
+    for j in range(cols):
+        turn_d.append(float(h[j, j]))
+        h = h - torch.outer(h[:, j], h[j, :]) / h[j, j]
     codes = torch.empty(rows, cols, dtype=scheme.code_dtype)
     scales, zeros = [], []
     loss = 0.0
     for i in range(cols):
         if i % size == 0:  # the group's grid from its current, updated weights
-            scale, zero = group_params(w[:, i : i + size], one_group)  # (rows, 1)
+            group = w[:, i : i + size]
+            if scheme.clip == "mse":
+                weights = (
+                    torch.tensor(turn_d[i : i + size], dtype=F64).reciprocal() * ~pruned[:, i : i + size]
+                )
+                scale, zero = reference_mse_grid(group, weights, one_group)
+            else:
+                scale, zero = group_params(group, one_group)  # (rows, 1)
             scales.append(scale)
             zeros.append(zero)
         code = quantize(w[:, i : i + 1], scale, zero, scheme)  # (rows, 1)
@@ -234,6 +279,28 @@ def reference_gptq(
     return w[:, inverse], codes[:, inverse], torch.cat(scales, 1), torch.cat(zeros, 1), loss
 
 
+def reference_mse_grid(
+    group: torch.Tensor, weights: torch.Tensor, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--clip mse`` row by row: the grids of the ranges [p lo, p hi], p = 1, 1 - 1/80, ..., 1/2 (the grid of
+    a range is the min/max grid of its two ends), the first with the least weighted squared error wins."""
+    scales, zeros = [], []
+    for r in range(group.shape[0]):
+        lo, hi = group[r].min(), group[r].max()
+        best = None
+        for k in range(41):
+            p = 1 - k / 80
+            scale, zero = group_params(torch.stack([lo * p, hi * p])[None], scheme)  # (1, 1)
+            q = dequantize(quantize(group[r : r + 1], scale, zero, scheme), scale, zero, F64)
+            err = float(((q - group[r : r + 1]).square() * weights[r]).sum())
+            if best is None or err < best[0]:
+                best = (err, scale, zero)
+        assert best is not None
+        scales.append(best[1])
+        zeros.append(best[2])
+    return torch.cat(scales), torch.cat(zeros)
+
+
 GPTQ_CASES = [
     QuantScheme(bits=4, group_size=32),
     QuantScheme(bits=4, group_size=32, symmetric=False),
@@ -241,6 +308,8 @@ GPTQ_CASES = [
     QuantScheme(bits=8, group_size=64, symmetric=False),
     QuantScheme(bits=4, group_size=32, act_order=True),
     QuantScheme(bits=4, group_size=None, symmetric=False, act_order=True),
+    QuantScheme(bits=4, group_size=32, clip="mse"),
+    QuantScheme(bits=4, group_size=32, symmetric=False, act_order=True, clip="mse"),
 ]
 
 
@@ -360,7 +429,11 @@ def test_bad_gptq_arguments_raise(layer) -> None:
 @pytest.mark.parametrize("pattern", [None, (2, 4), (4, 8)])
 @pytest.mark.parametrize(
     "scheme",
-    [QuantScheme(bits=4, group_size=32), QuantScheme(bits=4, group_size=None, symmetric=False)],
+    [
+        QuantScheme(bits=4, group_size=32),
+        QuantScheme(bits=4, group_size=None, symmetric=False),
+        QuantScheme(bits=4, group_size=32, symmetric=False, clip="mse"),
+    ],
     ids=str,
 )
 def test_joint_prune_and_quantize(pattern, scheme: QuantScheme) -> None:

@@ -13,6 +13,7 @@ from oneshot.config import (
     DTYPES,
     METHODS,
     PROPAGATE,
+    QUANT_CLIPS,
     QUANT_SCHEMES,
     TARGETS,
     UNCALIBRATED,
@@ -179,6 +180,13 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         + ("" if required else "; not with pruning in the same pass"),
     )
     p.add_argument(
+        "--clip",
+        choices=QUANT_CLIPS,
+        default="minmax",
+        help="how each group's range is chosen: minmax (the group's min and max, the default) or mse (the "
+        "shrunken range with the least rounding error, each weight weighted by its OBS cost)",
+    )
+    p.add_argument(
         "--sink-weight",
         type=float,
         default=None,
@@ -196,7 +204,15 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
     """`QuantConfig` of the quantization options, or None without a scheme; the group options without one
     are an error."""
     if args.scheme is None:
-        given = [f for f, v in (("--group-size", args.group_size), ("--act-order", args.act_order)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--group-size", args.group_size),
+                ("--act-order", args.act_order),
+                ("--clip", args.clip != "minmax"),
+            )
+            if v
+        ]
         if given or not args.symmetric:
             raise ConfigError(
                 f"{', '.join(given) or '--asym'} needs --quantize SCHEME (e.g. --quantize w4a16)"
@@ -207,6 +223,7 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
         group_size=args.group_size,
         symmetric=args.symmetric,
         act_order=args.act_order,
+        clip=args.clip,
         damp=damp,
         block_size=block_size,
         **({} if args.sink_weight is None else {"sink_weight": args.sink_weight}),
@@ -340,7 +357,10 @@ def quant_slug(quant: QuantConfig) -> str:
     """``w4a16-g64`` / ``w8a16-ch-asym``."""
     group = f"g{quant.groups}" if quant.groups else "ch"
     return (
-        f"{quant.scheme}-{group}" + ("" if quant.symmetric else "-asym") + ("-act" if quant.act_order else "")
+        f"{quant.scheme}-{group}"
+        + ("" if quant.symmetric else "-asym")
+        + ("-act" if quant.act_order else "")
+        + ("-mse" if quant.clip == "mse" else "")
     )
 
 

@@ -29,6 +29,12 @@ Grids (``lo``, ``hi`` = min and max of a row's weights in the group):
   dequantizes to ``scale * (z - z) = 0`` exactly. (A float zero-point such as GGUF's Q4_1 minimum would not
   keep pruned weights at 0.)
 
+``clip="mse"`` (``--clip mse``) searches, per row and group, the shrunken ranges ``[p lo, p hi]`` for ``p`` from 1
+down to `CLIP_LOWEST` in `CLIP_STEPS` equal steps and keeps the grid whose rounding error is smallest: the
+squared error summed over the group, each column weighted by ``1 / [H^-1]_jj^2`` where an OBS solver supplies
+it (the cost GPTQ charges for rounding that weight, before its error is propagated). Clipping a few outliers
+buys a finer grid for all other weights of the group. Both ends shrink together, so 0 stays on the grid.
+
 Scales are rounded to ``scale_dtype`` before any code is computed, so the stored scales are the grid. A group
 whose scale is 0 (all weights 0) or underflows ``scale_dtype`` gets scale 1: its weights map to the zero level.
 
@@ -48,6 +54,7 @@ from oneshot.config import ConfigError, QuantConfig
 
 __all__ = [
     "BITS",
+    "CLIPS",
     "GROUP_SIZES",
     "SCALE_DTYPES",
     "SCHEMES",
@@ -57,6 +64,7 @@ __all__ = [
     "check_group_size",
     "dequantize",
     "fake_quantize",
+    "group_grid",
     "group_index",
     "group_params",
     "packed_bits",
@@ -67,6 +75,9 @@ __all__ = [
 ]
 
 BITS = (4, 8)
+CLIPS = ("minmax", "mse")  # how a group's range is chosen: its min and max, or the searched range (docstring)
+CLIP_STEPS = 40
+CLIP_LOWEST = 0.5
 GROUP_SIZES = (32, 64, 128)  # what GPTQ/Marlin-style kernels take; None (or -1) = one scale per output row
 SCALE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -96,6 +107,8 @@ class QuantScheme:
         act_order: GPTQ processes columns by descending ``diag(H)``; groups follow that order (see the
             module docstring, ``g_idx``). Only for quantization alone, not together with pruning.
         scale_dtype: dtype the scales are stored in (and rounded to before use): float16, bfloat16, float32.
+        clip: ``minmax`` (every group's grid spans its weights) or ``mse`` (the shrunken range with the least
+            rounding error, module docstring).
     """
 
     bits: int = 4
@@ -103,6 +116,7 @@ class QuantScheme:
     symmetric: bool = True
     act_order: bool = False
     scale_dtype: str = "float16"
+    clip: str = "minmax"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in BITS:
@@ -121,6 +135,8 @@ class QuantScheme:
             raise ConfigError(
                 f"unsupported scale dtype {self.scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}"
             )
+        if self.clip not in CLIPS:
+            raise ConfigError(f"unsupported clip {self.clip!r}: choose one of {', '.join(CLIPS)}")
 
     @classmethod
     def parse(cls, name: str, **overrides: Any) -> QuantScheme:
@@ -157,9 +173,13 @@ class QuantScheme:
 
 
 def scheme_of(config: QuantConfig) -> QuantScheme:
-    """The grid of a `QuantConfig` (its scheme's bits, the resolved group size, symmetric, act-order)."""
+    """The grid of a `QuantConfig` (its scheme's bits, the resolved group size, symmetric, act-order, clip)."""
     return QuantScheme(
-        bits=config.bits, group_size=config.groups, symmetric=config.symmetric, act_order=config.act_order
+        bits=config.bits,
+        group_size=config.groups,
+        symmetric=config.symmetric,
+        act_order=config.act_order,
+        clip=config.clip,
     )
 
 
@@ -241,12 +261,34 @@ def _grid_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme) -> tuple[Tenso
     return scale, zero
 
 
+def group_grid(w: Tensor, scheme: QuantScheme, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scale and zero-point, both (n,), of ``n`` groups given as the rows of ``w`` (n, size): the groups' min
+    and max, or with ``scheme.clip == "mse"`` the searched range (module docstring). ``weights`` (n, size) or
+    (size,): the error weight of every entry (0 leaves an entry out; None = 1)."""
+    w = w.detach().to(_work_dtype(w))
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    if scheme.clip == "minmax":
+        return _grid_from_range(lo, hi, scheme)
+
+    # every candidate range at once: (steps + 1, n) grids, (steps + 1, n, size) rounding errors
+    shrink = 1.0 - torch.arange(CLIP_STEPS + 1, dtype=w.dtype, device=w.device) * (
+        (1.0 - CLIP_LOWEST) / CLIP_STEPS
+    )
+    scales, zeros = _grid_from_range(lo * shrink[:, None], hi * shrink[:, None], scheme)
+    s, z = scales[..., None].to(w.dtype), zeros[..., None].to(w.dtype)
+    err = (torch.round(w / s).add_(z).clamp_(scheme.qmin, scheme.qmax).sub_(z).mul_(s) - w).square_()
+    if weights is not None:
+        err.mul_(weights.to(w.dtype))
+    best = err.sum(dim=-1).argmin(dim=0, keepdim=True)  # (1, n): the first (widest) of equal errors
+    return scales.gather(0, best)[0], zeros.gather(0, best)[0]
+
+
 def group_params(weight: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
     """Round-to-nearest grid of a (rows, cols) weight: ``(scales, zeros)``, both (rows, groups)."""
     rows, cols = weight.shape
     groups = scheme.groups(cols)
-    w = weight.detach().to(_work_dtype(weight)).reshape(rows, groups, cols // groups)  # (rows, groups, size)
-    return _grid_from_range(w.amin(dim=-1), w.amax(dim=-1), scheme)
+    scale, zero = group_grid(weight.reshape(rows * groups, cols // groups), scheme)
+    return scale.reshape(rows, groups), zero.reshape(rows, groups)
 
 
 def quantize(weight: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
@@ -339,10 +381,13 @@ class ColumnQuantizer:
         """Processing positions where a group begins."""
         return range(0, self.codes_t.shape[0], self.group_cols)
 
-    def start_group(self, position: int, w_group: Tensor) -> None:
-        """Fix the grid of the group starting at ``position`` from its current weights (size, rows)."""
+    def start_group(self, position: int, w_group: Tensor, weights: Tensor | None = None) -> None:
+        """Fix the grid of the group starting at ``position`` from its current weights (size, rows);
+        ``weights`` (size, rows) or (size, 1): the error weights of `group_grid` (``--clip mse``)."""
         group = position // self.group_cols
-        scale, zero = _grid_from_range(w_group.amin(dim=0), w_group.amax(dim=0), self.scheme)  # (rows,)
+        scale, zero = group_grid(
+            w_group.t(), self.scheme, None if weights is None else weights.t()
+        )  # (rows,)
         self.scales_t[group], self.zeros_t[group] = scale, zero
         self._scale, self._zero = scale.to(self.dtype), zero.to(self.dtype)
 

@@ -469,12 +469,18 @@ def _sparsegpt_columns(
         d_b = diag[i1:i2, None]  # (count, 1)
         m_b = mask_t[i1:i2]  # (count, rows) view
         err_b = torch.empty_like(w_b)  # (count, rows): (w - q) / d per processed column
-        if grid is not None and i1 in group_starts:
-            grid.start_group(i1, w_t[i1 : i1 + grid.group_cols])  # current weights of the whole group
         if fixed_t is None and pattern is None and i1 % block_size == 0:  # a mask tile starts
             t2 = min(i1 + block_size, cols)
             k = pruned_before[t2] - pruned_before[i1]
             mask_t[i1:t2] = lowest_k_mask(w_t[i1:t2].square() / diag[i1:t2, None].square(), k)
+        if grid is not None and i1 in group_starts:  # current weights of the whole group
+            g2 = i1 + grid.group_cols
+            weights = None
+            if grid.scheme.clip == "mse":  # OBS rounding costs; weights already known to be pruned left out
+                weights = diag[i1:g2, None].square().reciprocal()
+                if not select_nm:
+                    weights = weights * ~mask_t[i1:g2]
+            grid.start_group(i1, w_t[i1:g2], weights)
         # (count, rows): 1/d where pruned, else 0 (N:M: filled per group as its mask is chosen)
         err_scale = torch.empty_like(w_b) if select_nm else m_b / d_b
         count = i2 - i1
