@@ -241,8 +241,9 @@ class QuantConfig:
     the attention sink most queries attend to, so an error in its value reaches every later token, while an
     unweighted Hessian counts it once among thousands. 0 turns it off (records written before the field
     existed load with 0, which is what they used).
-    ``clip``: ``minmax`` (each group's grid spans its weights) or ``mse`` (per group the shrunken range with
-    the least OBS-weighted rounding error, `oneshot.solvers.quant`).
+    ``clip``: ``mse`` (per group the shrunken range with the least OBS-weighted rounding error,
+    `oneshot.solvers.quant`) or ``minmax`` (each group's grid spans its weights; what records written before
+    the field existed used).
     """
 
     scheme: str = "w4a16"
@@ -252,9 +253,9 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     sink_weight: float = DEFAULT_SINK_WEIGHT
-    clip: str = "minmax"
+    clip: str = "mse"
 
-    _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0}
+    _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0, "clip": "minmax"}
 
     def __post_init__(self) -> None:
         scheme = str(self.scheme).strip().lower().replace("_", "-")
@@ -301,7 +302,7 @@ class QuantConfig:
         return (
             f"{self.scheme} {group} {'sym' if self.symmetric else 'asym'}"
             + (" act-order" if self.act_order else "")
-            + (" mse" if self.clip == "mse" else "")
+            + (" minmax" if self.clip == "minmax" else "")
         )
 
     def check_against(self, prune: PruneConfig) -> None:

@@ -578,6 +578,10 @@ CASES: dict[str, Case] = {
     "quantize-group-size-without-a-scheme": Case(
         "--group-size 64 --out out", 2, ("--group-size needs --quantize SCHEME",)
     ),
+    "quantize-clip-without-a-scheme": Case("--clip mse --out out", 2, ("--clip needs --quantize SCHEME",)),
+    "quantize-unknown-clip": Case(
+        "--quantize w4a16 --group-size 32 --clip max --out out", 2, ("invalid choice: 'max'", "minmax", "mse")
+    ),
     "quantize-act-order-with-pruning": Case(
         "--quantize w4a16 --group-size 64 --act-order --out out", 2, ("--act-order cannot be combined",)
     ),
@@ -611,7 +615,7 @@ CASES: dict[str, Case] = {
     "prune-and-quantize": Case(
         "--pattern 2:4 --quantize w4a16 --group-size 32 --out out",
         0,
-        ("quantization", "w4a16, groups of 32", "bits per weight"),
+        ("quantization", "w4a16, groups of 32, symmetric, mse clipping", "bits per weight"),
         None,
         ("out",),
     ),

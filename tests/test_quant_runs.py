@@ -290,6 +290,25 @@ def test_records_before_the_sink_weight_load_with_it_off() -> None:
     assert QuantConfig().sink_weight == 0.5
 
 
+def test_the_clip_default_and_records_before_it(ws: Path, calib_txt: Path, data_dir: Path) -> None:
+    """`--clip mse` is the default and changes the grids; `--clip minmax` is recorded as such; records written
+    before the field load as minmax (what they used)."""
+    from oneshot.config import QuantConfig
+    from oneshot.runfolder import from_dict
+
+    assert from_dict(QuantConfig, {"scheme": "w4a16", "group_size": 64}).clip == "minmax"
+    assert QuantConfig().clip == "mse"
+    quantize = ["quantize", "model", "--group-size", "32", *SMALL]
+    _run([*quantize, "--out", "mse"], calib_txt, data_dir)
+    _run([*quantize, "--clip", "minmax", "--out", "minmax"], calib_txt, data_dir)
+    searched, spanned = _assert_on_grid(ws / "mse"), _assert_on_grid(ws / "minmax")
+    assert searched.quantized.config.clip == "mse" and spanned.quantized.config.clip == "minmax"
+    assert "mse clipping" in searched.quantized.label and "mse" not in spanned.quantized.label
+    (g_mse, _), (g_minmax, _) = read_quant_file(ws / "mse"), read_quant_file(ws / "minmax")
+    name = searched.quantized.layers[0].name
+    assert not torch.equal(g_mse[name]["weight_scale"], g_minmax[name]["weight_scale"])
+
+
 def test_the_sink_weight_of_pruning_alone(ws: Path, calib_txt: Path, data_dir: Path) -> None:
     """`oneshot prune` (default 0.5, as quantization) solves block 0's q/k/v on weighted statistics and
     nothing else (``--sink-weight 0``: every token once); the record keeps it; magnitude pruning and the

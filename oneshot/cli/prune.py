@@ -182,9 +182,9 @@ def add_quant_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--clip",
         choices=QUANT_CLIPS,
-        default="minmax",
-        help="how each group's range is chosen: minmax (the group's min and max, the default) or mse (the "
-        "shrunken range with the least rounding error, each weight weighted by its OBS cost)",
+        default=None,
+        help="how each group's range is chosen: mse (the shrunken range with the least rounding error, each "
+        "weight weighted by its OBS cost; default) or minmax (the group's min and max)",
     )
     p.add_argument(
         "--sink-weight",
@@ -209,7 +209,7 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
             for f, v in (
                 ("--group-size", args.group_size),
                 ("--act-order", args.act_order),
-                ("--clip", args.clip != "minmax"),
+                ("--clip", args.clip is not None),
             )
             if v
         ]
@@ -223,10 +223,10 @@ def quant_config_from_args(args: argparse.Namespace, *, damp: float, block_size:
         group_size=args.group_size,
         symmetric=args.symmetric,
         act_order=args.act_order,
-        clip=args.clip,
         damp=damp,
         block_size=block_size,
         **({} if args.sink_weight is None else {"sink_weight": args.sink_weight}),
+        **({} if args.clip is None else {"clip": args.clip}),
     )
 
 
@@ -360,7 +360,7 @@ def quant_slug(quant: QuantConfig) -> str:
         f"{quant.scheme}-{group}"
         + ("" if quant.symmetric else "-asym")
         + ("-act" if quant.act_order else "")
-        + ("-mse" if quant.clip == "mse" else "")
+        + ("-minmax" if quant.clip == "minmax" else "")
     )
 
 
