@@ -302,7 +302,7 @@ class QuantConfig:
         return (
             f"{self.scheme} {group} {'sym' if self.symmetric else 'asym'}"
             + (" act-order" if self.act_order else "")
-            + (" minmax" if self.clip == "minmax" else "")
+            + (" mse" if self.clip == "mse" else "")
         )
 
     def check_against(self, prune: PruneConfig) -> None:
