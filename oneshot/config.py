@@ -241,9 +241,10 @@ class QuantConfig:
     the attention sink most queries attend to, so an error in its value reaches every later token, while an
     unweighted Hessian counts it once among thousands. 0 turns it off (records written before the field
     existed load with 0, which is what they used).
-    ``clip``: ``mse`` (per group the shrunken range with the least OBS-weighted rounding error,
-    `oneshot.solvers.quant`) or ``minmax`` (each group's grid spans its weights; what records written before
-    the field existed used).
+    ``clip``: ``minmax`` (each group's grid spans its weights; what records written before the field existed
+    used) or ``mse`` (per group the shrunken range with the least OBS-weighted rounding error,
+    `oneshot.solvers.quant`; measured better for GPTQ and unstructured joint passes, worse for a joint 2:4
+    pass, whose pruned weights are not known when a group's grid is fixed: BENCHMARKS.md).
     """
 
     scheme: str = "w4a16"
@@ -253,9 +254,9 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     sink_weight: float = DEFAULT_SINK_WEIGHT
-    clip: str = "mse"
+    clip: str = "minmax"
 
-    _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0, "clip": "minmax"}
+    _ABSENT_MEANS: ClassVar[dict[str, Any]] = {"sink_weight": 0.0}
 
     def __post_init__(self) -> None:
         scheme = str(self.scheme).strip().lower().replace("_", "-")

@@ -613,7 +613,7 @@ CASES: dict[str, Case] = {
         "--quantize w4a16 --sym --asym --out out", 2, ("not allowed with argument",)
     ),
     "prune-and-quantize": Case(
-        "--pattern 2:4 --quantize w4a16 --group-size 32 --out out",
+        "--pattern 2:4 --quantize w4a16 --group-size 32 --clip mse --out out",
         0,
         ("quantization", "w4a16, groups of 32, symmetric, mse clipping", "bits per weight"),
         None,

@@ -291,16 +291,16 @@ def test_records_before_the_sink_weight_load_with_it_off() -> None:
 
 
 def test_the_clip_default_and_records_before_it(ws: Path, calib_txt: Path, data_dir: Path) -> None:
-    """`--clip mse` is the default and changes the grids; `--clip minmax` is recorded as such; records written
-    before the field load as minmax (what they used)."""
+    """`--clip mse` changes the grids and is recorded; the default and records written before the field are
+    minmax (what they used)."""
     from oneshot.config import QuantConfig
     from oneshot.runfolder import from_dict
 
     assert from_dict(QuantConfig, {"scheme": "w4a16", "group_size": 64}).clip == "minmax"
-    assert QuantConfig().clip == "mse"
+    assert QuantConfig().clip == "minmax"
     quantize = ["quantize", "model", "--group-size", "32", *SMALL]
-    _run([*quantize, "--out", "mse"], calib_txt, data_dir)
-    _run([*quantize, "--clip", "minmax", "--out", "minmax"], calib_txt, data_dir)
+    _run([*quantize, "--clip", "mse", "--out", "mse"], calib_txt, data_dir)
+    _run([*quantize, "--out", "minmax"], calib_txt, data_dir)
     searched, spanned = _assert_on_grid(ws / "mse"), _assert_on_grid(ws / "minmax")
     assert searched.quantized.config.clip == "mse" and spanned.quantized.config.clip == "minmax"
     assert "mse clipping" in searched.quantized.label and "mse" not in spanned.quantized.label
