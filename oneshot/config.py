@@ -59,7 +59,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # per output channel); the grids themselves are `oneshot.solvers.quant`
 QUANT_SCHEMES: dict[str, tuple[int, int | None]] = {"w4a16": (4, 128), "w8a16": (8, None)}
 QUANT_GROUP_SIZES = (32, 64, 128)
-QUANT_CLIPS = ("minmax", "mse")  # `oneshot.solvers.quant.CLIPS`
+QUANT_CLIPS = ("minmax", "mse")  # how a group's range is chosen (`oneshot.solvers.quant`)
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

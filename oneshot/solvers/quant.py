@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oneshot.config import ConfigError, QuantConfig
+from oneshot.config import QUANT_CLIPS, ConfigError, QuantConfig
 
 __all__ = [
     "BITS",
@@ -75,7 +75,7 @@ __all__ = [
 ]
 
 BITS = (4, 8)
-CLIPS = ("minmax", "mse")  # how a group's range is chosen: its min and max, or the searched range (docstring)
+CLIPS = QUANT_CLIPS  # how a group's range is chosen: its min and max, or the searched range (docstring)
 CLIP_STEPS = 40
 CLIP_LOWEST = 0.5
 GROUP_SIZES = (32, 64, 128)  # what GPTQ/Marlin-style kernels take; None (or -1) = one scale per output row

@@ -477,9 +477,7 @@ def _sparsegpt_columns(
             g2 = i1 + grid.group_cols
             weights = None
             if grid.scheme.clip == "mse":  # OBS rounding costs; weights already known to be pruned left out
-                weights = diag[i1:g2, None].square().reciprocal()
-                if not select_nm:
-                    weights = weights * ~mask_t[i1:g2]
+                weights = diag[i1:g2, None].square().reciprocal() * ~mask_t[i1:g2]  # (N:M: none known yet)
             grid.start_group(i1, w_t[i1:g2], weights)
         # (count, rows): 1/d where pruned, else 0 (N:M: filled per group as its mask is chosen)
         err_scale = torch.empty_like(w_b) if select_nm else m_b / d_b
