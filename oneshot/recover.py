@@ -124,11 +124,14 @@ class MaskedParams:
 
 
 def _optimizer(params: dict[str, nn.Parameter], config: RecoverConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    """AdamW; weight decay on matrices only (not on norms and biases). The fused implementation where every
+    parameter is float on a CPU or CUDA device: on this 2-core CPU its step over 86 M parameters took 0.19 s
+    against 0.45-0.66 s for the default."""
     decay = [p for p in params.values() if p.ndim >= 2]
     rest = [p for p in params.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params.values())
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=fused or None)
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -518,11 +521,49 @@ def _accelerator(device: torch.device, mixed_precision: str) -> Any:
         return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
 
 
+KL_CHUNK_ROWS = 64  # positions per chunk of the fused KL (a chunk's fp32 rows stay in cache)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL(teacher || student) summed over positions, and its gradient, in one chunked pass.
+
+    The gradient of ``sum_v p_v (log p_v - log q_v)`` with respect to the student's logits is ``q - p``, so
+    it is computed with the loss and stored: no autograd graph over the (positions, vocab) softmax, and
+    no full-size float32 temporaries beside it. Rows are (positions, vocab); accumulation is float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = torch.empty_like(student) if student.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, student.shape[0], KL_CHUNK_ROWS):
+            rows = slice(start, start + KL_CHUNK_ROWS)
+            log_q = torch.log_softmax(student[rows].float(), dim=-1)
+            log_p = torch.log_softmax(teacher[rows].float(), dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            if grad is not None:
+                grad[rows] = log_q.exp_().sub_(p)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None
+        return (grad.float() * grad_out.float()).to(grad.dtype), None
+
+
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, mean over positions. (..., vocab) logits."""
-    s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    """KL(teacher || student) of the next-token distributions, mean over positions. (..., vocab) logits.
+
+    Computed in float32 chunks of positions with its gradient fused (``_ChunkedKL``): on a CPU the
+    plain autograd formula over a 49k vocabulary cost as much time as the student's forward.
+    """
+    s = student_logits.flatten(0, -2)
+    t = teacher_logits.detach().flatten(0, -2)
+    return _ChunkedKL.apply(s, t) / s.shape[0]
 
 
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None] | None:

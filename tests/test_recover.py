@@ -233,6 +233,29 @@ def test_relative_mse_and_kl_against_direct_formulas() -> None:
     assert abs(float(kl_to_teacher(s, t)) - float(ref_kl)) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kl_value_and_gradient_against_float64_autograd(dtype: torch.dtype) -> None:
+    # 3 x 50 positions span several chunks of the fused pass (64 rows), the last one partial
+    gen = torch.Generator().manual_seed(1)
+    s = (3 * torch.randn(3, 50, 11, generator=gen)).to(dtype).requires_grad_(True)
+    t = (3 * torch.randn(3, 50, 11, generator=gen)).to(dtype)
+    s64 = s.detach().double().requires_grad_(True)
+    log_p = torch.log_softmax(t.double(), -1)
+    ref = (log_p.exp() * (log_p - torch.log_softmax(s64, -1))).sum(-1).mean()
+    (2.5 * ref).backward()
+    loss = kl_to_teacher(s, t)
+    (2.5 * loss).backward()
+    assert loss.dtype == torch.float32
+    assert abs(float(loss) - float(ref)) < 1e-5
+    assert s.grad is not None and s.grad.dtype == dtype
+    # float32: exact to rounding; bfloat16: the stored gradient and the product are each rounded once
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    err = (s.grad.double() - s64.grad).abs()
+    assert bool((err <= rel * s64.grad.abs() + 1e-9).all()), float(err.max())
+    # no gradient asked for: the value alone
+    assert abs(float(kl_to_teacher(s.detach(), t)) - float(ref)) < 1e-5
+
+
 def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
     f = [lr_factor(s, 100, 0.1) for s in range(100)]
     assert f[0] < f[5] < f[9] <= 1.0
