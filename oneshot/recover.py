@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from oneshot.config import RecoverConfig
@@ -534,7 +533,7 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = torch.empty_like(student) if student.requires_grad else None
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, student.shape[0], KL_CHUNK_ROWS):
             rows = slice(start, start + KL_CHUNK_ROWS)
